@@ -1,0 +1,3 @@
+from emfm.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""``emfm`` command line: one verb per task.
+
+Training-like verbs are Hydra apps (``emfm pretrain key=value ...``, ``-m`` for multirun); data
+verbs take ordinary flags. Problems with the user's input end in one line, not a traceback
+(set EMFM_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from emfm.errors import EmfmError
+
+HYDRA_COMMANDS = {"pretrain": "self-supervised pretraining of an encoder on unlabeled volumes"}
+USAGE = """usage: emfm COMMAND [ARGS]
+
+commands:
+  ingest    convert TIFF / PNG slices / HDF5 / MRC / npy into OME-Zarr
+  synth     write a synthetic EM volume with ground truth (OME-Zarr or TIFF)
+{hydra}
+
+`emfm ingest -h` for the flags of a data command; `emfm pretrain --help` for a Hydra command's
+config groups, and `emfm pretrain --cfg job` for its composed config.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        hydra = "\n".join(f"  {verb:<9} {text} (Hydra overrides)" for verb, text in HYDRA_COMMANDS.items())
+        print(USAGE.format(hydra=hydra))
+        return
+    verb, rest = args[0], args[1:]
+    commands: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth}
+    if verb in HYDRA_COMMANDS:
+        run_hydra(verb, rest)
+    elif verb in commands:
+        with user_errors(verb):
+            commands[verb](rest)
+    else:
+        sys.exit(f"emfm: unknown command {verb!r}; run `emfm --help` for the list")
+
+
+@contextmanager
+def user_errors(verb: str) -> Iterator[None]:
+    """Turn an :class:`EmfmError` into ``emfm VERB: error: ...`` and exit status 2."""
+    try:
+        yield
+    except EmfmError as err:
+        if os.environ.get("EMFM_DEBUG"):
+            raise
+        print(f"emfm {verb}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_hydra(verb: str, overrides: list[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from emfm import run
+
+    task = getattr(run, verb)
+
+    @hydra.main(config_path="pkg://emfm.configs", config_name=verb, version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        with user_errors(verb):
+            task(cfg)
+
+    sys.argv = [f"emfm {verb}", *overrides]
+    app()
+
+
+def ingest(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="emfm ingest", description="Convert a volume to OME-Zarr.")
+    parser.add_argument("input", help="multi-page TIFF, folder of TIFF/PNG slices, file.h5:/dataset, MRC or .npy")
+    parser.add_argument("--out", required=True, help="output .zarr path")
+    parser.add_argument("--voxel-size", type=float, nargs="+", metavar="S", help="per axis, e.g. Z Y X in nm")
+    parser.add_argument("--axes", help="axis names, e.g. zyx (default) or yx")
+    parser.add_argument("--chunks", type=int, nargs="+", metavar="C", help="chunk shape per axis")
+    parser.add_argument("--labels", action="store_true", help="a label volume: integer dtype kept, nearest pyramid")
+    parser.add_argument("--zarr-format", type=int, choices=(2, 3), default=3, help="3: OME-NGFF 0.5, 2: 0.4")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = parser.parse_args(argv)
+    from emfm.data.ingest import ingest as run_ingest
+
+    out = run_ingest(
+        args.input, args.out, voxel_size=args.voxel_size, axes=args.axes, chunks=args.chunks,
+        is_label=args.labels, zarr_format=args.zarr_format, overwrite=args.overwrite,
+    )
+    print(f"wrote {out}")
+
+
+def synth(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="emfm synth", description="Write a synthetic EM volume.")
+    parser.add_argument("--out", required=True, help=".zarr (OME-Zarr with labels/) or .tif (raw only)")
+    parser.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"))
+    parser.add_argument("--anisotropy", type=float, default=1.0, help="z voxel size / xy voxel size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = parser.parse_args(argv)
+    from emfm.data.synthetic import make_synthetic_em, save_synthetic
+
+    volume = make_synthetic_em(tuple(args.shape), anisotropy=args.anisotropy, seed=args.seed)
+    print(f"wrote {save_synthetic(volume, Path(args.out), overwrite=args.overwrite)}")

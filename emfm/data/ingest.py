@@ -1,0 +1,279 @@
+"""Turn EM data in common formats into chunked, compressed OME-Zarr: out of core and atomic.
+
+Sources (`emfm.data.sources`) are lazy, so a volume larger than RAM is never loaded whole;
+`write_ome_zarr` streams chunk-aligned slabs and builds each pyramid level from the zarr level above,
+writing into a temporary sibling that is renamed into place only once everything succeeded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import zarr
+from numcodecs import Blosc
+from tqdm.auto import tqdm
+from zarr.codecs import ZstdCodec
+
+from emfm.data.sources import open_source
+from emfm.data.volume import Volume
+from emfm.errors import EmfmError
+
+log = logging.getLogger(__name__)
+
+MIN_PYRAMID_SIZE = 64   # keep downsampling while the smallest in-plane size is at least this
+NGFF_UNITS = ("angstrom", "nanometer", "micrometer", "millimeter", "centimeter", "meter", "picometer")
+
+
+class _Level(NamedTuple):
+    shape: tuple[int, ...]
+    factors: tuple[int, ...]    # downsampling relative to the previous level
+    scale: tuple[float, ...]    # voxel size at this level
+
+
+def _pyramid_plan(shape: tuple[int, ...], voxel_size: tuple[float, ...], levels: int | None) -> list[_Level]:
+    """Halve the finest axes each level; a thick axis (ssTEM z) waits until the others catch up."""
+    plan = [_Level(shape, (1,) * len(shape), voxel_size)]
+    while (len(plan) < levels) if levels is not None else (min(plan[-1].shape[-2:]) >= MIN_PYRAMID_SIZE):
+        shp, sc = plan[-1].shape, plan[-1].scale
+        finest = min((v for s, v in zip(shp, sc) if s > 1), default=0.0)
+        f = tuple(2 if s > 1 and v <= 1.5 * finest else 1 for s, v in zip(shp, sc))
+        if max(f) == 1:
+            break
+        plan.append(_Level(tuple(-(-s // k) for s, k in zip(shp, f)), f, tuple(v * k for v, k in zip(sc, f))))
+    return plan
+
+
+def _downsample(block: np.ndarray, factors: tuple[int, ...], is_label: bool) -> np.ndarray:
+    """Mean pooling for intensities (same dtype, rounded ints); stride pick for labels (never mixes ids)."""
+    if is_label:
+        return block[tuple(slice(None, None, k) for k in factors)]
+    pad = [(0, -s % k) for s, k in zip(block.shape, factors)]
+    if any(p for _, p in pad):
+        block = np.pad(block, pad, mode="edge")
+    split = [n for s, k in zip(block.shape, factors) for n in (s // k, k)]
+    acc = np.float32 if block.dtype.itemsize <= 2 or block.dtype == np.float32 else np.float64
+    mean = block.reshape(split).mean(axis=tuple(range(1, len(split), 2)), dtype=acc)
+    return (np.rint(mean) if block.dtype.kind in "ui" else mean).astype(block.dtype)
+
+
+def _out_dtype(dtype: np.dtype, is_label: bool, name: str) -> np.dtype:
+    if dtype == bool:
+        return np.dtype("u1")
+    if dtype.kind in "ui":
+        return dtype.newbyteorder("=")
+    if dtype.kind == "f":
+        return np.dtype("u8" if dtype.itemsize > 4 else "u4") if is_label else dtype.newbyteorder("=")
+    raise EmfmError(f"{name}: dtype {dtype} not supported; integer or float image expected")
+
+
+def _prepare_slab(slab: np.ndarray, start: int, name: str, is_label: bool, dtype: np.dtype) -> np.ndarray:
+    """Refuse NaN/Inf (and non-integer labels) here, naming the first bad slice, before anything is trained on it."""
+    if slab.dtype.kind == "f":
+        bad = ~np.isfinite(slab)
+        if is_label:
+            with np.errstate(invalid="ignore"):
+                bad |= (slab != np.round(slab)) | (slab < 0)
+        if bad.any():
+            i = start + int(np.argmax(bad.reshape(len(bad), -1).any(axis=1)))
+            what = "non-integer or negative label values" if is_label else "NaN/Inf values"
+            raise EmfmError(f"{name}: {what} at {'slice' if slab.ndim == 3 else 'row'} {i}")
+    return slab.astype(dtype, copy=False)
+
+
+def _create(group: Any, name: str, shape: tuple, chunks: tuple, dtype: np.dtype, axes: str, fmt: int) -> Any:
+    ch = tuple(min(c, s) for c, s in zip(chunks, shape))
+    if fmt == 3:
+        return group.create_array(name, shape=shape, chunks=ch, dtype=dtype, fill_value=0,
+                                  compressors=ZstdCodec(level=3), dimension_names=tuple(axes))
+    return group.create_array(name, shape=shape, chunks=ch, dtype=dtype, fill_value=0,
+                              compressors=Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE),
+                              chunk_key_encoding={"name": "v2", "separator": "/"})
+
+
+def _image_attrs(fmt: int, title: str, axes: str, unit: str, plan: list[_Level], is_label: bool, source: str,
+                 image_label: bool) -> dict:
+    datasets = []
+    for i, lv in enumerate(plan):
+        ct: list[dict] = [{"type": "scale", "scale": list(lv.scale)}]
+        shift = [(s - s0) / 2 for s, s0 in zip(lv.scale, plan[0].scale)]   # mean pooling moves voxel centres
+        if not is_label and any(shift):
+            ct.append({"type": "translation", "translation": shift})
+        datasets.append({"path": str(i), "coordinateTransformations": ct})
+    ms = {"name": title, "axes": [{"name": a, "type": "space", "unit": unit} for a in axes],
+          "datasets": datasets, "type": "nearest" if is_label else "mean",
+          "metadata": {"method": "stride pick" if is_label else "mean pooling", "writer": "emfm.data.ingest"}}
+    ome: dict = {"multiscales": [ms]}
+    if image_label:
+        ome["image-label"] = {"source": {"image": "../../"}}
+    emfm = {"emfm": {"source": source, "kind": "labels" if is_label else "image"}}
+    if fmt == 3:
+        return {"ome": {"version": "0.5", **ome}, **emfm}
+    ms["version"] = "0.4"
+    if image_label:
+        ome["image-label"]["version"] = "0.4"
+    return {**ome, **emfm}
+
+
+def _write_image(group: Any, title: str, src: Any, name: str, plan: list[_Level], chunks: tuple, axes: str, unit: str,
+                 is_label: bool, fmt: int, bar: Any, image_label: bool = False) -> None:
+    """Level 0 from the source in chunk-aligned slabs, then each level from the zarr level above."""
+    dtype = _out_dtype(np.dtype(src.dtype), is_label, name)
+    arrays = [_create(group, str(i), lv.shape, chunks, dtype, axes, fmt) for i, lv in enumerate(plan)]
+    full = plan[0].shape
+    for a in range(0, full[0], arrays[0].chunks[0]):
+        b = min(a + arrays[0].chunks[0], full[0])
+        slab = np.asarray(src[a:b])
+        if slab.shape != (b - a,) + full[1:]:
+            raise EmfmError(f"{name}: reading [{a}:{b}] gave shape {slab.shape}, expected {(b - a,) + full[1:]}")
+        arrays[0][a:b] = _prepare_slab(slab, a, name, is_label, dtype)
+        bar.update()
+    for prev, cur, lv in zip(arrays, arrays[1:], plan[1:]):
+        f0 = lv.factors[0]
+        for a in range(0, lv.shape[0], cur.chunks[0]):
+            b = min(a + cur.chunks[0], lv.shape[0])
+            cur[a:b] = _downsample(prev[a * f0:b * f0], lv.factors, is_label)
+            bar.update()
+    group.attrs.update(_image_attrs(fmt, title, axes, unit, plan, is_label, name, image_label))
+
+
+def _check_axes(axes: str | None, nd: int) -> str:
+    axes = axes or "zyx"[-nd:]
+    if len(axes) != nd or len(set(axes)) != nd or not set(axes) <= set("zyx"):
+        raise EmfmError(f"axes {axes!r}: expected {nd} distinct letters from 'zyx' for a {nd}-D image, "
+                        f"e.g. {'zyx'[-nd:]!r}")
+    return axes
+
+
+def _check_voxel_size(vs: Any, nd: int, axes: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in vs)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != nd or not all(math.isfinite(v) and v > 0 for v in out):
+        raise EmfmError(f"voxel_size {vs!r}: expected {nd} positive numbers in {axes} order")
+    return out
+
+
+def _check_chunks(chunks: Sequence[int] | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if chunks is None:
+        chunks = (8, 256, 256) if len(shape) == 3 else (256, 256)
+    if len(chunks) != len(shape) or not all(isinstance(c, (int, np.integer)) and c > 0 for c in chunks):
+        raise EmfmError(f"chunks {chunks!r}: expected {len(shape)} positive integers")
+    return tuple(min(int(c), s) for c, s in zip(chunks, shape))
+
+
+def _check_labels(labels: Mapping[str, Any] | None, shape: tuple[int, ...]) -> dict[str, Any]:
+    out = {}
+    for key, arr in (labels or {}).items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)):
+            raise EmfmError(f"labels name {key!r}: use letters, digits, '_', '-' or '.'")
+        arr = open_source(arr) if isinstance(arr, (str, Path)) else arr
+        if tuple(arr.shape) != shape:
+            raise EmfmError(f"labels {key!r}: shape {tuple(arr.shape)} differs from the image shape {shape}")
+        out[str(key)] = arr
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished temp store to OUT; an old OUT is moved aside first and restored on failure."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        _remove(old)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
+                   voxel_size: Sequence[float] | None = None, unit: str = "nanometer",
+                   chunks: Sequence[int] | None = None, levels: int | None = None, is_label: bool = False,
+                   labels: Mapping[str, Any] | None = None, zarr_format: int = 3, overwrite: bool = False,
+                   progress: bool = False) -> Path:
+    """Write an array-like as OME-Zarr (NGFF 0.5 on zarr v3, 0.4 on v2) with a pyramid, out of core, atomically.
+
+    `voxel_size` falls back to `source.voxel_size`, then 1.0. Memory stays ~ one slab of chunk depth.
+    """
+    out = Path(out)
+    name = str(getattr(source, "name", None) or type(source).__name__)
+    shape = tuple(int(s) for s in source.shape)
+    if len(shape) not in (2, 3):
+        raise EmfmError(f"{name}: shape {shape}; a single-channel 2-D or 3-D image expected")
+    axes = _check_axes(axes, len(shape))
+    vs = voxel_size if voxel_size is not None else getattr(source, "voxel_size", None)
+    vs = _check_voxel_size((1.0,) * len(shape) if vs is None else vs, len(shape), axes)
+    if zarr_format not in (2, 3):
+        raise EmfmError(f"zarr_format {zarr_format!r}: expected 2 (OME-Zarr 0.4) or 3 (OME-Zarr 0.5)")
+    if unit not in NGFF_UNITS:
+        raise EmfmError(f"unit {unit!r}: expected one of {', '.join(NGFF_UNITS)}")
+    if levels is not None and (not isinstance(levels, (int, np.integer)) or levels < 1):
+        raise EmfmError(f"levels {levels!r}: expected a positive integer")
+    chunks = _check_chunks(chunks, shape)
+    label_srcs = _check_labels(labels, shape)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise EmfmError(f"{out} exists; pass --overwrite")
+    plan = _pyramid_plan(shape, vs, levels)
+    if levels is not None and len(plan) < levels:
+        log.warning("%s: only %d pyramid levels possible for shape %s", out, len(plan), shape)
+    images = [(None, source, name, is_label)]
+    images += [(k, v, str(getattr(v, "name", None) or f"labels/{k}"), True) for k, v in label_srcs.items()]
+    n_slabs = len(images) * sum(-(-lv.shape[0] // min(chunks[0], lv.shape[0])) for lv in plan)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
+        with tqdm(total=n_slabs, disable=not progress, desc=f"writing {out.name}", unit="slab") as bar:
+            for key, src, src_name, lab in images:
+                group = root if key is None else root.require_group("labels").create_group(key)
+                _write_image(group, key or out.name.split(".")[0], src, src_name, plan, chunks, axes, unit, lab, zarr_format, bar,
+                             image_label=key is not None)
+        if label_srcs:
+            names = list(label_srcs)
+            root["labels"].attrs.update({"ome": {"version": "0.5", "labels": names}} if zarr_format == 3
+                                        else {"labels": names})
+        if not is_label:
+            Volume(tmp).normalization()    # computed once here and cached in attrs for every reader
+        _swap_into_place(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return out
+
+
+def ingest(path: str | Path, out: str | Path, *, voxel_size: Sequence[float] | None = None,
+           axes: str | None = None, chunks: Sequence[int] | None = None, is_label: bool = False,
+           zarr_format: int = 3, overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert one EM file or slice folder to OME-Zarr; voxel size: given, else file metadata, else 1.0 (warned)."""
+    src = open_source(path)
+    try:
+        axes = _check_axes(axes, src.ndim)
+        if voxel_size is None:
+            voxel_size = src.voxel_size
+            if voxel_size is None:
+                log.warning("%s: no voxel size given or found in metadata; using 1.0 nm, pass voxel_size", path)
+            else:
+                log.info("%s: voxel size %s nm from file metadata", path, voxel_size)
+        return write_ome_zarr(src, out, axes=axes, voxel_size=voxel_size, chunks=chunks, is_label=is_label,
+                              zarr_format=zarr_format, overwrite=overwrite, progress=progress)
+    finally:
+        src.close()

@@ -1,0 +1,203 @@
+"""Lazy, picklable reader for one EM volume in zarr (v2/v3) or OME-Zarr (0.4/0.5), at any pyramid level.
+
+Only metadata is read on construction and the zarr handle is reopened in each process, so a Volume
+can be handed to DataLoader workers cheaply. Intensity percentiles are computed once per volume and
+cached in the image's attrs, so training and inference normalise identically.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from emfm.errors import EmfmError
+
+log = logging.getLogger(__name__)
+
+NORM_PERCENTILES = (1.0, 99.5)
+NORM_MIN_VOXELS = 1_000_000      # use the coarsest level that still has this many voxels
+NORM_SAMPLE_VOXELS = 2_000_000   # upper bound (in whole chunks) on what is read to estimate percentiles
+NORM_SEED = 0                    # fixed: the same volume always gets the same normalisation
+SPATIAL = "zyx"
+
+
+def _open_node(path: Path, mode: str = "r") -> Any:
+    try:
+        return zarr.open(str(path), mode=mode)
+    except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
+        raise EmfmError(f"{path}: no zarr array or OME-Zarr image found") from None
+
+
+def _multiscales(attrs: dict) -> list | None:
+    return (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+
+
+def _scale(transforms: list | None, n: int) -> list[float]:
+    for t in transforms or []:
+        if t.get("type") == "scale" and len(t.get("scale", [])) == n:
+            return [float(v) for v in t["scale"]]
+    return [1.0] * n
+
+
+class Volume:
+    """Lazy reader of one EM volume in zarr (v2, v3, OME-Zarr 0.4/0.5, any multiscale level)."""
+
+    def __init__(self, path: str | Path, level: int = 0) -> None:
+        self.path, self.level = Path(path), int(level)
+        node = _open_node(self.path)
+        attrs = dict(node.attrs)
+        if isinstance(node, zarr.Array):
+            self._level_paths = [str(self.path)]
+            names = node.metadata.dimension_names if node.metadata.zarr_format == 3 else None
+            names = list(names) if names and all(names) else _default_names(node.ndim)
+            types, scale = [None] * node.ndim, None
+        else:
+            ms = _multiscales(attrs)
+            if not ms:
+                inside = ", ".join(sorted(node.keys())[:10]) or "nothing"
+                raise EmfmError(f"{self.path}: no zarr array or OME-Zarr image found (group without "
+                                f"multiscales, holding: {inside})")
+            ms, datasets = ms[0], ms[0].get("datasets") or []
+            if not all(isinstance(d, dict) and isinstance(d.get("path"), str) for d in datasets):
+                raise EmfmError(f"{self.path}: malformed OME multiscales: each dataset needs a 'path'")
+            self._level_paths = [str(self.path / d["path"]) for d in datasets]
+            if not 0 <= self.level < len(datasets):
+                raise EmfmError(f"{self.path}: level {level} not available; levels: "
+                                f"{', '.join(map(str, range(len(datasets))))}")
+            node = _open_node(Path(self._level_paths[self.level]))
+            ax = ms.get("axes") or _default_names(node.ndim)
+            names = [a["name"] if isinstance(a, dict) else a for a in ax]
+            types = [a.get("type") if isinstance(a, dict) else None for a in ax]
+            top = _scale(ms.get("coordinateTransformations"), len(names))
+            scale = [a * b for a, b in zip(_scale(datasets[self.level].get("coordinateTransformations"),
+                                                  len(names)), top)]
+        if not 0 <= self.level < len(self._level_paths):
+            raise EmfmError(f"{self.path}: level {level} not available; levels: 0")
+        if len(names) != node.ndim:
+            raise EmfmError(f"{self.path}: {len(names)} axes in metadata but the array is {node.ndim}-D")
+        self._keep: list[int] = []
+        for i, (n, t, s) in enumerate(zip(names, types, node.shape)):
+            if t == "space" or (t is None and n in SPATIAL):
+                self._keep.append(i)
+            elif s != 1:
+                raise EmfmError(f"{self.path}: non-singleton {n!r} axis of size {s}; single-channel expected")
+        if len(self._keep) not in (2, 3):
+            raise EmfmError(f"{self.path}: {len(self._keep)} spatial axes {tuple(node.shape)}; 2-D or 3-D expected")
+        self._raw_ndim = node.ndim
+        self.axes = "".join(str(names[i]) for i in self._keep)
+        self.shape = tuple(int(node.shape[i]) for i in self._keep)
+        self.chunks = tuple(int(node.chunks[i]) for i in self._keep)
+        self.dtype = np.dtype(node.dtype)
+        self.voxel_size = None if scale is None else tuple(scale[i] for i in self._keep)
+        self.levels = len(self._level_paths)
+        ome = attrs.get("ome") or {}
+        self.is_label = (attrs.get("emfm") or {}).get("kind") == "labels" or "image-label" in attrs \
+            or "image-label" in ome
+        self._norm: tuple[float, float] | None = None
+        self._array: Any = node   # dropped when pickled or forked; reopened lazily
+        self._pid = os.getpid()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def _arr(self) -> Any:
+        if self._array is None or self._pid != os.getpid():
+            self._array, self._pid = zarr.open_array(self._level_paths[self.level], mode="r"), os.getpid()
+        return self._array
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+    def _key(self, region: Any) -> tuple:
+        region = region if isinstance(region, tuple) else (region,)
+        if len(region) > self.ndim:
+            raise IndexError(f"{self.path}: {len(region)} indices for a {self.ndim}-D volume")
+        region = region + (slice(None),) * (self.ndim - len(region))
+        key: list[Any] = [0] * self._raw_ndim
+        for i, r in zip(self._keep, region):
+            key[i] = r
+        return tuple(key)
+
+    def _read_raw(self, region: Any) -> np.ndarray:
+        return np.asarray(self._arr[self._key(region)])
+
+    def read(self, region: tuple[slice, ...] = ()) -> np.ndarray:
+        """Numpy array of `region` (slices over the spatial axes), native dtype; NaN/Inf refused."""
+        data = self._read_raw(region)
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise EmfmError(f"{self.path}: NaN/Inf values in region {region}")
+        return data
+
+    __getitem__ = read
+
+    def normalization(self) -> tuple[float, float]:
+        """(lo, hi) intensity percentiles NORM_PERCENTILES: from attrs if cached, else computed and cached."""
+        if self.is_label:
+            raise EmfmError(f"{self.path}: label volume; intensity normalization does not apply")
+        if self._norm is None:
+            cached = (dict(_open_node(self.path).attrs).get("emfm") or {}).get("normalization") or {}
+            if list(cached.get("percentiles", [])) == list(NORM_PERCENTILES) and len(cached.get("values", [])) == 2:
+                self._norm = (float(cached["values"][0]), float(cached["values"][1]))
+            else:
+                self._norm = compute_normalization(self)
+                _save_normalization(self.path, self._norm)
+        return self._norm
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """float32 (x - lo) / (hi - lo); not clipped, so saturated voxels stay distinguishable."""
+        lo, hi = self.normalization()
+        return ((np.asarray(x, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)
+
+    def __repr__(self) -> str:
+        return (f"Volume({str(self.path)!r}, level={self.level}, shape={self.shape}, dtype={self.dtype}, "
+                f"axes={self.axes!r}, voxel_size={self.voxel_size})")
+
+
+def _default_names(ndim: int) -> list[str]:
+    return [f"dim{i}" for i in range(max(ndim - 3, 0))] + list(SPATIAL[-min(ndim, 3):])
+
+
+def compute_normalization(vol: Volume) -> tuple[float, float]:
+    """Percentiles of a seeded random sample of whole chunks from a coarse-but-not-tiny level: cheap, stable."""
+    pick = vol
+    for k in reversed(range(vol.levels)):
+        cand = vol if k == vol.level else Volume(vol.path, k)
+        if math.prod(cand.shape) >= NORM_MIN_VOXELS or k == 0:
+            pick = cand
+            break
+    sample = _sample_chunks(pick)
+    if sample.dtype.kind == "f" and not np.isfinite(sample).all():
+        raise EmfmError(f"{vol.path}: NaN/Inf values in the volume; cannot compute intensity normalization")
+    lo, hi = (float(v) for v in np.percentile(sample, NORM_PERCENTILES))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _sample_chunks(vol: Volume) -> np.ndarray:
+    if math.prod(vol.shape) <= NORM_SAMPLE_VOXELS:
+        return vol._read_raw(()).ravel()
+    grid = tuple(-(-s // c) for s, c in zip(vol.shape, vol.chunks))
+    n = max(1, min(math.prod(grid), NORM_SAMPLE_VOXELS // math.prod(vol.chunks)))
+    picks = np.random.default_rng(NORM_SEED).choice(math.prod(grid), size=n, replace=False)
+    parts = []
+    for idx in picks:
+        pos = np.unravel_index(int(idx), grid)
+        parts.append(vol._read_raw(tuple(slice(p * c, (p + 1) * c) for p, c in zip(pos, vol.chunks))).ravel())
+    return np.concatenate(parts)
+
+
+def _save_normalization(path: Path, values: tuple[float, float]) -> None:
+    """Merge into attrs["emfm"]; a read-only store just keeps the values in memory."""
+    try:
+        node = zarr.open(str(path), mode="r+")
+        emfm = dict(node.attrs.get("emfm") or {})
+        emfm["normalization"] = {"percentiles": list(NORM_PERCENTILES), "values": [float(v) for v in values]}
+        node.attrs["emfm"] = emfm
+    except Exception as e:   # read-only FS, permissions, remote store: caching is only an optimisation
+        log.info("%s: could not cache normalization in attrs (%s); keeping it in memory", path, e)

@@ -1,0 +1,65 @@
+"""Pictures of what the objective does, saved in the run directory and sent to the loggers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torchvision.utils import make_grid, save_image
+
+from emfm.pretrain.base import PretrainModule
+
+MIN_PANEL_PIXELS = 128
+
+
+class ReconstructionImages(pl.Callback):
+    """Every ``every_n_steps`` steps, a PNG grid of the module's ``visualize`` panels.
+
+    One row per image (input / masked / reconstruction for MAE), on the same first training
+    batch every time so the pictures show progress rather than different patches.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int = 200, num_images: int = 8) -> None:
+        self.dirpath, self.every_n_steps, self.num_images = Path(dirpath), every_n_steps, num_images
+        self.images: torch.Tensor | None = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: PretrainModule, outputs: object, batch: torch.Tensor,
+        batch_idx: int,
+    ) -> None:
+        if self.images is None:
+            self.images = batch[: self.num_images].detach().clone()
+        step = trainer.global_step
+        if step == 1 or step % self.every_n_steps == 0 or step == trainer.max_steps:
+            self.save(trainer, pl_module, step)
+
+    def save(self, trainer: pl.Trainer, pl_module: PretrainModule, step: int) -> Path | None:
+        if not trainer.is_global_zero:
+            return None
+        was_training = pl_module.training
+        pl_module.eval()
+        panels = pl_module.visualize(self.images.to(pl_module.device))
+        pl_module.train(was_training)
+        if not panels:
+            return None
+        # Each image and its panels share one intensity range, so reconstructions are comparable.
+        low = self.images.amin(dim=tuple(range(1, self.images.ndim)), keepdim=True).to(pl_module.device)
+        high = self.images.amax(dim=tuple(range(1, self.images.ndim)), keepdim=True).to(pl_module.device)
+        scaled = [((p.float() - low) / (high - low + 1e-6)).clamp(0, 1) for p in panels.values()]
+        rows = torch.stack(scaled, dim=1).flatten(0, 1)  # (N * panels, 1, Y, X), one image per row
+        zoom = max(1, MIN_PANEL_PIXELS // max(rows.shape[-2:]))
+        rows = F.interpolate(rows, scale_factor=zoom, mode="nearest")  # small patches stay visible
+        grid = make_grid(rows.cpu(), nrow=len(panels), padding=2, pad_value=1.0)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"step_{step:07d}.png"
+        save_image(grid, path)
+        tag = "reconstructions/" + "|".join(panels)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(tag, grid, global_step=step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image(key=tag, images=[grid], step=step)
+        return path

@@ -1,0 +1,89 @@
+"""The pretraining command end to end: real configs, real zarr, real Trainer."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from emfm import run
+from emfm.errors import EmfmError
+from emfm.pretrain.mae import MAE
+from tests.conftest import TINY_PRETRAIN
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+GROUP_OPTIONS = [
+    (group.name, option.stem)
+    for group in sorted(CONFIGS.iterdir()) if group.is_dir() and group.name != "hydra"
+    for option in sorted(group.glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_config_composes(compose_config, group: str, option: str) -> None:
+    cfg = compose_config("pretrain", [f"{group}={option}", "data.volumes=[v.zarr]"])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_unknown_config_key_is_refused(compose_config) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trainer.max_stepz"):
+        compose_config("pretrain", ["trainer.max_stepz=3"])
+
+
+def test_fast_dev_run(compose_config, synth_zarr: Path) -> None:
+    cfg = compose_config("pretrain", [*TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "debug=fdr"])
+    metrics = run.pretrain(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def read_losses(path: Path) -> list[float]:
+    with path.open() as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def test_pretraining_learns_and_writes_its_outputs(compose_config, synth_zarr: Path, tmp_path: Path) -> None:
+    cfg = compose_config("pretrain", [
+        *TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "trainer.max_steps=60",
+        "trainer.val_check_interval=30", "trainer.log_every_n_steps=5", "objective.lr=2e-3",
+        "objective.norm_pix_loss=false",
+        "callbacks.reconstructions.every_n_steps=30",
+    ])
+    run.pretrain(cfg)
+    losses = read_losses(tmp_path / "csv" / "metrics.csv")
+    assert len(losses) == 12
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+    assert sorted(p.name for p in (tmp_path / "reconstructions").glob("*.png")) == [
+        "step_0000001.png", "step_0000030.png", "step_0000060.png"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    best = list((tmp_path / "checkpoints").glob("best-step*.ckpt"))
+    assert len(best) == 1 and (tmp_path / "checkpoints" / "last.ckpt").exists()
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 60
+    assert state["hyper_parameters"]["encoder"]["name"] == "test_vit"
+    module = MAE.load_from_checkpoint(best[0], weights_only=True)
+    assert module.mask_ratio == 0.75
+
+
+def test_wandb_logger_runs_offline(compose_config, synth_zarr: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = compose_config("pretrain", [
+        *TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "logger=wandb", "trainer.max_steps=2",
+        "callbacks.reconstructions.every_n_steps=1",
+    ])
+    run.pretrain(cfg)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_mae_on_a_cnn_is_refused(compose_config, synth_zarr: Path) -> None:
+    cfg = compose_config("pretrain", [*TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "model=cnn2d", "debug=fdr"])
+    with pytest.raises(EmfmError, match="objective=mae drops tokens and needs a ViT encoder"):
+        run.pretrain(cfg)
+
+
+def test_missing_volume_is_reported(compose_config, tmp_path: Path) -> None:
+    cfg = compose_config("pretrain", [*TINY_PRETRAIN, f"data.volumes=[{tmp_path}/nope.zarr]", "debug=fdr"])
+    with pytest.raises(EmfmError, match="nope.zarr"):
+        run.pretrain(cfg)

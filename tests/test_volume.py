@@ -1,0 +1,171 @@
+"""Volume: lazy, picklable reads of plain zarr and OME-Zarr, with normalisation computed once and cached."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import zarr
+
+from emfm.data import volume as volume_mod
+from emfm.data.ingest import write_ome_zarr
+from emfm.data.volume import Volume
+from emfm.errors import EmfmError
+
+
+def _rand(shape, dtype=np.uint16, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 1000, shape).astype(dtype)
+
+
+def _plain(path, a, fmt=3, chunks=None, **kw):
+    arr = zarr.open_array(str(path), mode="w", shape=a.shape, chunks=chunks or a.shape, dtype=a.dtype,
+                          zarr_format=fmt, **kw)
+    arr[...] = a
+    return arr
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_plain_array(tmp_path, fmt):
+    a = _rand((5, 30, 40))
+    _plain(tmp_path / "a.zarr", a, fmt, chunks=(2, 16, 16))
+    v = Volume(tmp_path / "a.zarr")
+    assert (v.shape, v.ndim, v.axes, v.dtype, v.chunks) == ((5, 30, 40), 3, "zyx", np.uint16, (2, 16, 16))
+    assert v.levels == 1 and v.voxel_size is None and not v.is_label
+    np.testing.assert_array_equal(v.read((slice(1, 3), slice(None), slice(5, 9))), a[1:3, :, 5:9])
+    np.testing.assert_array_equal(v[1], a[1])
+
+
+def test_plain_2d_and_singleton_channel_squeezed(tmp_path):
+    _plain(tmp_path / "2d.zarr", _rand((30, 40)))
+    assert Volume(tmp_path / "2d.zarr").axes == "yx"
+    a = _rand((1, 4, 20, 20))
+    _plain(tmp_path / "c.zarr", a, dimension_names=("c", "z", "y", "x"))
+    v = Volume(tmp_path / "c.zarr")
+    assert (v.shape, v.axes) == ((4, 20, 20), "zyx")
+    np.testing.assert_array_equal(v.read((slice(0, 2),)), a[0, :2])
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_ome_levels_and_voxel_size(tmp_path, fmt):
+    a = _rand((8, 128, 96))
+    out = write_ome_zarr(a, tmp_path / "o.zarr", voxel_size=(50, 5, 5), zarr_format=fmt)
+    v = Volume(out)
+    assert (v.shape, v.axes, v.voxel_size, v.levels) == ((8, 128, 96), "zyx", (50, 5, 5), 2)
+    np.testing.assert_array_equal(v.read(), a)
+    v1 = Volume(out, level=1)
+    assert (v1.shape, v1.voxel_size) == ((8, 64, 48), (50, 10, 10))
+    with pytest.raises(EmfmError, match="level 2 not available; levels: 0, 1"):
+        Volume(out, level=2)
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_ome_channel_axis(tmp_path, fmt):
+    def make(nc):
+        g = zarr.open_group(str(tmp_path / f"c{nc}.zarr"), mode="w", zarr_format=fmt)
+        g.create_array("0", shape=(nc, 4, 16, 16), chunks=(1, 4, 16, 16), dtype="u1")[...] = 3
+        ms = {"axes": [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space"} for n in "zyx"],
+              "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 9, 2, 2]}]}]}
+        g.attrs.update({"ome": {"version": "0.5", "multiscales": [ms]}} if fmt == 3
+                       else {"multiscales": [dict(ms, version="0.4")]})
+        return tmp_path / f"c{nc}.zarr"
+
+    v = Volume(make(1))
+    assert (v.shape, v.voxel_size, v.read().max()) == ((4, 16, 16), (9, 2, 2), 3)
+    with pytest.raises(EmfmError, match="non-singleton 'c'.*single-channel"):
+        Volume(make(2))
+
+
+def test_errors(tmp_path):
+    with pytest.raises(EmfmError, match="no zarr array or OME-Zarr image found"):
+        Volume(tmp_path / "missing.zarr")
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    with pytest.raises(EmfmError, match="no zarr array or OME-Zarr image found"):
+        Volume(tmp_path / "g.zarr")
+    _plain(tmp_path / "4d.zarr", _rand((2, 3, 8, 8)))
+    with pytest.raises(EmfmError, match="single-channel"):
+        Volume(tmp_path / "4d.zarr")
+    _plain(tmp_path / "a.zarr", _rand((3, 8, 8)))
+    with pytest.raises(EmfmError, match="level 1 not available"):
+        Volume(tmp_path / "a.zarr", level=1)
+
+
+def test_nan_read_raises_but_clean_region_reads(tmp_path):
+    a = np.ones((4, 10, 10), np.float32)
+    a[3, 5, 5] = np.nan
+    _plain(tmp_path / "f.zarr", a)
+    v = Volume(tmp_path / "f.zarr")
+    assert v.read((slice(0, 3),)).sum() == 300
+    with pytest.raises(EmfmError, match=r"f\.zarr.*NaN/Inf.*region"):
+        v.read((slice(2, 4),))
+    with pytest.raises(EmfmError, match=r"f\.zarr.*NaN/Inf"):
+        v.normalization()
+
+
+def test_normalization_computed_once_and_cached_in_attrs(tmp_path, monkeypatch):
+    a = _rand((6, 50, 50))
+    arr = _plain(tmp_path / "n.zarr", a)
+    arr.attrs["emfm"] = {"source": "keep me"}
+    lo, hi = Volume(tmp_path / "n.zarr").normalization()
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(a, volume_mod.NORM_PERCENTILES)))
+    emfm = zarr.open_array(str(tmp_path / "n.zarr"), mode="r").attrs["emfm"]
+    assert emfm["source"] == "keep me" and emfm["normalization"] == {"percentiles": [1.0, 99.5], "values": [lo, hi]}
+
+    def boom(_vol):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(volume_mod, "compute_normalization", boom)
+    v = Volume(tmp_path / "n.zarr")
+    assert v.normalization() == (lo, hi)
+    x = v.normalize(a[:2])
+    assert x.dtype == np.float32 and np.allclose(x, (a[:2] - lo) / (hi - lo))
+
+
+def test_normalization_uses_coarse_level_and_bounded_sample(tmp_path, monkeypatch):
+    a = _rand((8, 512, 512), np.uint8)     # 2.1e6 voxels at level 0, 5e5 at level 1
+    out = write_ome_zarr(a, tmp_path / "big.zarr", voxel_size=(40, 4, 4), chunks=(4, 64, 64), levels=2)
+    seen = []
+    orig = volume_mod._sample_chunks
+    monkeypatch.setattr(volume_mod, "_sample_chunks", lambda v: seen.append(v.level) or orig(v))
+    monkeypatch.setattr(volume_mod, "NORM_SAMPLE_VOXELS", 100_000)   # forces random chunk sampling
+    lo, hi = volume_mod.compute_normalization(Volume(out))
+    assert seen == [0]                      # level 1 is below NORM_MIN_VOXELS
+    true = np.percentile(a, volume_mod.NORM_PERCENTILES)
+    assert abs(lo - true[0]) <= 3 and abs(hi - true[1]) <= 3
+    monkeypatch.setattr(volume_mod, "NORM_MIN_VOXELS", 400_000)
+    volume_mod.compute_normalization(Volume(out))
+    assert seen == [0, 1]
+
+
+def test_constant_and_label_volumes(tmp_path):
+    _plain(tmp_path / "c.zarr", np.full((3, 9, 9), 7, np.uint8))
+    assert Volume(tmp_path / "c.zarr").normalization() == (7.0, 8.0)
+    out = write_ome_zarr(np.ones((3, 9, 9), np.uint8), tmp_path / "l.zarr", is_label=True)
+    with pytest.raises(EmfmError, match="label volume"):
+        Volume(out).normalization()
+
+
+def test_read_only_store_keeps_normalization_in_memory(tmp_path, monkeypatch):
+    a = _rand((3, 20, 20))
+    _plain(tmp_path / "ro.zarr", a)
+
+    async def denied(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", denied)
+    v = Volume(tmp_path / "ro.zarr")
+    np.testing.assert_array_equal(v.read(), a)
+    assert v.normalization() == pytest.approx(tuple(np.percentile(a, volume_mod.NORM_PERCENTILES)))
+    monkeypatch.undo()
+    assert "emfm" not in zarr.open_array(str(tmp_path / "ro.zarr"), mode="r").attrs
+
+
+def test_pickle_after_read_is_small_and_reopens(tmp_path):
+    a = _rand((16, 64, 64))
+    out = write_ome_zarr(a, tmp_path / "p.zarr", voxel_size=(30, 4, 4))
+    v = Volume(out, level=1)
+    v.read((slice(0, 4),))
+    blob = pickle.dumps(v)
+    assert len(blob) < 2000
+    w = pickle.loads(blob)
+    assert w._array is None and w.shape == v.shape and w.voxel_size == v.voxel_size
+    np.testing.assert_array_equal(w.read(), v.read())
