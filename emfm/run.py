@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -27,14 +28,27 @@ def choose_precision(precision: str | int, accelerator: str) -> str | int:
     return "32-true"
 
 
+def build(config: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets errors in the user's input through unwrapped."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, EmfmError):
+            raise cause from None
+        raise
+
+
 def instantiate_all(group: DictConfig | None) -> list[Any]:
     """Objects of a config group holding named entries (callbacks, loggers); null entries are off."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+    return [build(entry) for entry in (group or {}).values() if entry is not None]
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
     trainer_cfg = cfg.trainer
-    return instantiate(
+    return build(
         trainer_cfg,
         precision=choose_precision(trainer_cfg.precision, trainer_cfg.accelerator),
         callbacks=instantiate_all(cfg.get("callbacks")),
@@ -48,8 +62,8 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     # exactly what this Lightning warning asks for.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.objective)
+    datamodule = build(cfg.data)
+    module = build(cfg.objective)
     encoder_dims = module.encoder.spatial_dims
     if len(cfg.data.patch_shape) != encoder_dims:
         raise EmfmError(

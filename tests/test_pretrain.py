@@ -70,7 +70,7 @@ def test_pretraining_learns_and_writes_its_outputs(compose_config, synth_zarr: P
 def test_wandb_logger_runs_offline(compose_config, synth_zarr: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = compose_config("pretrain", [
-        *TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "logger=wandb", "trainer.max_steps=2",
+        *TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "logger=wandb", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
         "callbacks.reconstructions.every_n_steps=1",
     ])
     run.pretrain(cfg)
@@ -78,7 +78,9 @@ def test_wandb_logger_runs_offline(compose_config, synth_zarr: Path, tmp_path: P
 
 
 def test_mae_on_a_cnn_is_refused(compose_config, synth_zarr: Path) -> None:
-    cfg = compose_config("pretrain", [*TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "model=cnn2d", "debug=fdr"])
+    tiny_data = [o for o in TINY_PRETRAIN if not o.startswith("model.")]
+    cfg = compose_config("pretrain", [*tiny_data, f"data.volumes=[{synth_zarr}]", "model=cnn2d",
+                                      "model.name=test_resnet", "debug=fdr"])
     with pytest.raises(EmfmError, match="objective=mae drops tokens and needs a ViT encoder"):
         run.pretrain(cfg)
 

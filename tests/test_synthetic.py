@@ -124,3 +124,23 @@ def test_bad_shape_raises(shape: object) -> None:
 def test_bad_parameters_raise(kwargs: dict[str, float]) -> None:
     with pytest.raises(EmfmError):
         make_synthetic_em(SMALL, **kwargs)
+
+
+def test_save_synthetic_round_trips_as_ome_zarr_and_tiff(tmp_path) -> None:
+    import tifffile
+
+    from emfm.data.synthetic import save_synthetic
+    from emfm.data.volume import Volume
+
+    em = make_synthetic_em((8, 64, 64), anisotropy=5.0)
+    out = save_synthetic(em, tmp_path / "s.zarr")
+    assert Volume(out).voxel_size == (40.0, 8.0, 8.0)
+    np.testing.assert_array_equal(Volume(out).read(), em.raw)
+    for name in ("membranes", "mitochondria", "instances"):
+        labels = Volume(out / "labels" / name)
+        assert labels.is_label
+        np.testing.assert_array_equal(labels.read(), getattr(em, name))
+    tif = save_synthetic(em, tmp_path / "s.tif")
+    np.testing.assert_array_equal(tifffile.imread(tif), em.raw)
+    with pytest.raises(EmfmError, match="s.tif exists; pass --overwrite"):
+        save_synthetic(em, tif)

@@ -16,6 +16,7 @@ from torch import nn
 
 from emfm.errors import EmfmError
 from emfm.models.encoders import ViTEncoder
+from emfm.models.layers import sincos_pos_embed
 from emfm.pretrain.base import PretrainModule
 from emfm.pretrain.masking import patchify, random_masking, unpatchify
 
@@ -59,17 +60,18 @@ class MAE(PretrainModule):
             raise EmfmError(f"objective.mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         enc = self.encoder
-        tokens = math.prod(enc.grid_size)
         self.decoder_embed = nn.Linear(enc.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, tokens, decoder_dim))
+        # Fixed sine-cosine positions, as in MAE: the mask tokens differ only by position.
+        self.register_buffer(
+            "decoder_pos_embed", sincos_pos_embed(enc.grid_size, decoder_dim)[None], persistent=False
+        )  # (1, L, Dd)
         self.decoder_blocks = nn.Sequential(
             *[Block(decoder_dim, decoder_heads, mlp_ratio=4.0) for _ in range(decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, math.prod(enc.patch_size) * enc.in_chans)
         nn.init.normal_(self.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
 
     def forward_encoder(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Encode only the visible tokens: (N, P + L_keep, D), prefix tokens first."""
