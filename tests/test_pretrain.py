@@ -89,3 +89,10 @@ def test_missing_volume_is_reported(compose_config, tmp_path: Path) -> None:
     cfg = compose_config("pretrain", [*TINY_PRETRAIN, f"data.volumes=[{tmp_path}/nope.zarr]", "debug=fdr"])
     with pytest.raises(EmfmError, match="nope.zarr"):
         run.pretrain(cfg)
+
+
+def test_precision_is_fp32_on_cpu_and_explicit_choices_stand() -> None:
+    assert run.choose_precision("auto", "cpu") == "32-true"
+    assert run.choose_precision("16-mixed", "gpu") == "16-mixed"
+    if not torch.cuda.is_available():
+        assert run.choose_precision("auto", "auto") == "32-true"

@@ -74,7 +74,7 @@ class ViTEncoder(Encoder):
             name, pretrained=False, img_size=img_size, patch_size=patch_size,
             in_chans=in_chans, num_classes=0, **timm_kwargs,
         )
-        self.spatial_dims, self.in_chans, self.img_size = 2, in_chans, img_size
+        self.spatial_dims, self.in_chans = 2, in_chans
         self.patch_size = (patch_size, patch_size)
         self.grid_size = tuple(s // patch_size for s in img_size)
         self.embed_dim = self.vit.embed_dim
