@@ -70,8 +70,8 @@ def test_pretraining_learns_and_writes_its_outputs(compose_config, synth_zarr: P
 def test_wandb_logger_runs_offline(compose_config, synth_zarr: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = compose_config("pretrain", [
-        *TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "logger=wandb", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
-        "callbacks.reconstructions.every_n_steps=1",
+        *TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "logger=wandb", "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1", "callbacks.reconstructions.every_n_steps=1",
     ])
     run.pretrain(cfg)
     assert list((tmp_path / "wandb").glob("offline-run-*"))

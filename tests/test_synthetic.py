@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tifffile
 from scipy import ndimage
 
-from emfm.data.synthetic import SyntheticEM, make_synthetic_em
+from emfm.data.synthetic import SyntheticEM, make_synthetic_em, save_synthetic
+from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 
 SMALL = (16, 96, 96)
@@ -127,11 +129,6 @@ def test_bad_parameters_raise(kwargs: dict[str, float]) -> None:
 
 
 def test_save_synthetic_round_trips_as_ome_zarr_and_tiff(tmp_path) -> None:
-    import tifffile
-
-    from emfm.data.synthetic import save_synthetic
-    from emfm.data.volume import Volume
-
     em = make_synthetic_em((8, 64, 64), anisotropy=5.0)
     out = save_synthetic(em, tmp_path / "s.zarr")
     assert Volume(out).voxel_size == (40.0, 8.0, 8.0)
