@@ -17,11 +17,15 @@ from pathlib import Path
 from emfm.errors import EmfmError
 
 HYDRA_COMMANDS = {"pretrain": "self-supervised pretraining of an encoder on unlabeled volumes"}
+# Lightning's DDP launcher restarts this program for ranks > 0 with the Hydra overrides only;
+# the verb travels in the environment.
+VERB_ENV = "EMFM_HYDRA_VERB"
 USAGE = """usage: emfm COMMAND [ARGS]
 
 commands:
   ingest    convert TIFF / PNG slices / HDF5 / MRC / npy into OME-Zarr
   synth     write a synthetic EM volume with ground truth (OME-Zarr or TIFF)
+  export    write a checkpoint's encoder as safetensors + config + model card
 {hydra}
 
 `emfm ingest -h` for the flags of a data command; `emfm pretrain --help` for a Hydra command's
@@ -35,8 +39,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         hydra = "\n".join(f"  {verb:<9} {text} (Hydra overrides)" for verb, text in HYDRA_COMMANDS.items())
         print(USAGE.format(hydra=hydra))
         return
+    commands: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth, "export": export}
+    if os.environ.get(VERB_ENV) and args[0] not in {*HYDRA_COMMANDS, *commands}:
+        args = [os.environ[VERB_ENV], *args]
     verb, rest = args[0], args[1:]
-    commands: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth}
     if verb in HYDRA_COMMANDS:
         run_hydra(verb, rest)
     elif verb in commands:
@@ -71,7 +77,8 @@ def run_hydra(verb: str, overrides: list[str]) -> None:
         with user_errors(verb):
             task(cfg)
 
-    sys.argv = [f"emfm {verb}", *overrides]
+    os.environ[VERB_ENV] = verb
+    sys.argv = [sys.argv[0], *overrides]
     app()
 
 
@@ -107,3 +114,16 @@ def synth(argv: list[str]) -> None:
 
     volume = make_synthetic_em(tuple(args.shape), anisotropy=args.anisotropy, seed=args.seed)
     print(f"wrote {save_synthetic(volume, Path(args.out), overwrite=args.overwrite)}")
+
+
+def export(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="emfm export", description="Export a pretrained encoder for others: emfm.load_encoder(OUT_DIR)."
+    )
+    parser.add_argument("checkpoint", help="an emfm pretraining checkpoint (.ckpt)")
+    parser.add_argument("out_dir", help="directory to write encoder.safetensors, config.json, README.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    args = parser.parse_args(argv)
+    from emfm.export import export_encoder
+
+    print(f"wrote {export_encoder(args.checkpoint, args.out_dir, overwrite=args.overwrite)}")

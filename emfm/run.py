@@ -13,19 +13,30 @@ import lightning.pytorch as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from emfm.errors import EmfmError
+from emfm.training import read_checkpoint
+
+
+def on_cuda(accelerator: str) -> bool:
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
 
 
 def choose_precision(precision: str | int, accelerator: str) -> str | int:
     """``auto`` means bf16-mixed where a CUDA device runs, full fp32 on CPU."""
     if precision != "auto":
         return precision
-    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    if cuda:
+    if on_cuda(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+def choose_sync_batchnorm(sync: bool | str, accelerator: str) -> bool:
+    """``auto`` synchronises BatchNorm statistics across GPUs; torch's SyncBatchNorm has no CPU kernel."""
+    return on_cuda(accelerator) if sync == "auto" else bool(sync)
 
 
 def build(config: DictConfig, **kwargs: Any) -> Any:
@@ -48,33 +59,63 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
     trainer_cfg = cfg.trainer
+    loggers = instantiate_all(cfg.get("logger"))
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    if not loggers:  # logger=none: the learning-rate monitor would have nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return build(
         trainer_cfg,
         precision=choose_precision(trainer_cfg.precision, trainer_cfg.accelerator),
-        callbacks=instantiate_all(cfg.get("callbacks")),
-        logger=instantiate_all(cfg.get("logger")) or False,
+        sync_batchnorm=choose_sync_batchnorm(trainer_cfg.get("sync_batchnorm", False), trainer_cfg.accelerator),
+        callbacks=callbacks,
+        logger=loggers or False,
     )
 
 
-def pretrain(cfg: DictConfig) -> dict[str, float]:
-    """Self-supervised pretraining; returns the last logged metrics."""
+def prepare_pretraining(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer, str | None]:
+    """Data, module, trainer and the checkpoint to resume from, with every input checked."""
     # RandomPatches gives each worker its own share of __len__ and its own random stream, which is
     # exactly what this Lightning warning asks for.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
-    module = build(cfg.objective)
-    encoder_dims = module.encoder.spatial_dims
-    if len(cfg.data.patch_shape) != encoder_dims:
-        raise EmfmError(
-            f"model.family={cfg.model.family} is {encoder_dims}-D but data.patch_shape "
-            f"{list(cfg.data.patch_shape)} has {len(cfg.data.patch_shape)} axes"
-        )
-    trainer = build_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule)
+    module = build(cfg.objective, isotropic=datamodule.isotropic)
+    checkpoint = resume_checkpoint(cfg.get("resume"), Path(cfg.paths.output_dir), module)
+    return datamodule, module, build_trainer(cfg), checkpoint
+
+
+def pretrain(cfg: DictConfig) -> dict[str, float]:
+    """Self-supervised pretraining; returns the last logged metrics."""
+    datamodule, module, trainer, checkpoint = prepare_pretraining(cfg)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    except SIGTERMException:
+        return {}  # SaveOnPreemption wrote last.ckpt and said so
     if trainer.is_global_zero:
         report_outputs(Path(cfg.paths.output_dir), trainer)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path, module: pl.LightningModule) -> str | None:
+    """The checkpoint ``resume=`` asks for (``auto``: this run directory's last.ckpt), checked to fit."""
+    if not resume:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if resume == "auto" else Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise EmfmError(
+            f"resume={resume}: no checkpoint at {path}; pass the run's directory as hydra.run.dir "
+            f"(or resume=PATH/TO/last.ckpt), or drop resume= to start a new run"
+        )
+    hparams = read_checkpoint(path).get("hyper_parameters", {})
+    for key in ("encoder", "methods"):
+        if hparams.get(key) != module.hparams[key]:
+            raise EmfmError(
+                f"resume={resume}: {path} was trained with {key} {hparams.get(key)}, "
+                f"but this run builds {module.hparams[key]}"
+            )
+    return str(path)
 
 
 def report_outputs(run_dir: Path, trainer: pl.Trainer) -> None:

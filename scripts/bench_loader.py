@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader
 from emfm.data.patches import PatchSampler, RandomPatches
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
-from emfm.pretrain.mae import MAE
+from emfm.pretrain.base import PretrainModule
 
 
 def loader_rate(volume: Path, patch: int, batch: int, workers: int, batches: int) -> float:
     sampler = PatchSampler([Volume(volume)], (patch, patch))
-    dataset = RandomPatches(sampler, length=batch * (batches + 2), seed=0)
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers)
+    dataset = RandomPatches(sampler, batch_size=batch, batches=batches + 2, seed=0)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
     iterator = iter(loader)
     next(iterator), next(iterator)  # worker start-up is not throughput
     start = time.perf_counter()
@@ -37,7 +37,8 @@ def loader_rate(volume: Path, patch: int, batch: int, workers: int, batches: int
 
 
 def train_rate(model: str, patch: int, batch: int, steps: int) -> float:
-    module = MAE({"family": "vit2d", "name": model, "img_size": [patch, patch], "patch_size": 16})
+    vit = {"family": "vit2d", "name": model, "input_shape": [patch, patch], "patch_size": 16}
+    module = PretrainModule(vit, {"mae": {}})
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     images = torch.randn(batch, 1, patch, patch)
 

@@ -20,14 +20,43 @@ TINY_PRETRAIN = [
     "data.num_workers=0",
     "data.patches_per_epoch=64",
     "data.val_patches=8",
-    "objective.decoder_dim=32",
-    "objective.decoder_depth=1",
-    "objective.decoder_heads=2",
+    "objective.methods.mae.decoder_dim=32",
+    "objective.methods.mae.decoder_depth=1",
+    "objective.methods.mae.decoder_heads=2",
     "objective.warmup_steps=2",
     "trainer.accelerator=cpu",
     "trainer.enable_model_summary=false",
     "callbacks.progress_bar=null",
 ]
+
+
+# Tiny versions of every encoder family and objective, for the real configs.
+TINY_MODELS = {
+    "vit2d": ["model.name=test_vit", "model.patch_size=8", "data.patch_shape=[32,32]"],
+    "vit3d": ["model.name=test_vit", "model.patch_size=[4,8,8]", "data.patch_shape=[8,32,32]"],
+    "cnn2d": ["model.name=test_resnet", "data.patch_shape=[64,64]"],
+    "cnn3d": ["model.name=test_resnet3d", "data.patch_shape=[8,64,64]"],
+}
+TINY_OBJECTIVES = {
+    "mae": ["objective.methods.mae.decoder_dim=32", "objective.methods.mae.decoder_depth=1",
+            "objective.methods.mae.decoder_heads=2"],
+    "mim": ["objective.methods.mim.decoder_dim=16"],
+    "mocov3": ["objective.methods.mocov3.proj_dim=16", "objective.methods.mocov3.hidden_dim=32"],
+    "simclr": ["objective.methods.simclr.proj_dim=16", "objective.methods.simclr.hidden_dim=32"],
+    "hybrid": ["objective.methods.masked.decoder_dim=32", "objective.methods.mocov3.proj_dim=16",
+               "objective.methods.mocov3.hidden_dim=32"],
+}
+TINY_TRAINING = [
+    "data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "data.val_patches=4",
+    "objective.warmup_steps=2", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
+    "callbacks.progress_bar=null",
+]
+
+
+def tiny(model: str, objective: str) -> list[str]:
+    """Overrides for a seconds-long run of ``model=... objective=...``."""
+    return [f"model={model}", f"objective={objective}", *TINY_MODELS[model], *TINY_OBJECTIVES[objective],
+            *TINY_TRAINING]
 
 
 @pytest.fixture(scope="session")

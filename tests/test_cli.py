@@ -56,7 +56,7 @@ def test_unknown_config_key_names_the_key(tmp_path: Path) -> None:
 
 def test_multirun_sweeps_an_override(synth_zarr: Path, tmp_path: Path) -> None:
     out = emfm("pretrain", "-m", *TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "debug=fdr",
-               "objective.mask_ratio=0.5,0.75", f"hydra.sweep.dir={tmp_path}")
+               "objective.methods.mae.mask_ratio=0.5,0.75", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     ratios = [(tmp_path / str(job) / ".hydra" / "overrides.yaml").read_text() for job in (0, 1)]
-    assert "objective.mask_ratio=0.5" in ratios[0] and "objective.mask_ratio=0.75" in ratios[1]
+    assert "mask_ratio=0.5" in ratios[0] and "mask_ratio=0.75" in ratios[1]

@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from emfm.errors import EmfmError
-from emfm.pretrain.mae import MAE, masked_mse
-from emfm.pretrain.masking import patchify, random_masking, unpatchify
+from emfm.models.encoders import create_encoder
+from emfm.pretrain.base import PretrainModule
+from emfm.pretrain.mae import MAE
+from emfm.pretrain.masking import masked_mse, patchify, random_masking, unpatchify
 
-TINY_VIT = {"family": "vit2d", "name": "test_vit", "img_size": [32, 32], "patch_size": 8}
+TINY_VIT = {"family": "vit2d", "name": "test_vit", "input_shape": [32, 32], "patch_size": 8}
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.6, 0.75])
@@ -42,7 +44,8 @@ def test_loss_only_counts_hidden_patches() -> None:
 
 def test_mae_step_reduces_loss_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
-    module = MAE(TINY_VIT, mask_ratio=0.75, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    module = PretrainModule(TINY_VIT, {"mae": {"mask_ratio": 0.75, "decoder_dim": 32, "decoder_depth": 1,
+                                               "decoder_heads": 2}})
     images = torch.randn(4, 1, 32, 32).cumsum(-1) / 8  # smooth-ish structure to learn
     optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3)
     losses = []
@@ -56,9 +59,10 @@ def test_mae_step_reduces_loss_on_a_fixed_batch() -> None:
 
 
 def test_visualize_keeps_visible_patches() -> None:
-    module = MAE(TINY_VIT, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    encoder = create_encoder(**TINY_VIT)
+    mae = MAE(encoder, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     images = torch.rand(2, 1, 32, 32)
-    panels = module.visualize(images)
+    panels = mae.visualize(encoder, images)
     assert list(panels) == ["input", "masked", "reconstruction"]
     _, mask = random_masking(2, 16, 0.75, generator=torch.Generator().manual_seed(0))  # visualize's mask
     hidden = unpatchify(mask[..., None].float().expand(-1, -1, 64), (8, 8), (4, 4)).bool()
@@ -70,4 +74,4 @@ def test_visualize_keeps_visible_patches() -> None:
 
 def test_mae_refuses_a_cnn() -> None:
     with pytest.raises(EmfmError, match="needs a ViT encoder"):
-        MAE({"family": "cnn2d", "name": "test_resnet"})
+        MAE(create_encoder("cnn2d", name="test_resnet", input_shape=[64, 64]))

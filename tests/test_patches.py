@@ -77,18 +77,24 @@ def test_volumes_are_mixed_by_weight(tmp_path: Path) -> None:
 
 def test_each_worker_and_rank_draws_different_patches(noise_volume: Volume) -> None:
     sampler = PatchSampler([noise_volume], (8, 8))
-    loader = DataLoader(RandomPatches(sampler, length=24, seed=0), batch_size=None, num_workers=2)
-    patches = [p.numpy().tobytes() for p in loader]
-    assert len(patches) == 24 and len(set(patches)) == 24
-    first = [next(iter(RandomPatches(sampler, 4, seed=0, rank=r))) for r in (0, 1)]
-    assert not torch.equal(first[0], first[1])
-    again = next(iter(RandomPatches(sampler, 4, seed=0, rank=0)))
-    torch.testing.assert_close(again, first[0])  # reproducible for a given seed and rank
+    stream = RandomPatches(sampler, batch_size=2, batches=12, seed=0)
+    batches = list(DataLoader(stream, batch_size=None, num_workers=2))
+    patches = {p.numpy().tobytes() for b in batches for p in b}
+    assert len(batches) == 12 and batches[0].shape == (2, 1, 8, 8) and len(patches) == 24
+    in_main_process = list(DataLoader(stream, batch_size=None, num_workers=0))
+    torch.testing.assert_close(torch.stack(batches), torch.stack(in_main_process))  # workers do not matter
+    other_rank = next(iter(RandomPatches(sampler, 2, 12, seed=0, rank=1)))
+    assert not torch.equal(other_rank, batches[0])
 
 
-def test_epochs_draw_new_patches_but_validation_is_fixed(noise_volume: Volume) -> None:
+def test_a_resumed_stream_continues_where_it_stopped(noise_volume: Volume) -> None:
     sampler = PatchSampler([noise_volume], (8, 8))
-    stream = RandomPatches(sampler, length=4, seed=0)
-    assert not torch.equal(torch.stack(list(stream)), torch.stack(list(stream)))
+    uninterrupted = list(RandomPatches(sampler, batch_size=2, batches=6, seed=0))
+    resumed = list(RandomPatches(sampler, batch_size=2, batches=2, seed=0, start=4))
+    torch.testing.assert_close(torch.stack(resumed), torch.stack(uninterrupted[4:]))
+
+
+def test_validation_is_fixed(noise_volume: Volume) -> None:
+    sampler = PatchSampler([noise_volume], (8, 8))
     val = FixedPatches(sampler, length=4, seed=1)
     torch.testing.assert_close(torch.stack(list(val)), torch.stack([val[i] for i in range(4)]))

@@ -9,20 +9,24 @@ from omegaconf import OmegaConf
 
 from emfm import run
 from emfm.errors import EmfmError
-from emfm.pretrain.mae import MAE
+from emfm.pretrain.base import PretrainModule
 from tests.conftest import TINY_PRETRAIN
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 GROUP_OPTIONS = [
     (group.name, option.stem)
     for group in sorted(CONFIGS.iterdir()) if group.is_dir() and group.name != "hydra"
-    for option in sorted(group.glob("*.yaml"))
+    for option in sorted(group.glob("*.yaml")) if not option.stem.startswith("_")
 ]
+# Groups used inside another config rather than at the top level: where they are mounted.
+MOUNTED = {"augment": "augment@objective.methods.mae.augment"}
+REQUIRED = {"probe": ["callbacks.dense_probe.raw=r.zarr", "callbacks.dense_probe.labels=l.zarr"]}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_every_config_composes(compose_config, group: str, option: str) -> None:
-    cfg = compose_config("pretrain", [f"{group}={option}", "data.volumes=[v.zarr]"])
+    cfg = compose_config("pretrain", [f"{MOUNTED.get(group, group)}={option}", "data.volumes=[v.zarr]",
+                                      *REQUIRED.get(option, [])])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
@@ -48,7 +52,7 @@ def test_pretraining_learns_and_writes_its_outputs(compose_config, synth_zarr: P
     cfg = compose_config("pretrain", [
         *TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "trainer.max_steps=60",
         "trainer.val_check_interval=30", "trainer.log_every_n_steps=5", "objective.lr=2e-3",
-        "objective.norm_pix_loss=false",
+        "objective.methods.mae.norm_pix_loss=false", "objective.methods.mae.augment={}",
         "callbacks.reconstructions.every_n_steps=30",
     ])
     run.pretrain(cfg)
@@ -63,8 +67,8 @@ def test_pretraining_learns_and_writes_its_outputs(compose_config, synth_zarr: P
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 60
     assert state["hyper_parameters"]["encoder"]["name"] == "test_vit"
-    module = MAE.load_from_checkpoint(best[0], weights_only=True)
-    assert module.mask_ratio == 0.75
+    module = PretrainModule.load_from_checkpoint(best[0], weights_only=True)
+    assert module.methods["mae"].mask_ratio == 0.75
 
 
 def test_wandb_logger_runs_offline(compose_config, synth_zarr: Path, tmp_path: Path, monkeypatch) -> None:

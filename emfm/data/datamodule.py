@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -11,9 +13,15 @@ from torch.utils.data import DataLoader
 from emfm.data.patches import FixedPatches, PatchSampler, RandomPatches
 from emfm.data.volume import Volume
 
+# Voxel sizes within this ratio of each other count as isotropic (3-D rotations allowed).
+ISOTROPY_TOLERANCE = 1.5
+
 
 class PatchDataModule(pl.LightningDataModule):
     """Random training patches and a fixed validation set from the same volumes.
+
+    The number of training batches served is checkpointed, so a resumed run continues the
+    patch stream exactly where it stopped (see :class:`~emfm.data.patches.RandomPatches`).
 
     Args:
         volumes: zarr / OME-Zarr paths.
@@ -50,6 +58,8 @@ class PatchDataModule(pl.LightningDataModule):
         self.patches_per_epoch, self.val_patches = patches_per_epoch, val_patches
         self.blank_filter = {"min_std": min_std, "min_foreground": min_foreground, "pad_value": pad_value}
         self.sampler: PatchSampler | None = None
+        self.batches_served = 0
+        self.train_stream: RandomPatches | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.sampler is None:
@@ -57,15 +67,53 @@ class PatchDataModule(pl.LightningDataModule):
             self.sampler = PatchSampler(volumes, self.patch_shape, self.weights, **self.blank_filter)
             self.sampler.check(self.seed)
 
-    def _loader(self, dataset: torch.utils.data.Dataset) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-        )
+    @property
+    def isotropic(self) -> bool:
+        """Whether every volume's voxels are (nearly) cubes, so z may be rotated into y and x."""
+        self.setup()
+        for volume in self.sampler.volumes:
+            size = volume.voxel_size
+            if size is None or max(size) > ISOTROPY_TOLERANCE * min(size):
+                return False
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        """What the encoder was trained on, for the exported model card."""
+        self.setup()
+        return {
+            "volumes": [
+                {"path": str(v.path.resolve()), "shape": list(v.shape), "axes": v.axes,
+                 "voxel_size": None if v.voxel_size is None else list(v.voxel_size),
+                 "normalization_percentiles": list(v.normalization())}
+                for v in self.sampler.volumes
+            ],
+            "level": self.level,
+            "patch_shape": self.patch_shape,
+        }
+
+    def _loader(self, dataset: torch.utils.data.Dataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(dataset, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        return self._loader(RandomPatches(self.sampler, self.patches_per_epoch, self.seed, rank))
+        batches = math.ceil(self.patches_per_epoch / self.batch_size)
+        self.train_stream = RandomPatches(self.sampler, self.batch_size, batches, self.seed, rank,
+                                          start=self.batches_served)
+        # Workers are started per epoch (not persistent) so they pick up the stream's new start.
+        return self._loader(self.train_stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(FixedPatches(self.sampler, self.val_patches, self.seed + 1))
+        return self._loader(FixedPatches(self.sampler, self.val_patches, self.seed + 1),
+                            batch_size=self.batch_size, persistent_workers=self.num_workers > 0)
+
+    def on_before_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        if self.trainer is not None and self.trainer.training:
+            self.batches_served += 1
+            self.train_stream.start = self.batches_served
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_served": self.batches_served, **self.describe()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_served = int(state_dict["batches_served"])

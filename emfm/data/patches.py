@@ -103,27 +103,33 @@ class PatchSampler:
 
 
 class RandomPatches(IterableDataset):
-    """Training stream of ``length`` random patches per epoch and process.
+    """Training stream of random batches that can be resumed exactly.
 
-    Each DataLoader worker opens its own stores (volumes pickle without handles) and draws from
-    its own random stream: torch reseeds workers every epoch, and ``rank`` separates DDP processes
-    that share a seed.
+    Batch ``b`` of rank ``r`` is drawn from its own random stream ``[seed, r, b]``, so the stream
+    is the same whatever the number of DataLoader workers (worker ``w`` makes batches
+    ``w, w + W, ...``, which the DataLoader hands out in order), different on every rank, and a
+    resumed run continues it by setting ``start`` to the number of batches already trained on.
+    Use it with ``DataLoader(batch_size=None)``: it yields whole (B, 1, *patch_shape) batches.
     """
 
-    def __init__(self, sampler: PatchSampler, length: int, seed: int = 0, rank: int = 0) -> None:
-        self.sampler, self.length, self.seed, self.rank = sampler, length, seed, rank
-        self._epoch = 0  # advances when iterated in the main process (num_workers=0)
+    def __init__(
+        self, sampler: PatchSampler, batch_size: int, batches: int, seed: int = 0, rank: int = 0, start: int = 0
+    ) -> None:
+        self.sampler, self.batch_size, self.batches = sampler, batch_size, batches
+        self.seed, self.rank, self.start = seed, rank, start
 
     def __len__(self) -> int:
-        return self.length
+        return self.batches
+
+    def batch(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, self.rank, index])
+        return torch.from_numpy(np.stack([self.sampler.sample(rng) for _ in range(self.batch_size)]))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        self._epoch += 1
-        rng = np.random.default_rng([self.seed, self.rank, worker, self._epoch, torch.initial_seed()])
-        for _ in range(worker, self.length, workers):
-            yield torch.from_numpy(self.sampler.sample(rng))
+        for index in range(self.start + worker, self.start + self.batches, workers):
+            yield self.batch(index)
 
 
 class FixedPatches(Dataset):

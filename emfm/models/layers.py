@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import nn
 
 
 def sincos_pos_embed(grid: tuple[int, ...], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -21,3 +24,60 @@ def sincos_pos_embed(grid: tuple[int, ...], dim: int, temperature: float = 10000
     embed = torch.cat(parts, dim=1)  # (L, per_axis * ndim)
     return torch.nn.functional.pad(embed, (0, dim - embed.shape[1]))  # (L, dim)
 
+
+class PatchEmbed3d(nn.Module):
+    """Non-overlapping (Z, Y, X) patches to tokens with fixed sine-cosine positions, (N, L, D).
+
+    Positions are added here, not by the ViT around it, because they must follow each input's
+    token grid: one built for ``input_shape`` is reused, any other grid gets its own.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        patch_size: Sequence[int],
+        in_chans: int,
+        embed_dim: int,
+        bias: bool = True,
+        norm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.grid_size = tuple(s // p for s, p in zip(input_shape, self.patch_size))
+        self.proj = nn.Conv3d(in_chans, embed_dim, self.patch_size, self.patch_size, bias=bias)
+        self.norm = nn.Identity() if norm is None else norm
+        self.register_buffer(  # not saved: a checkpoint does not depend on the patch shape
+            "pos_embed", sincos_pos_embed(self.grid_size, embed_dim)[None], persistent=False
+        )  # (1, L, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (N, D, gz, gy, gx)
+        grid, dim = tuple(x.shape[2:]), x.shape[1]
+        pos = self.pos_embed if grid == self.grid_size else sincos_pos_embed(grid, dim)[None]
+        return self.norm(x.flatten(2).transpose(1, 2)) + pos.to(x)
+
+
+class BasicBlock3d(nn.Module):
+    """ResNet basic block in 3-D: two 3x3x3 conv-BN, projected shortcut when the shape changes.
+
+    The last BN starts with zero scale, so each block starts as the identity: deep stacks then
+    train stably from the first step (Goyal et al., 2017).
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, stride: Sequence[int] = (1, 1, 1)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_chans, out_chans, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(out_chans)
+        self.conv2 = nn.Conv3d(out_chans, out_chans, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(out_chans)
+        nn.init.zeros_(self.bn2.weight)
+        self.act = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if in_chans != out_chans or any(s != 1 for s in stride):
+            self.shortcut = nn.Sequential(
+                nn.Conv3d(in_chans, out_chans, 1, stride=stride, bias=False), nn.BatchNorm3d(out_chans)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(out)) + self.shortcut(x))

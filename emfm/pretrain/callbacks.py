@@ -18,7 +18,8 @@ MIN_PANEL_PIXELS = 128
 class ReconstructionImages(pl.Callback):
     """Every ``every_n_steps`` steps, a PNG grid of the module's ``visualize`` panels.
 
-    One row per image (input / masked / reconstruction for MAE), on the same first training
+    One row per image (input / masked / reconstruction for masked modelling, the two augmented
+    views for contrastive methods; the middle section of 3-D patches), on the same first training
     batch every time so the pictures show progress rather than different patches.
     """
 
@@ -45,9 +46,11 @@ class ReconstructionImages(pl.Callback):
         pl_module.train(was_training)
         if not panels:
             return None
+        if self.images.ndim == 5:  # 3-D: show the middle section of every panel
+            panels = {name: p[:, :, p.shape[2] // 2] for name, p in panels.items()}
         # Each image and its panels share one intensity range, so reconstructions are comparable.
-        low = self.images.amin(dim=tuple(range(1, self.images.ndim)), keepdim=True).to(pl_module.device)
-        high = self.images.amax(dim=tuple(range(1, self.images.ndim)), keepdim=True).to(pl_module.device)
+        flat = self.images.flatten(1).to(pl_module.device)
+        low, high = flat.amin(1).view(-1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1)
         scaled = [((p.float() - low) / (high - low + 1e-6)).clamp(0, 1) for p in panels.values()]
         rows = torch.stack(scaled, dim=1).flatten(0, 1)  # (N * panels, 1, Y, X), one image per row
         zoom = max(1, MIN_PANEL_PIXELS // max(rows.shape[-2:]))

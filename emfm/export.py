@@ -1,0 +1,120 @@
+"""Hand a pretrained encoder to someone else: safetensors weights, a config, a model card.
+
+The export holds only the encoder (no objective heads, no optimiser state) and everything needed
+to use it right: architecture, input channels and patch size, and the voxel size and intensity
+normalisation it was trained with. 2-D timm encoders are saved with plain timm parameter names,
+so the weights also load into ``timm.create_model`` without emfm.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from emfm.errors import EmfmError
+from emfm.models.encoders import Encoder, create_encoder
+from emfm.training import read_checkpoint
+
+WEIGHTS, CONFIG, CARD = "encoder.safetensors", "config.json", "README.md"
+FORMAT = "emfm-encoder/1"
+
+
+def exported_module(encoder: Encoder) -> nn.Module:
+    """What the weights file holds: the timm model of a 2-D timm encoder, else the encoder itself."""
+    return encoder.timm_model if encoder.timm_model is not None else encoder
+
+
+def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``out_dir`` with the encoder of an emfm pretraining checkpoint; returns ``out_dir``."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not checkpoint.is_file():
+        raise EmfmError(f"{checkpoint}: no such checkpoint file")
+    state = read_checkpoint(checkpoint)
+    hparams = state.get("hyper_parameters") or {}
+    model = hparams.get("encoder")
+    if not isinstance(model, dict) or "family" not in model or "state_dict" not in state:
+        raise EmfmError(f"{checkpoint}: not an emfm pretraining checkpoint (no encoder config in hyper_parameters)")
+    if out_dir.exists() and not overwrite:
+        raise EmfmError(f"{out_dir} exists; pass --overwrite to replace it")
+    encoder = create_encoder(**model)
+    weights = {k.removeprefix("encoder."): v for k, v in state["state_dict"].items() if k.startswith("encoder.")}
+    encoder.load_state_dict(weights)
+    data = {k: v for k, v in (state.get("PatchDataModule") or {}).items() if k != "batches_served"}
+    config = {
+        "format": FORMAT,
+        "model": model,
+        "timm_model": encoder.timm_model is not None,
+        "spatial_dims": encoder.spatial_dims,
+        "in_chans": encoder.in_chans,
+        "patch_size": list(getattr(encoder, "patch_size", []) or []) or None,
+        "embed_dim": encoder.embed_dim,
+        "feature_channels": encoder.feature_channels,
+        "feature_strides": [list(s) for s in encoder.feature_strides],
+        "pretraining": {"methods": hparams.get("methods"), "steps": state.get("global_step"),
+                        "checkpoint": str(checkpoint.resolve())},
+        "data": data,
+    }
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    tensors = {k: v.contiguous() for k, v in exported_module(encoder).state_dict().items()}
+    save_file(tensors, partial / WEIGHTS, metadata={"format": FORMAT})
+    (partial / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (partial / CARD).write_text(model_card(config, encoder))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def load_encoder(path: str | Path, as_timm: bool = True) -> nn.Module:
+    """A ready encoder in eval mode from an ``emfm export`` directory.
+
+    2-D timm encoders come back as the timm model itself (``as_timm=False``: emfm's
+    :class:`~emfm.models.encoders.Encoder`, which segmentation heads use); 3-D ones as the Encoder.
+    """
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise EmfmError(f"{path}: not an emfm export (expected {CONFIG} and {WEIGHTS}; make one with `emfm export`)")
+    config = json.loads((path / CONFIG).read_text())
+    if config.get("format") != FORMAT:
+        raise EmfmError(f"{path / CONFIG}: format {config.get('format')!r}, expected {FORMAT!r}")
+    encoder = create_encoder(**config["model"])
+    exported_module(encoder).load_state_dict(load_file(path / WEIGHTS))
+    module = encoder.timm_model if as_timm and encoder.timm_model is not None else encoder
+    return module.eval()
+
+
+def model_card(config: dict[str, Any], encoder: Encoder) -> str:
+    """A short README: what the encoder is, what it saw, how to load it."""
+    model, pre = config["model"], config["pretraining"]
+    volumes = config["data"].get("volumes", [])
+    lines = [
+        f"# {model['family']} encoder `{model.get('name', '')}` pretrained with emfm",
+        "",
+        (f"- Architecture: {model['family']} `{model.get('name', '')}`, input shape {model.get('input_shape')}, "
+         f"patch size {config['patch_size']}, {config['in_chans']} input channel(s), "
+         f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, embedding size {config['embed_dim']}."),
+        f"- Feature maps: channels {config['feature_channels']}, strides {config['feature_strides']}.",
+        f"- Pretraining: {', '.join(pre['methods'] or [])} for {pre['steps']} steps.",
+        (f"- Data ({len(volumes)} volume(s), level {config['data'].get('level')}, patches "
+         f"{config['data'].get('patch_shape')}):"),
+        *[f"  - `{v['path']}`: shape {v['shape']}, axes {v['axes']}, voxel size {v['voxel_size']}, "
+          f"intensity percentiles {v['normalization_percentiles']}" for v in volumes],
+        "",
+        "Inputs were normalised per volume as `(x - p_low) / (p_high - p_low)` with the percentiles above;",
+        "normalise new data the same way (`emfm.data.volume.Volume.normalize` does).",
+        "",
+        "```python",
+        "import emfm",
+        'encoder = emfm.load_encoder("path/to/this/directory")'
+        + ("; a timm model" if config["timm_model"] else ""),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Does every encoder x objective pair learn on real EM? A longer check than CI can afford.
+
+Runs `emfm pretrain` (real configs, real Trainer) for each pair with small models on the given
+volumes and prints the mean training loss of the first and last tenth of the run. Not a test:
+the figures go to docs/benchmarks.md.
+
+    python scripts/check_objectives.py --volume stack2.zarr --steps 300
+    python scripts/check_objectives.py --volume stack2.zarr --steps 300 --pairs vit2d:mae cnn3d:mocov3
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+
+from emfm import run
+
+MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}
+SMALL = {  # sizes that run a few hundred steps in minutes on a CPU
+    "vit2d": ["model.name=vit_tiny_patch16_224", "+model.depth=4", "model.patch_size=8", "data.patch_shape=[64,64]"],
+    "vit3d": ["model.name=vit_tiny_patch16_224", "+model.depth=4", "model.patch_size=[4,8,8]", "data.patch_shape=[8,64,64]"],
+    "cnn2d": ["model.name=resnet10t", "data.patch_shape=[64,64]"],
+    "cnn3d": ["model.name=test_resnet3d", "data.patch_shape=[8,64,64]"],
+}
+HEADS = {
+    "mae": ["objective.methods.mae.decoder_dim=128", "objective.methods.mae.decoder_depth=2",
+            "objective.methods.mae.decoder_heads=4", "objective.methods.mae.norm_pix_loss=false"],
+    "mim": ["objective.methods.mim.decoder_dim=64"],
+    "mocov3": ["objective.methods.mocov3.hidden_dim=512", "objective.methods.mocov3.proj_dim=128"],
+    "simclr": ["objective.methods.simclr.hidden_dim=512"],
+    "hybrid": ["objective.methods.mocov3.hidden_dim=512", "objective.methods.mocov3.proj_dim=128"],
+}
+
+
+def first_last(metrics: Path) -> tuple[float, float]:
+    with metrics.open() as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    tenth = max(1, len(losses) // 10)
+    return sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--volume", type=Path, nargs="+", required=True)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--pairs", nargs="*", help="model:objective pairs (default: all that fit)")
+    args = parser.parse_args()
+    pairs = [p.split(":") for p in args.pairs] if args.pairs else [
+        (m, o) for m in MASKED for o in (MASKED[m], "mocov3", "simclr", "hybrid")]
+    volumes = ",".join(str(v.resolve()) for v in args.volume)
+    print(f"{'model':6} {'objective':9} {'first 10%':>10} {'last 10%':>10} {'change':>8} {'time':>7}", flush=True)
+    for model, objective in pairs:
+        with tempfile.TemporaryDirectory() as tmp:
+            batch = 16 if model.endswith("2d") else 4
+            overrides = [
+                f"paths.output_dir={tmp}", f"model={model}", f"objective={objective}", *SMALL[model], *HEADS[objective],
+                f"data.volumes=[{volumes}]", f"data.batch_size={batch}", "data.num_workers=1", "objective.lr=1e-3",
+                "objective.warmup_steps=20", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=5",
+                f"trainer.val_check_interval={args.steps}", "callbacks.progress_bar=null", "callbacks.reconstructions=null",
+                "logger=default", "~logger.tensorboard",
+            ]
+            with initialize_config_module("emfm.configs", version_base="1.3"):
+                cfg = compose("pretrain", overrides)
+            start = time.perf_counter()
+            run.pretrain(cfg)
+            first, last = first_last(Path(tmp) / "csv" / "metrics.csv")
+            print(f"{model:6} {objective:9} {first:10.4f} {last:10.4f} {100 * (last / first - 1):+7.1f}% "
+                  f"{time.perf_counter() - start:6.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
