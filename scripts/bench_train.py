@@ -10,33 +10,41 @@ default callbacks and loggers (CSV + TensorBoard, checkpointing, LR monitor, pro
 log_every_n_steps=10, gradient clipping), and `trainer.fit` runs. A callback stamps
 `time.perf_counter()` at the end of every batch, after every other callback, so the time between
 stamps holds everything: waiting for data, augmentation, the step, logging, the progress bar.
+It also stamps the start of every batch, so the table splits off the time spent between steps.
 
-bare: the same module built from the same config, `module.train()`, AdamW with the config's
-lr / betas / weight decay, one fixed in-memory batch of the same shape, and per step
-`compute_loss` (augmentation included, as in ours) + zero_grad + backward +
-`clip_grad_norm_(1.0)` (the trainer's gradient_clip_val) + `step`.
+bare: the same module built from the same config (same seed, same augmentation settings),
+`module.train()`, AdamW with the config's lr / betas / weight decay, one fixed in-memory batch
+(real patches of the same stream, same shape), and per step `compute_loss` (augmentation
+included, as in ours) + zero_grad + backward + `clip_grad_norm_(1.0)` (the trainer's
+gradient_clip_val) + `step`.
 
-Both arms skip the same warm-up steps and time the same number of steps, each in a fresh process
-(spawned, so one arm's heap or threads do not carry into the next) with the same torch thread
-count. Arms alternate (bare, ours with each worker count, bare, ..., bare) to spread machine
-noise over both; the table gives the mean and the min-max of each arm.
+Both arms skip the same warm-up steps and time the same number of steps, each in a fresh spawned
+process (so one arm's heap does not carry into the next) with the same torch thread count. Arms
+alternate (bare, ours with each worker count, bare, ..., bare) so that machine noise falls on
+both; the table gives the mean and the min-max of each arm, the CPU seconds per step of the
+training process and the CPU seconds the loader workers spent per batch.
 
 Periodic costs are kept out of the timed window, since they are not per-step costs: validation
 (`trainer.val_check_interval`) and the reconstruction images (`callbacks.reconstructions.every_n_steps`)
 are pushed past the last step, and the window ends one step before `max_steps` (Lightning's
-end-of-training work). Epoch ends are not: the training DataLoader restarts its workers every
-`data.patches_per_epoch` patches (8192 by default); `--patches-per-epoch` shrinks the epoch so
-that restart cost shows up in the window.
+end-of-training work). Epoch ends are not kept out: the training DataLoader restarts its workers
+every `data.patches_per_epoch` patches (8192 by default, far beyond the window);
+`--patches-per-epoch` shrinks the epoch so that restart cost falls inside the window.
 
-    python scripts/bench_train.py --workers 1 2            # both configs, 1 and 2 loader workers
-    python scripts/bench_train.py --configs vit2d --steps 20 --batch 16
-    python scripts/bench_train.py --configs cnn3d --patches-per-epoch 80
+The script runs with the environment it is given. On a shared machine set
+OMP_WAIT_POLICY=PASSIVE: with the default (spinning) policy a 2-thread step slows down several
+fold whenever another process takes a core, which swamps what is measured here.
+
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_train.py --workers 1 2 --repeats 2
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_train.py --configs vit2d --workers 1 2 --patches-per-epoch 160
+    python scripts/bench_train.py --configs vit2d --steps 10 --batch 16
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import resource
 import statistics
@@ -45,7 +53,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +91,18 @@ SETUPS = {
 
 @dataclass(frozen=True)
 class Run:
-    """One timed run: images/s, seconds per step spent outside the step (ours: waiting for the
-    next batch and Lightning's bookkeeping between batches), peak RSS and torch threads."""
+    """One timed run, per timed step where not said otherwise.
+
+    ``between``: wall seconds outside the step (ours: waiting for the next batch, Lightning's
+    bookkeeping and logger writes between batches). ``cpu``: CPU seconds of the training process
+    (all its threads). ``loader_cpu``: CPU seconds of the DataLoader workers per batch over the
+    whole run, start-up included.
+    """
 
     rate: float
     between: float
+    cpu: float
+    loader_cpu: float
     rss_mib: float
     threads: int
 
@@ -99,34 +113,55 @@ class Arm:
 
     runs: list[Run] = field(default_factory=list)
 
-    def mean(self) -> float:
-        return statistics.mean(r.rate for r in self.runs)
+    def mean(self, key: str = "rate") -> float:
+        return statistics.mean(getattr(r, key) for r in self.runs)
 
     def summary(self) -> str:
         rates = [r.rate for r in self.runs]
         return f"{self.mean():6.2f} ({min(rates):.2f}-{max(rates):.2f})"
 
 
-class StepTimer(pl.Callback):
-    """``perf_counter`` at the start and end of every training batch."""
+class Clock:
+    """Wall time at the start and end of every step, CPU time at the end."""
 
     def __init__(self) -> None:
         self.starts: list[float] = []
         self.ends: list[float] = []
+        self.cpu: list[float] = []
 
-    def on_train_batch_start(self, *args: Any) -> None:
+    def start(self) -> None:
         self.starts.append(time.perf_counter())
 
-    def on_train_batch_end(self, *args: Any) -> None:
+    def end(self) -> None:
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def run(self, batch: int, timed_steps: int) -> Run:
+        """The first ``timed_steps`` after the warm-up: from the end of step WARMUP to the end of the last."""
+        first, last = WARMUP - 1, WARMUP - 1 + timed_steps
+        gaps = [s - e for s, e in zip(self.starts[first + 1 : last + 1], self.ends[first:last])]
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return Run(
+            rate=timed_steps * batch / (self.ends[last] - self.ends[first]),
+            between=statistics.mean(gaps),
+            cpu=(self.cpu[last] - self.cpu[first]) / timed_steps,
+            loader_cpu=(children.ru_utime + children.ru_stime) / len(self.ends),
+            rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            threads=torch.get_num_threads(),
+        )
 
 
-def timed(ends: list[float], starts: list[float], batch: int) -> Run:
-    """The run from the end of the last warm-up step (``ends[WARMUP - 1]``) to the last stamp."""
-    steps = len(ends) - WARMUP
-    between = sum(s - e for s, e in zip(starts[WARMUP:], ends[WARMUP - 1 :])) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return Run(steps * batch / (ends[-1] - ends[WARMUP - 1]), between, peak, torch.get_num_threads())
+class StepTimer(pl.Callback):
+    """A :class:`Clock` on the training batches."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.clock.start()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.clock.end()
 
 
 def config(overrides: list[str]) -> DictConfig:
@@ -137,7 +172,7 @@ def config(overrides: list[str]) -> DictConfig:
 def overrides(setup: Setup, volume: Path, run_dir: Path, batch: int, steps: int, workers: int,
               patches_per_epoch: int | None) -> list[str]:
     """The setup's overrides plus data, batch and a window free of validation and images."""
-    max_steps = WARMUP + steps + 1
+    max_steps = WARMUP + steps + 1  # + 1: the image and end-of-training work after max_steps are not timed
     epoch = [] if patches_per_epoch is None else [f"data.patches_per_epoch={patches_per_epoch}"]
     return [*setup.overrides, f"data.volumes=[{volume}]", f"data.batch_size={batch}",
             f"data.num_workers={workers}", f"paths.output_dir={run_dir}", "trainer.accelerator=cpu",
@@ -145,18 +180,17 @@ def overrides(setup: Setup, volume: Path, run_dir: Path, batch: int, steps: int,
             f"callbacks.reconstructions.every_n_steps={max_steps + 1}", *epoch]
 
 
-def ours(overrides: list[str]) -> Run:
+def ours(overrides: list[str], steps: int) -> Run:
     """`emfm pretrain` as users run it, timed per batch."""
     cfg = config(overrides)
     datamodule, module, trainer, _ = prepare_pretraining(cfg)
     timer = StepTimer()
     trainer.callbacks.append(timer)  # last, so each end stamp follows every other callback's work
     trainer.fit(module, datamodule=datamodule)
-    # The last step (max_steps) is left out: the reconstruction image and end of training follow it.
-    return timed(timer.ends[:-1], timer.starts[:-1], cfg.data.batch_size)
+    return timer.clock.run(cfg.data.batch_size, steps)
 
 
-def bare(overrides: list[str]) -> Run:
+def bare(overrides: list[str], steps: int) -> Run:
     """The same module, batch shape and optimiser in a plain loop."""
     cfg = config(overrides)
     datamodule, module, _, _ = prepare_pretraining(cfg)
@@ -165,21 +199,31 @@ def bare(overrides: list[str]) -> Run:
     optimizer = torch.optim.AdamW(module.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                   weight_decay=hp.weight_decay)
     images = RandomPatches(datamodule.sampler, cfg.data.batch_size, batches=1).batch(0)  # real patches
-    starts, ends = [], []
-    for _ in range(cfg.trainer.max_steps - 1):  # as many steps as ours times
-        starts.append(time.perf_counter())
+    clock = Clock()
+    for _ in range(WARMUP + steps):
+        clock.start()
         loss = module.compute_loss(images)["loss"]
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), CLIP)
         optimizer.step()
-        ends.append(time.perf_counter())
-    return timed(ends, starts, cfg.data.batch_size)
+        clock.end()
+    return clock.run(cfg.data.batch_size, steps)
 
 
-def in_fresh_process(arm: Callable[[list[str]], Run], args: list[str]) -> Run:
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(arm, args).result()
+def in_fresh_process(arm: Callable[[list[str], int], Run], overrides: list[str], steps: int) -> Run:
+    """Run ``arm`` in a spawned process whose DataLoader workers start as they would in ours.
+
+    A spawned process inherits "spawn" as its default start method, which would make every
+    epoch's workers re-import torch and emfm instead of forking as `emfm pretrain` does on Linux.
+    """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=use_start_method,
+                             initargs=(multiprocessing.get_start_method(),)) as pool:
+        return pool.submit(arm, overrides, steps).result()
+
+
+def use_start_method(method: str) -> None:
+    multiprocessing.set_start_method(method, force=True)
 
 
 def bench(name: str, volume: Path, args: argparse.Namespace) -> tuple[Arm, dict[int, Arm]]:
@@ -190,10 +234,11 @@ def bench(name: str, volume: Path, args: argparse.Namespace) -> tuple[Arm, dict[
     with tempfile.TemporaryDirectory() as tmp:
         runs = itertools.count()
 
-        def run(arm: Callable[[list[str]], Run], workers: int, tag: str) -> Run:
+        def run(arm: Callable[[list[str], int], Run], workers: int, tag: str) -> Run:
             run_dir = Path(tmp) / f"run{next(runs)}"
-            result = in_fresh_process(arm, overrides(setup, volume, run_dir, batch, steps, workers,
-                                                      args.patches_per_epoch))
+            result = in_fresh_process(
+                arm, overrides(setup, volume, run_dir, batch, steps, workers, args.patches_per_epoch), steps
+            )
             print(f"  {name} {tag:<9} {result.rate:6.2f} images/s, {1000 * result.between:5.0f} ms/step "
                   f"between steps, {result.threads} threads (load average {os.getloadavg()[0]:.1f})", flush=True)
             return result
@@ -209,17 +254,17 @@ def bench(name: str, volume: Path, args: argparse.Namespace) -> tuple[Arm, dict[
 def report(results: dict[str, tuple[Arm, dict[int, Arm]]], args: argparse.Namespace) -> None:
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, warm-up {WARMUP} steps, "
-          f"patches_per_epoch {args.patches_per_epoch or 'default (8192)'}; images/s mean (min-max)")
-    print(f"{'config':<27}{'batch':>6}{'steps':>6}{'workers':>8}  {'ours':<21}{'bare':<21}{'ratio':>6}"
-          f"{'between ms':>11}{'RSS ours/bare MiB':>19}")
+          f"patches_per_epoch {args.patches_per_epoch or 'default (8192)'}; images/s: mean (min-max)")
+    print(f"{'config':<27}{'batch':>6}{'steps':>6}{'workers':>8}  {'ours images/s':<21}{'bare images/s':<21}"
+          f"{'ratio':>6}{'between ms':>11}{'CPU s/step ours/bare':>22}{'loader CPU s':>13}{'RSS MiB ours/bare':>19}")
     for name, (bare_arm, ours_arms) in results.items():
         setup = SETUPS[name]
         for workers, arm in ours_arms.items():
-            between = 1000 * statistics.mean(r.between for r in arm.runs)
+            cpu = f"{arm.mean('cpu'):.2f}/{bare_arm.mean('cpu'):.2f}"
             rss = f"{max(r.rss_mib for r in arm.runs):.0f}/{max(r.rss_mib for r in bare_arm.runs):.0f}"
             print(f"{setup.label:<27}{args.batch or setup.batch:>6}{args.steps or setup.steps:>6}{workers:>8}  "
                   f"{arm.summary():<21}{bare_arm.summary():<21}{arm.mean() / bare_arm.mean():>6.3f}"
-                  f"{between:>11.0f}{rss:>19}")
+                  f"{1000 * arm.mean('between'):>11.0f}{cpu:>22}{arm.mean('loader_cpu'):>13.2f}{rss:>19}")
 
 
 def main() -> None:
