@@ -21,8 +21,10 @@ gradient_clip_val) + `step`.
 Both arms skip the same warm-up steps and time the same number of steps, each in a fresh spawned
 process (so one arm's heap does not carry into the next) with the same torch thread count. Arms
 alternate (bare, ours with each worker count, bare, ..., bare) so that machine noise falls on
-both; the table gives the mean and the min-max of each arm, the CPU seconds per step of the
-training process and the CPU seconds the loader workers spent per batch.
+both. The table gives each arm's mean and min-max, the ratio of the means, the paired ratio (each
+ours run over the mean of the two bare runs around it, which cancels slow drifts of the machine's
+load), the CPU seconds per step of the training process and the CPU seconds the loader workers
+spent per batch.
 
 Periodic costs are kept out of the timed window, since they are not per-step costs: validation
 (`trainer.val_check_interval`) and the reconstruction images (`callbacks.reconstructions.every_n_steps`)
@@ -35,9 +37,9 @@ The script runs with the environment it is given. On a shared machine set
 OMP_WAIT_POLICY=PASSIVE: with the default (spinning) policy a 2-thread step slows down several
 fold whenever another process takes a core, which swamps what is measured here.
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_train.py --workers 1 2 --repeats 2
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_train.py --configs vit2d --workers 1 2 --patches-per-epoch 160
-    python scripts/bench_train.py --configs vit2d --steps 10 --batch 16
+    python scripts/bench_train.py --workers 1 2 --repeats 2     # idle machine, as in docs/benchmarks.md
+    python scripts/bench_train.py --configs vit2d --workers 1 2 --patches-per-epoch 160   # epoch restarts
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_train.py --workers 1 2 --repeats 2     # shared machine
 """
 
 from __future__ import annotations
@@ -81,10 +83,10 @@ class Setup:
 
 SETUPS = {
     "vit2d": Setup(("model=vit2d", "objective=mae", "model.name=vit_small_patch16_224",
-                    "data.patch_shape=[128,128]"), batch=32, steps=20,
+                    "data.patch_shape=[128,128]"), batch=32, steps=40,
                    label="ViT-S/16 MAE, 128x128"),
     "cnn3d": Setup(("model=cnn3d", "objective=mim", "model.name=resnet10_3d",
-                    "data.patch_shape=[16,64,64]"), batch=4, steps=12,
+                    "data.patch_shape=[16,64,64]"), batch=4, steps=20,
                    label="ResNet10-3D MIM, 16x64x64"),
 }
 
@@ -109,9 +111,10 @@ class Run:
 
 @dataclass
 class Arm:
-    """The runs of one arm."""
+    """The runs of one arm; for ours also each run's rate over the mean of the bare runs around it."""
 
     runs: list[Run] = field(default_factory=list)
+    paired: list[float] = field(default_factory=list)
 
     def mean(self, key: str = "rate") -> float:
         return statistics.mean(getattr(r, key) for r in self.runs)
@@ -172,7 +175,7 @@ def config(overrides: list[str]) -> DictConfig:
 def overrides(setup: Setup, volume: Path, run_dir: Path, batch: int, steps: int, workers: int,
               patches_per_epoch: int | None) -> list[str]:
     """The setup's overrides plus data, batch and a window free of validation and images."""
-    max_steps = WARMUP + steps + 1  # + 1: the image and end-of-training work after max_steps are not timed
+    max_steps = WARMUP + steps + 1  # + 1: the last step (its image, end of training) is not timed
     epoch = [] if patches_per_epoch is None else [f"data.patches_per_epoch={patches_per_epoch}"]
     return [*setup.overrides, f"data.volumes=[{volume}]", f"data.batch_size={batch}",
             f"data.num_workers={workers}", f"paths.output_dir={run_dir}", "trainer.accelerator=cpu",
@@ -243,28 +246,34 @@ def bench(name: str, volume: Path, args: argparse.Namespace) -> tuple[Arm, dict[
                   f"between steps, {result.threads} threads (load average {os.getloadavg()[0]:.1f})", flush=True)
             return result
 
+        sequence = []  # (workers, run) of ours in the order run, each between two bare runs
         for _ in range(args.repeats):
             for workers in args.workers:
                 bare_arm.runs.append(run(bare, workers, "bare"))
-                ours_arms[workers].runs.append(run(ours, workers, f"ours w={workers}"))
+                sequence.append((workers, run(ours, workers, f"ours w={workers}")))
+                ours_arms[workers].runs.append(sequence[-1][1])
         bare_arm.runs.append(run(bare, args.workers[0], "bare"))
+    for (workers, result), before, after in zip(sequence, bare_arm.runs, bare_arm.runs[1:]):
+        ours_arms[workers].paired.append(2 * result.rate / (before.rate + after.rate))
     return bare_arm, ours_arms
 
 
 def report(results: dict[str, tuple[Arm, dict[int, Arm]]], args: argparse.Namespace) -> None:
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, warm-up {WARMUP} steps, "
-          f"patches_per_epoch {args.patches_per_epoch or 'default (8192)'}; images/s: mean (min-max)")
+          f"patches_per_epoch {args.patches_per_epoch or 'default (8192)'}; mean (min-max) over runs")
     print(f"{'config':<27}{'batch':>6}{'steps':>6}{'workers':>8}  {'ours images/s':<21}{'bare images/s':<21}"
-          f"{'ratio':>6}{'between ms':>11}{'CPU s/step ours/bare':>22}{'loader CPU s':>13}{'RSS MiB ours/bare':>19}")
+          f"{'ratio':>6}  {'paired ratio':<20}{'between ms':>10}{'CPU s/step ours/bare':>22}"
+          f"{'loader CPU s':>13}{'RSS MiB ours/bare':>19}")
     for name, (bare_arm, ours_arms) in results.items():
         setup = SETUPS[name]
         for workers, arm in ours_arms.items():
+            paired = f"{statistics.mean(arm.paired):.3f} ({min(arm.paired):.3f}-{max(arm.paired):.3f})"
             cpu = f"{arm.mean('cpu'):.2f}/{bare_arm.mean('cpu'):.2f}"
             rss = f"{max(r.rss_mib for r in arm.runs):.0f}/{max(r.rss_mib for r in bare_arm.runs):.0f}"
             print(f"{setup.label:<27}{args.batch or setup.batch:>6}{args.steps or setup.steps:>6}{workers:>8}  "
-                  f"{arm.summary():<21}{bare_arm.summary():<21}{arm.mean() / bare_arm.mean():>6.3f}"
-                  f"{1000 * arm.mean('between'):>11.0f}{cpu:>22}{arm.mean('loader_cpu'):>13.2f}{rss:>19}")
+                  f"{arm.summary():<21}{bare_arm.summary():<21}{arm.mean() / bare_arm.mean():>6.3f}  {paired:<20}"
+                  f"{1000 * arm.mean('between'):>10.0f}{cpu:>22}{arm.mean('loader_cpu'):>13.2f}{rss:>19}")
 
 
 def main() -> None:
