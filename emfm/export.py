@@ -51,7 +51,7 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bo
         "timm_model": encoder.timm_model is not None,
         "spatial_dims": encoder.spatial_dims,
         "in_chans": encoder.in_chans,
-        "patch_size": list(getattr(encoder, "patch_size", []) or []) or None,
+        "patch_size": list(encoder.patch_size) if hasattr(encoder, "patch_size") else None,
         "embed_dim": encoder.embed_dim,
         "feature_channels": encoder.feature_channels,
         "feature_strides": [list(s) for s in encoder.feature_strides],

@@ -81,7 +81,7 @@ def test_tube_masking_hides_the_same_tokens_in_every_plane() -> None:
     assert keep.shape == (3, 12) and not mask.gather(1, keep).any()
 
 
-def test_mim_loss_ignores_visible_cells_and_decodes_full_resolution() -> None:
+def test_mim_hides_the_requested_cells_and_predicts_every_cell() -> None:
     encoder = create_encoder("cnn3d", name="test_resnet3d", input_shape=[8, 64, 64])
     mim = MIM(encoder, mask_ratio=0.5, decoder_dim=8)
     images = torch.rand(2, 1, 8, 64, 64)

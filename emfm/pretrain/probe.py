@@ -2,8 +2,8 @@
 
 Every N steps, a per-pixel linear classifier on the frozen encoder's feature maps (all scales) of
 a small labeled crop is fitted on half of the crop's tiles and scored (IoU, Dice) on the other
-half. Cheap enough to run during training,
-and a direct answer to the question users care about, which the pretraining loss is not.
+half. Cheap enough to run during training, and a direct answer to the question users care
+about, which the pretraining loss is not.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.pretrain.base import PretrainModule
-from emfm.pretrain.masking import unpatchify
+from emfm.pretrain.masking import patchify, unpatchify
 
 
 def parse_roi(roi: str | None, shape: Sequence[int]) -> tuple[slice, ...]:
@@ -43,14 +43,10 @@ def parse_roi(roi: str | None, shape: Sequence[int]) -> tuple[slice, ...]:
 
 def tiles(array: np.ndarray, tile: Sequence[int]) -> np.ndarray:
     """Non-overlapping tiles of the trailing axes, (T, *tile); leading axes become tiles too."""
-    lead = array.ndim - len(tile)
-    array = array.reshape(-1, *array.shape[lead:])  # (P, *S)
-    grid = [s // t for s, t in zip(array.shape[1:], tile)]
-    array = array[(slice(None), *[slice(0, g * t) for g, t in zip(grid, tile)])]
-    shaped = array.reshape(array.shape[0], *[v for g, t in zip(grid, tile) for v in (g, t)])
-    d = len(tile)
-    order = [0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2)]
-    return shaped.transpose(order).reshape(-1, *tile)
+    array = array.reshape(-1, *array.shape[array.ndim - len(tile):])  # (P, *S)
+    whole = tuple(slice(0, s - s % t) for s, t in zip(array.shape[1:], tile))  # drop partial tiles
+    cells = patchify(torch.from_numpy(np.ascontiguousarray(array[(slice(None), *whole)]))[:, None], tuple(tile))
+    return cells.reshape(-1, *tile).numpy()
 
 
 def iou_dice(pred: torch.Tensor, truth: torch.Tensor, classes: int) -> tuple[float, float]:
