@@ -16,7 +16,11 @@ from pathlib import Path
 
 from emfm.errors import EmfmError
 
-HYDRA_COMMANDS = {"pretrain": "self-supervised pretraining of an encoder on unlabeled volumes"}
+HYDRA_COMMANDS = {
+    "pretrain": "self-supervised pretraining of an encoder on unlabeled volumes",
+    "finetune": "train a segmentation head (and the encoder) on a few labeled slices",
+    "evaluate": "predict a labeled region with a fine-tuned model, derive instances, write metrics",
+}
 # Lightning's DDP launcher restarts this program for ranks > 0 with the Hydra overrides only;
 # the verb travels in the environment.
 VERB_ENV = "EMFM_HYDRA_VERB"
@@ -90,6 +94,9 @@ def ingest(argv: list[str]) -> None:
     parser.add_argument("--axes", help="axis names, e.g. zyx (default) or yx")
     parser.add_argument("--chunks", type=int, nargs="+", metavar="C", help="chunk shape per axis")
     parser.add_argument("--labels", action="store_true", help="a label volume: integer dtype kept, nearest pyramid")
+    parser.add_argument("--mask", action="store_true",
+                        help="a grey mask image (255 = structure, anti-aliased edges): 0/1 labels cut at half range; "
+                             "1-bit images are 0/1 already: use --labels")
     parser.add_argument("--zarr-format", type=int, choices=(2, 3), default=3, help="3: OME-NGFF 0.5, 2: 0.4")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
@@ -97,7 +104,7 @@ def ingest(argv: list[str]) -> None:
 
     out = run_ingest(
         args.input, args.out, voxel_size=args.voxel_size, axes=args.axes, chunks=args.chunks,
-        is_label=args.labels, zarr_format=args.zarr_format, overwrite=args.overwrite,
+        is_label=args.labels, mask=args.mask, zarr_format=args.zarr_format, overwrite=args.overwrite,
     )
     print(f"wrote {out}")
 

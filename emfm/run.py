@@ -72,21 +72,21 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     )
 
 
-def prepare_pretraining(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer, str | None]:
+def prepare(cfg: DictConfig, module_cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer, str | None]:
     """Data, module, trainer and the checkpoint to resume from, with every input checked."""
     # RandomPatches gives each worker its own share of __len__ and its own random stream, which is
     # exactly what this Lightning warning asks for.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
-    module = build(cfg.objective, isotropic=datamodule.isotropic)
+    module = build(module_cfg, isotropic=datamodule.isotropic)
     checkpoint = resume_checkpoint(cfg.get("resume"), Path(cfg.paths.output_dir), module)
     return datamodule, module, build_trainer(cfg), checkpoint
 
 
-def pretrain(cfg: DictConfig) -> dict[str, float]:
-    """Self-supervised pretraining; returns the last logged metrics."""
-    datamodule, module, trainer, checkpoint = prepare_pretraining(cfg)
+def fit(cfg: DictConfig, module_cfg: DictConfig) -> dict[str, float]:
+    """Train; returns the last logged metrics (empty after a SIGTERM, which saved last.ckpt)."""
+    datamodule, module, trainer, checkpoint = prepare(cfg, module_cfg)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     except SIGTERMException:
@@ -94,6 +94,23 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         report_outputs(Path(cfg.paths.output_dir), trainer)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def pretrain(cfg: DictConfig) -> dict[str, float]:
+    """Self-supervised pretraining; returns the last logged metrics."""
+    return fit(cfg, cfg.objective)
+
+
+def finetune(cfg: DictConfig) -> dict[str, float]:
+    """Supervised (optionally semi-supervised) fine-tuning of encoder + head; returns the last metrics."""
+    return fit(cfg, cfg.module)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Predict a labeled region with a fine-tuned checkpoint and score it (JSON + CSV report)."""
+    from emfm.evaluation.evaluate import evaluate as run_evaluation
+
+    return run_evaluation(cfg)
 
 
 def resume_checkpoint(resume: str | None, run_dir: Path, module: pl.LightningModule) -> str | None:
@@ -109,8 +126,8 @@ def resume_checkpoint(resume: str | None, run_dir: Path, module: pl.LightningMod
             f"(or resume=PATH/TO/last.ckpt), or drop resume= to start a new run"
         )
     hparams = read_checkpoint(path).get("hyper_parameters", {})
-    for key in ("encoder", "methods"):
-        if hparams.get(key) != module.hparams[key]:
+    for key in ("encoder", "methods", "head", "target"):  # what fixes the architecture
+        if key in module.hparams and hparams.get(key) != module.hparams[key]:
             raise EmfmError(
                 f"resume={resume}: {path} was trained with {key} {hparams.get(key)}, "
                 f"but this run builds {module.hparams[key]}"

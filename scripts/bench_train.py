@@ -3,7 +3,7 @@
 For a 2-D ViT (MAE) and a 3-D CNN (MIM) on CPU, two arms train the same model at the same batch
 size, and the script prints ours / bare in images/s (target: >= 0.95).
 
-ours: what `emfm pretrain` runs. The real Hydra config is composed, `emfm.run.prepare_pretraining`
+ours: what `emfm pretrain` runs. The real Hydra config is composed, `emfm.run.prepare`
 builds the PatchDataModule (zstd-compressed synthetic OME-Zarr on disk, read by DataLoader
 workers, blank filter, normalisation), the PretrainModule and the Lightning Trainer with the
 default callbacks and loggers (CSV + TensorBoard, checkpointing, LR monitor, progress bar,
@@ -65,7 +65,7 @@ from omegaconf import DictConfig
 
 from emfm.data.patches import RandomPatches
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
-from emfm.run import prepare_pretraining
+from emfm.run import prepare
 
 WARMUP = 3  # steps not timed: worker start-up, first allocations, the step-1 reconstruction image
 CLIP = 1.0  # configs/trainer/default.yaml gradient_clip_val
@@ -186,7 +186,7 @@ def overrides(setup: Setup, volume: Path, run_dir: Path, batch: int, steps: int,
 def ours(overrides: list[str], steps: int) -> Run:
     """`emfm pretrain` as users run it, timed per batch."""
     cfg = config(overrides)
-    datamodule, module, trainer, _ = prepare_pretraining(cfg)
+    datamodule, module, trainer, _ = prepare(cfg, cfg.objective)
     timer = StepTimer()
     trainer.callbacks.append(timer)  # last, so each end stamp follows every other callback's work
     trainer.fit(module, datamodule=datamodule)
@@ -196,7 +196,7 @@ def ours(overrides: list[str], steps: int) -> Run:
 def bare(overrides: list[str], steps: int) -> Run:
     """The same module, batch shape and optimiser in a plain loop."""
     cfg = config(overrides)
-    datamodule, module, _, _ = prepare_pretraining(cfg)
+    datamodule, module, _, _ = prepare(cfg, cfg.objective)
     module.train()
     hp = cfg.objective
     optimizer = torch.optim.AdamW(module.parameters(), lr=hp.lr, betas=tuple(hp.betas),

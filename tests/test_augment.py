@@ -211,3 +211,15 @@ def test_bad_config_names_the_key(kwargs: dict, key: str) -> None:
 def test_wrong_input_rank_raises() -> None:
     with pytest.raises(EmfmError, match="augment"):
         Augment(3)(torch.rand(2, 1, 16, 16))
+
+
+def test_labels_follow_the_geometry_exactly_and_stay_integers() -> None:
+    labels = torch.randint(0, 6, (4, 1, 8, 16, 16))
+    images = labels.float()
+    exact = Augment(3, isotropic=True, flip=0.5, rot90=1.0)
+    out, moved = exact(images, torch.Generator().manual_seed(0), labels=labels)
+    assert moved.dtype == labels.dtype and torch.equal(moved, out.round().long())
+    assert not torch.equal(moved, labels)
+    warped = Augment(3, elastic={"p": 1.0, "alpha": 3.0}, intensity={"p": 1.0})
+    _, bent = warped(images, torch.Generator().manual_seed(1), labels=labels)
+    assert set(bent.unique().tolist()) <= set(range(6)) and not torch.equal(bent, labels)

@@ -176,6 +176,18 @@ def test_label_ingest_keeps_ids_and_pyramid_never_invents(tmp_path, fmt):
     assert "normalization" not in _attrs(out)["emfm"]
 
 
+def test_mask_images_become_0_1_labels_cut_at_half_range(tmp_path):
+    """Anti-aliased masks (255 = structure, greys at the edges) as in the Drosophila VNC release."""
+    d = tmp_path / "masks"
+    d.mkdir()
+    planes = [np.array([[0, 127, 128, 255] * 2] * 3, np.uint8), np.array([[255, 3, 200, 0] * 2] * 3, np.uint8)]
+    for i, plane in enumerate(planes):
+        Image.fromarray(plane).save(d / f"{i}.png")
+    v = Volume(ingest(d, tmp_path / "m.zarr", mask=True, progress=False))
+    assert v.is_label and v.dtype == np.uint8
+    np.testing.assert_array_equal(v.read(), np.stack(planes) >= 128)
+
+
 def test_float_labels_with_integer_values_are_cast_and_fractional_refused(tmp_path):
     lab = np.random.default_rng(2).integers(0, 5, (4, 20, 20)).astype(np.float32)
     v = Volume(write_ome_zarr(lab, tmp_path / "f.zarr", is_label=True))

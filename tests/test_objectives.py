@@ -31,7 +31,7 @@ def test_a_few_steps_train_the_encoder(compose_config, synth_zarr: Path, model: 
         "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "logger=none",
         "callbacks.model_checkpoint=null",
     ])
-    datamodule, module, trainer, _ = run.prepare_pretraining(cfg)
+    datamodule, module, trainer, _ = run.prepare(cfg, cfg.objective)
     before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
@@ -71,7 +71,7 @@ def test_3d_encoder_on_2d_patches_is_refused(compose_config, synth_zarr: Path) -
     cfg = compose_config("pretrain", [*tiny("vit3d", "mae"), f"data.volumes=[{synth_zarr}]",
                                       "data.patch_shape=[32,32]"])
     with pytest.raises(EmfmError, match="vit3d"):
-        run.prepare_pretraining(cfg)
+        run.prepare(cfg, cfg.objective)
 
 
 def test_tube_masking_hides_the_same_tokens_in_every_plane() -> None:

@@ -151,12 +151,28 @@ class Augment(nn.Module):
         return f"spatial_dims={self.spatial_dims}, isotropic={self.isotropic}" + "".join(
             f", {k}={v}" for k, v in on.items())
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augmented copy of ``x`` (same shape, dtype and device); ``x`` itself is never modified."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Augmented copy of ``x`` (same shape, dtype and device); ``x`` itself is never modified.
+
+        With ``labels`` (N, C', *spatial) integer maps, returns ``(x, labels)``: the labels get the
+        same geometry, resampled with nearest neighbour (ids stay exact below 2**24), and no
+        intensity change.
+        """
         d = self.spatial_dims
         if x.ndim != d + 2 or not x.is_floating_point():
             raise EmfmError(f"augment: expected a float {d + 2}-D (N, C, {'Z, ' * (d == 3)}Y, X) tensor, "
                             f"got {x.dtype} {tuple(x.shape)}")
+        if labels is not None:
+            if labels.shape[0] != x.shape[0] or labels.shape[2:] != x.shape[2:]:
+                raise EmfmError(f"augment: labels {tuple(labels.shape)} do not match images {tuple(x.shape)}")
+            both = self._geometry(torch.cat([x, labels.to(x.dtype)], 1), generator, labels=labels.shape[1])
+            x, labels = both[:, : x.shape[1]], both[:, x.shape[1]:].round().to(labels.dtype)
+            return self._photometric(x, generator), labels
+        return self._photometric(self._geometry(x, generator), generator)
+
+    def _photometric(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Intensity, blur, noise and missing sections: what changes the image but not its labels."""
         n, dims, dev, dt = len(x), tuple(range(1, x.ndim)), x.device, x.dtype
 
         def rand() -> torch.Tensor:
@@ -168,7 +184,6 @@ class Augment(nn.Module):
                 return torch.exp(uniform(math.log(lo), math.log(hi)))
             return (lo + (hi - lo) * rand()).to(dt).view(-1, *[1] * len(dims))
 
-        x = self._geometry(x, generator)
         if c := self.intensity:
             fire, shift = rand() < c["p"], uniform(*c["brightness"])
             scale, gamma = uniform(*c["contrast"], log=True), uniform(*c["gamma"], log=True)
@@ -198,7 +213,7 @@ class Augment(nn.Module):
             x = _on(x, fire, missing)
         return x
 
-    def _geometry(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _geometry(self, x: torch.Tensor, generator: torch.Generator | None, labels: int = 0) -> torch.Tensor:
         """Flip, rot90, crop, elastic and misalignment as one grid; ``x`` unchanged where none fires.
 
         Coordinates are normalised to [-1, 1] with pixel centres at (2i + 1) / S - 1
@@ -263,7 +278,12 @@ class Augment(nn.Module):
                 u[..., 1:] -= (after[..., None] * shift[:, None] * to_unit[1:])[:, :, None, None]
             # grid_sample wants (x, y[, z]) last: reversing the rows of A and t gives that order directly.
             grid = torch.baddbmm(t[i].flip(-1).to(dt)[:, None], u.view(m, -1, d), A[i].flip(1).mT.to(dt))
-            return F.grid_sample(xs, grid.view(m, *size, d), mode="bilinear", padding_mode="reflection",
-                                 align_corners=False)
+            grid = grid.view(m, *size, d)
+            c = xs.shape[1] - labels  # the last `labels` channels are label maps
+            out = F.grid_sample(xs[:, :c], grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            if not labels:
+                return out
+            nearest = F.grid_sample(xs[:, c:], grid, mode="nearest", padding_mode="reflection", align_corners=False)
+            return torch.cat([out, nearest], 1)
 
         return _on(x, fired, resample)

@@ -21,7 +21,7 @@ from numcodecs import Blosc
 from tqdm.auto import tqdm
 from zarr.codecs import ZstdCodec
 
-from emfm.data.sources import open_source
+from emfm.data.sources import Source, open_source
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 
@@ -261,11 +261,23 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
     return out
 
 
+def binarized(src: Source) -> Source:
+    """0/1 uint8 view of a mask image: 1 where the value is in the upper half of its dtype's range."""
+    threshold = 1 if src.dtype == bool else (np.iinfo(src.dtype).max // 2 + 1 if src.dtype.kind in "iu" else 0.5)
+    return Source(src.name, src.shape, np.uint8, lambda key: (src[key] >= threshold).astype(np.uint8),
+                  src.voxel_size, handle=src)
+
+
 def ingest(path: str | Path, out: str | Path, *, voxel_size: Sequence[float] | None = None,
            axes: str | None = None, chunks: Sequence[int] | None = None, is_label: bool = False,
-           zarr_format: int = 3, overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert one EM file or slice folder to OME-Zarr; voxel size: given, else file metadata, else 1.0 (warned)."""
+           zarr_format: int = 3, overwrite: bool = False, progress: bool = True, mask: bool = False) -> Path:
+    """Convert one EM file or slice folder to OME-Zarr; voxel size: given, else file metadata, else 1.0 (warned).
+
+    `mask=True` reads a binary mask drawn as an image (anti-aliased edges, 255 = structure) as 0/1 labels.
+    """
     src = open_source(path)
+    if mask:
+        src, is_label = binarized(src), True
     try:
         axes = _check_axes(axes, src.ndim)
         if voxel_size is None:

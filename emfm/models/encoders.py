@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import timm
 import torch
+from timm.models import group_parameters
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -49,6 +50,10 @@ class Encoder(nn.Module):
         """Global embedding, (N, embed_dim)."""
         raise NotImplementedError
 
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names grouped by depth, input side first, for layer-wise learning-rate decay."""
+        raise NotImplementedError
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps at several depths/scales, each (N, C_i, *spatial / stride_i)."""
         raise NotImplementedError
@@ -69,6 +74,12 @@ class Encoder(nn.Module):
             raise EmfmError(
                 f"data.patch_shape {list(self.input_shape)} is not divisible by {what} {list(step)}"
             )
+
+
+def _timm_groups(model: nn.Module, prefix: str) -> list[list[str]]:
+    """A timm model's own depth grouping (its ``group_matcher``), names prefixed as in the encoder."""
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    return [[prefix + name for name in names] for _, names in sorted(groups.items())]
 
 
 def _per_axis(size: int | Sequence[int], dims: int, key: str) -> tuple[int, ...]:
@@ -151,6 +162,9 @@ class ViTEncoder(Encoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit(x)
+
+    def layer_groups(self) -> list[list[str]]:
+        return _timm_groups(self.vit, "vit.")
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Patch tokens after each of ``feature_depths``, as (N, D, *grid) maps.
@@ -237,6 +251,9 @@ class CNNEncoder(Encoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cnn(x)
+
+    def layer_groups(self) -> list[list[str]]:
+        return _timm_groups(self.cnn, "cnn.")
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.cnn.forward_intermediates(
@@ -327,6 +344,10 @@ class ResNet3dEncoder(Encoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[-1].mean(dim=(-3, -2, -1))
+
+    def layer_groups(self) -> list[list[str]]:
+        parts = [("stem", self.stem)] + [(f"stages.{i}", stage) for i, stage in enumerate(self.stages)]
+        return [[f"{prefix}.{name}" for name, _ in part.named_parameters()] for prefix, part in parts]
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = [self.stem(x)]

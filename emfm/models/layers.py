@@ -1,11 +1,15 @@
-"""Small building blocks shared by encoders and objectives."""
+"""Small building blocks shared by encoders, objectives and heads."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from emfm.errors import EmfmError
 
 
 def sincos_pos_embed(grid: tuple[int, ...], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -81,3 +85,63 @@ class BasicBlock3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
         return self.act(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """``nn.Conv2d`` or ``nn.Conv3d`` by the number of spatial axes, same arguments."""
+    return (nn.Conv2d if dims == 2 else nn.Conv3d)(*args, **kwargs)
+
+
+def conv_transpose_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """``nn.ConvTranspose2d`` or ``nn.ConvTranspose3d`` by the number of spatial axes."""
+    return (nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d)(*args, **kwargs)
+
+
+NORMS = ("instance", "group", "batch")
+
+
+def norm_nd(kind: str, dims: int, channels: int) -> nn.Module:
+    """A normalisation layer for (N, C, *spatial) maps.
+
+    ``instance`` (affine) is batch-size independent and behaves the same in training and eval,
+    which suits fine-tuning at batch sizes 2-8 (nnU-Net and MONAI's UNETR use it); ``group`` (8
+    groups or fewer) also works on maps with a single voxel; ``batch`` is for large batches.
+    """
+    if kind == "instance":
+        return (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    if kind == "batch":
+        return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels)
+    raise EmfmError(f"head.norm={kind!r} is not one of {list(NORMS)}")
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3(x3) conv-norm-LeakyReLU layers, the U-Net unit; ``residual`` adds a (projected)
+    shortcut around them, as UNETR's residual blocks do.
+
+    The convolutions have no bias: the norm after them would cancel it.
+    """
+
+    def __init__(
+        self, dims: int, in_chans: int, out_chans: int, norm: str = "instance", residual: bool = False
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv_nd(dims, in_chans, out_chans, 3, padding=1, bias=False)
+        self.norm1 = norm_nd(norm, dims, out_chans)
+        self.conv2 = conv_nd(dims, out_chans, out_chans, 3, padding=1, bias=False)
+        self.norm2 = norm_nd(norm, dims, out_chans)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.shortcut: nn.Module | None = None
+        if residual:
+            self.shortcut = nn.Identity()
+            if in_chans != out_chans:
+                self.shortcut = nn.Sequential(
+                    conv_nd(dims, in_chans, out_chans, 1, bias=False), norm_nd(norm, dims, out_chans)
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return self.act(out)

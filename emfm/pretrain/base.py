@@ -9,9 +9,7 @@ Arguments are primitives: ``load_from_checkpoint`` rebuilds the module and check
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,9 +19,7 @@ from torch import nn
 from emfm.data.augment import Augment
 from emfm.errors import EmfmError
 from emfm.models.encoders import Encoder, ViTEncoder, create_encoder
-
-# Parameters that are positions/tokens rather than weights: AdamW must not decay them.
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
+from emfm.training import adamw_warmup_cosine, param_groups
 
 METHODS: dict[str, type[Objective]] = {}
 
@@ -71,14 +67,6 @@ class Objective(nn.Module):
 def masked_method_for(encoder: Encoder) -> str:
     """``masked`` in a hybrid config: token-dropping MAE for ViTs, input-masking MIM otherwise."""
     return "mae" if isinstance(encoder, ViTEncoder) else "mim"
-
-
-def warmup_cosine(step: int, *, warmup: int, total: int, floor: float) -> float:
-    """Learning-rate factor: linear warmup, then cosine decay to ``floor``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class PretrainModule(pl.LightningModule):
@@ -164,19 +152,6 @@ class PretrainModule(pl.LightningModule):
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        total = self.trainer.max_steps
-        if total is None or total <= 0:
-            raise EmfmError("trainer.max_steps must be set (> 0): the learning-rate schedule needs it")
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                skip = param.ndim <= 1 or name.split(".")[-1] in NO_WEIGHT_DECAY
-                (no_decay if skip else decay).append(param)
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas),
-        )
-        factor = partial(warmup_cosine, warmup=min(hp.warmup_steps, total), total=total, floor=hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(param_groups(self.named_parameters(), hp.weight_decay), self.trainer.max_steps,
+                                   hp.lr, hp.betas, hp.warmup_steps, hp.min_lr_ratio)

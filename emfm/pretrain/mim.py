@@ -19,6 +19,7 @@ from torch import nn
 
 from emfm.errors import EmfmError
 from emfm.models.encoders import Encoder
+from emfm.models.layers import conv_nd
 from emfm.pretrain.base import Objective, register
 from emfm.pretrain.masking import (
     masked_mse,
@@ -28,10 +29,6 @@ from emfm.pretrain.masking import (
     reconstruction_panels,
     unpatchify,
 )
-
-
-def conv(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
-    return (nn.Conv2d if dims == 2 else nn.Conv3d)(*args, **kwargs)
 
 
 @register("mim")
@@ -80,10 +77,10 @@ class MIM(Objective):
             raise EmfmError(f"objective mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.mask_token = nn.Parameter(torch.zeros(1, encoder.in_chans, *[1] * dims))
-        self.lateral = nn.ModuleList(conv(dims, c, decoder_dim, 1) for c in encoder.feature_channels)
-        self.fuse = nn.Sequential(conv(dims, decoder_dim, decoder_dim, 3, padding=1), nn.GELU())
+        self.lateral = nn.ModuleList(conv_nd(dims, c, decoder_dim, 1) for c in encoder.feature_channels)
+        self.fuse = nn.Sequential(conv_nd(dims, decoder_dim, decoder_dim, 3, padding=1), nn.GELU())
         self.finest = min(encoder.feature_strides, key=math.prod)
-        self.pred = conv(dims, decoder_dim, math.prod(self.finest) * encoder.in_chans, 1)
+        self.pred = conv_nd(dims, decoder_dim, math.prod(self.finest) * encoder.in_chans, 1)
 
     def mask(self, images: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cell mask (N, L) True = hidden, pixel mask (N, 1, *S))."""

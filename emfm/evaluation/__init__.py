@@ -1,0 +1,1 @@
+"""Scoring segmentations against ground truth: semantic, instance-agreement and instance-matching metrics."""

@@ -1,0 +1,1 @@
+"""Fine-tuning pretrained encoders for segmentation: losses and instance post-processing."""

@@ -1,0 +1,200 @@
+"""Fine-tuning an encoder with a segmentation head on a few labeled slices.
+
+The encoder starts from an emfm checkpoint, an exported encoder, or scratch; the head and target
+come from config. Validation predicts whole held-out slices with the same sliding window as
+``emfm evaluate`` and logs IoU / Dice, so the best checkpoint is the best segmenter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from timm.layers import resample_abs_pos_embed
+
+from emfm.data.augment import Augment
+from emfm.data.targets import IGNORE, make_target
+from emfm.errors import EmfmError
+from emfm.export import CONFIG, load_encoder
+from emfm.finetune.losses import SegmentationLoss
+from emfm.finetune.semi import create_semi
+from emfm.inference import sliding_window
+from emfm.models.encoders import Encoder, create_encoder
+from emfm.models.heads import SegmentationModel, create_head
+from emfm.training import adamw_warmup_cosine, param_groups, read_checkpoint
+
+# Settings that must agree between a pretrained encoder and the one fine-tuned (the input shape may differ).
+ARCHITECTURE = ("family", "name", "patch_size", "in_chans", "channels", "blocks", "strides", "stem_stride", "depth")
+
+
+def pretrained_encoder(init: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(encoder config, encoder state dict) from an emfm checkpoint (.ckpt) or an ``emfm export`` directory."""
+    path = Path(init)
+    if path.is_dir():
+        if not (path / CONFIG).is_file():
+            raise EmfmError(f"init={init}: directory without {CONFIG}; expected an `emfm export` directory")
+        config = json.loads((path / CONFIG).read_text())
+        return dict(config["model"]), load_encoder(path, as_timm=False).state_dict()
+    if not path.is_file():
+        raise EmfmError(f"init={init}: no such checkpoint or export directory (or use init=scratch)")
+    state = read_checkpoint(path)
+    model = (state.get("hyper_parameters") or {}).get("encoder")
+    if not isinstance(model, Mapping) or "state_dict" not in state:
+        raise EmfmError(f"init={init}: not an emfm checkpoint (no encoder config in its hyper_parameters)")
+    prefixes = ("model.encoder.", "encoder.")  # fine-tuning or pretraining checkpoint
+    weights = {k.removeprefix(p): v for k, v in state["state_dict"].items() for p in prefixes if k.startswith(p)}
+    return dict(model), weights
+
+
+def load_pretrained(encoder: Encoder, config: Mapping[str, Any], init: str) -> None:
+    """Copy the weights of ``init`` into ``encoder`` after checking they are the same architecture."""
+    source, weights = pretrained_encoder(init)
+    for key in ARCHITECTURE:
+        if source.get(key) != config.get(key):
+            raise EmfmError(f"init={init}: encoder has {key}={source.get(key)!r} but this run builds "
+                            f"model.{key}={config.get(key)!r}; use the same model settings as in pretraining")
+    own = encoder.state_dict()
+    for key, value in weights.items():  # learned 2-D positions follow another patch shape
+        if key.endswith("pos_embed") and key in own and value.shape != own[key].shape:
+            prefix = getattr(encoder, "num_prefix_tokens", 0)
+            weights[key] = resample_abs_pos_embed(value, list(encoder.grid_size), num_prefix_tokens=prefix)
+    encoder.load_state_dict(weights)
+
+
+def overlap_counts(probs: torch.Tensor, truth: torch.Tensor, kind: str) -> torch.Tensor:
+    """(3, C) intersection, predicted and true pixel counts per foreground class/channel, known pixels only.
+
+    ``probs`` (K, *spatial) probabilities and ``truth`` the target of the same region: a class map
+    for softmax (classes 1..K-1 counted), per-channel 0/1 maps for sigmoid (threshold 0.5).
+    """
+    if kind == "softmax":
+        pred, known = probs.argmax(0), truth != IGNORE
+        classes = torch.arange(1, probs.shape[0], device=probs.device).view(-1, *[1] * truth.ndim)
+        pred, truth, known = pred[None] == classes, truth[None] == classes, known[None]
+    else:
+        pred, known, truth = probs > 0.5, truth != IGNORE, truth == 1
+    pred, truth = pred & known, truth & known
+    dims = tuple(range(1, pred.ndim))
+    return torch.stack([(pred & truth).sum(dims), pred.sum(dims), truth.sum(dims)]).double()
+
+
+class SegmentationModule(pl.LightningModule):
+    """Encoder + head trained on labeled patches (and, with ``semi``, unlabeled ones).
+
+    Args:
+        encoder: a ``model`` config.
+        head: a ``head`` config (``name`` and its options).
+        target: a ``target`` config (``kind`` and its options).
+        loss: :class:`~emfm.finetune.losses.SegmentationLoss` options (weights of Dice and CE, class weights).
+        semi: a ``semi`` config (``name`` null = supervised only).
+        init: ``scratch``, an emfm checkpoint or an ``emfm export`` directory.
+        augment: :class:`~emfm.data.augment.Augment` settings (geometry applies to labels too).
+        isotropic: 3-D voxels are cubic (set from the data).
+        lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with warmup + cosine.
+        layer_decay: learning rate of encoder depth group g of G is ``lr * layer_decay ** (G - g)``.
+        freeze_encoder_steps: the encoder learns nothing for this many steps (the head settles first).
+        overlap: tile overlap of the validation sliding window.
+    """
+
+    def __init__(
+        self,
+        encoder: Mapping[str, Any],
+        head: Mapping[str, Any],
+        target: Mapping[str, Any],
+        loss: Mapping[str, Any] | None = None,
+        semi: Mapping[str, Any] | None = None,
+        init: str = "scratch",
+        augment: Mapping[str, Any] | None = None,
+        isotropic: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: Sequence[float] = (0.9, 0.999),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.01,
+        layer_decay: float = 0.75,
+        freeze_encoder_steps: int = 0,
+        overlap: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        target = dict(target)
+        self.target = make_target(target.pop("kind"), ignore_label=IGNORE, **target)
+        net = create_encoder(**encoder)
+        if str(init) != "scratch":
+            load_pretrained(net, encoder, str(init))
+        self.model = SegmentationModel(net, create_head(encoder=net, out_channels=self.target.channels, **head))
+        self.loss = SegmentationLoss(self.target.loss, ignore_index=IGNORE, **(loss or {}))
+        self.augment = Augment(net.spatial_dims, isotropic, **(augment or {}))
+        semi = dict(semi or {})
+        name = semi.pop("name", None)
+        semi.pop("unlabeled_batch_size", None)  # read by the data module
+        self.semi = create_semi(name, net.spatial_dims, self.model, isotropic, **semi) if name else None
+        self.val_counts: list[torch.Tensor] = []
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if hasattr(datamodule, "label_values"):
+            self.target.check_values(datamodule.label_values(), str(datamodule.label_path))
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities: softmax over classes, or a sigmoid per channel."""
+        return logits.softmax(1) if self.target.loss == "softmax" else logits.sigmoid()
+
+    @torch.no_grad()
+    def predict_region(self, image: torch.Tensor, overlap: float | None = None) -> torch.Tensor:
+        """Probabilities (K, *spatial) over a whole slice (1, Y, X) or block (1, Z, Y, X)."""
+        overlap = self.hparams.overlap if overlap is None else overlap
+        encoder = self.model.encoder
+        return sliding_window(lambda x: self.activate(self.model(x)), image, encoder.input_shape, overlap)
+
+    def on_train_batch_start(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        if self.semi is not None:
+            self.semi.before_step(self.model)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = self.augment(batch["image"], labels=batch["labels"])
+        out = self.loss(self.model(images), self.target(labels[:, 0]))
+        total = out["loss"]
+        logs = {f"train/{k}": v for k, v in out.items() if k != "loss"}
+        if self.semi is not None:
+            if "unlabeled" not in batch:
+                raise EmfmError("semi-supervised training needs unlabeled patches: set data.unlabeled_batch_size > 0")
+            extra = self.semi(self.model, batch["unlabeled"], self.loss, self.activate)
+            total = total + self.semi.ramp(self.global_step) * extra["loss"]
+            logs.update({f"train/semi/{k}": v for k, v in extra.items()})
+        self.log("train/loss", total, prog_bar=True)
+        self.log_dict(logs)
+        return total
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        probs = self.predict_region(batch["image"])
+        truth = self.target(batch["labels"])[0]
+        self.val_counts.append(overlap_counts(probs, truth, self.target.loss))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.val_counts:
+            return
+        counts = self.trainer.strategy.reduce(torch.stack(self.val_counts).sum(0), reduce_op="sum")
+        self.val_counts.clear()
+        inter, pred, true = counts
+        iou = inter / (pred + true - inter).clamp(min=1)
+        dice = 2 * inter / (pred + true).clamp(min=1)
+        self.log_dict({"val/iou": iou.mean().float(), "val/dice": dice.mean().float()}, prog_bar=True)
+        if len(iou) > 1:
+            self.log_dict({f"val/iou_{c + 1}": v.float() for c, v in enumerate(iou)})
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = self.model.encoder.layer_groups()
+        names = dict(self.model.encoder.named_parameters())
+        param_list = []
+        for depth, group in enumerate(groups):
+            scale = hp.layer_decay ** (len(groups) - depth)
+            param_list += param_groups(((n, names[n]) for n in group), hp.weight_decay, scale, hp.freeze_encoder_steps)
+        param_list += param_groups(self.model.head.named_parameters(), hp.weight_decay)
+        return adamw_warmup_cosine(param_list, self.trainer.max_steps, hp.lr, hp.betas, hp.warmup_steps,
+                                   hp.min_lr_ratio)

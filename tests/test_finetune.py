@@ -1,0 +1,217 @@
+"""emfm finetune / evaluate with the real configs and Trainer on a synthetic zarr volume."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emfm import run
+from emfm.data.ingest import write_ome_zarr
+from emfm.data.labeled import (
+    IGNORE,
+    HeldOutSlices,
+    LabeledDataModule,
+    LabeledVolume,
+    parse_slices,
+)
+from emfm.errors import EmfmError
+from emfm.evaluation.evaluate import load_segmenter
+from emfm.export import export_encoder
+from tests.conftest import TINY_MODELS, tiny
+
+TINY_FINETUNE = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",
+                 "trainer.accelerator=cpu", "trainer.enable_model_summary=false", "callbacks.progress_bar=null"]
+LABELS = {"membrane": "membranes", "boundary": "instances", "affinity": "instances", "semantic": "membranes",
+          "foreground": "instances"}
+
+
+def finetune_args(volume: Path, model: str = "vit2d", target: str = "membrane", steps: int = 3) -> list[str]:
+    extra = ["target.offsets=[[-1,0,0],[0,-1,0],[0,0,-1]]"] if target == "affinity" else []
+    extra += ["target.classes=[1]"] if target == "semantic" else []
+    return [f"model={model}", *TINY_MODELS[model], f"target={target}", *extra, f"data.raw={volume}",
+            f"data.labels={volume}/labels/{LABELS[target]}", "data.labeled_slices=[0,1]", "data.val_slices=[12]",
+            f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", *TINY_FINETUNE]
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("model, target", [("vit2d", "membrane"), ("cnn2d", "semantic"), ("vit3d", "boundary"),
+                                           ("cnn3d", "affinity")])
+def test_every_family_fine_tunes_and_validates_on_held_out_slices(
+        compose_config, synth_zarr: Path, tmp_path: Path, model: str, target: str) -> None:
+    out = run.finetune(compose_config("finetune", finetune_args(synth_zarr, model, target)))
+    assert np.isfinite(out["train/loss"]) and 0 <= out["val/iou"] <= 1 and 0 <= out["val/dice"] <= 1
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_fine_tuning_learns_membranes(compose_config, synth_zarr: Path, tmp_path: Path) -> None:
+    cfg = compose_config("finetune", [*finetune_args(synth_zarr, steps=80), "trainer.val_check_interval=40",
+                                      "trainer.log_every_n_steps=5", "module.lr=3e-3"])
+    run.finetune(cfg)
+    rows = metrics(tmp_path)
+    losses = [float(r["train/loss"]) for r in rows if "train/loss" in r]
+    ious = [float(r["val/iou"]) for r in rows if "val/iou" in r]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert ious[-1] > 0.4, ious
+
+
+@pytest.fixture(scope="module")
+def pretrained(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hydra import compose, initialize_config_module
+
+    run_dir = tmp_path_factory.mktemp("pretrain")
+    with initialize_config_module("emfm.configs", version_base="1.3"):
+        cfg = compose("pretrain", [f"paths.output_dir={run_dir}", *tiny("vit2d", "mae"), f"data.volumes=[{synth_zarr}]",
+                                   "trainer.max_steps=2", "logger=none"])
+    run.pretrain(cfg)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_init_from_a_checkpoint_or_an_export_copies_the_encoder(
+        compose_config, synth_zarr: Path, tmp_path: Path, pretrained: Path) -> None:
+    from emfm.pretrain.base import PretrainModule
+
+    source = PretrainModule.load_from_checkpoint(pretrained, weights_only=True).encoder.state_dict()
+    export = export_encoder(pretrained, tmp_path / "export")
+    for init in (pretrained, export):
+        cfg = compose_config("finetune", [*finetune_args(synth_zarr), f"init={init}"])
+        module = run.build(cfg.module)
+        for key, value in module.model.encoder.state_dict().items():
+            assert torch.equal(value, source[key]), key
+    scratch = run.build(compose_config("finetune", finetune_args(synth_zarr)).module)
+    assert not torch.equal(scratch.model.encoder.state_dict()["vit.blocks.0.attn.qkv.weight"],
+                           source["vit.blocks.0.attn.qkv.weight"])
+
+
+def test_init_from_another_architecture_or_a_missing_file_is_refused(
+        compose_config, synth_zarr: Path, pretrained: Path) -> None:
+    cfg = compose_config("finetune", [*finetune_args(synth_zarr, "cnn2d"), f"init={pretrained}"])
+    with pytest.raises(EmfmError, match="encoder has family='vit2d' but this run builds model.family='cnn2d'"):
+        run.build(cfg.module)
+    cfg = compose_config("finetune", [*finetune_args(synth_zarr), "init=/nowhere/x.ckpt"])
+    with pytest.raises(EmfmError, match="no such checkpoint or export directory"):
+        run.build(cfg.module)
+
+
+@pytest.mark.parametrize("semi", ["mean_teacher", "fixmatch"])
+def test_semi_supervised_training_uses_unlabeled_patches(compose_config, synth_zarr: Path, tmp_path: Path,
+                                                         semi: str) -> None:
+    cfg = compose_config("finetune", [*finetune_args(synth_zarr), f"semi={semi}", "semi.rampup_steps=1",
+                                      "semi.unlabeled_batch_size=2", "trainer.log_every_n_steps=1"])
+    run.finetune(cfg)
+    rows = [r for r in metrics(tmp_path) if "train/semi/loss" in r]
+    assert len(rows) == 3 and all(np.isfinite(float(r["train/semi/loss"])) for r in rows)
+
+
+def test_mean_teacher_follows_the_model_by_its_momentum(compose_config, synth_zarr: Path) -> None:
+    cfg = compose_config("finetune", [*finetune_args(synth_zarr), "semi=mean_teacher", "semi.momentum=0.9"])
+    module = run.build(cfg.module)
+    student = next(module.model.parameters())
+    teacher = next(module.semi.teacher.parameters())
+    with torch.no_grad():
+        student.add_(1.0)
+    before = teacher.clone()
+    module.semi.before_step(module.model)
+    assert torch.allclose(teacher, before + 0.1, atol=1e-6)
+    assert not teacher.requires_grad
+
+
+def test_layer_decay_and_frozen_encoder_in_the_learning_rates(compose_config, synth_zarr: Path) -> None:
+    cfg = compose_config("finetune", [*finetune_args(synth_zarr), "module.layer_decay=0.5",
+                                      "module.freeze_encoder_steps=5", "module.warmup_steps=1"])
+    module = run.build(cfg.module)
+    module.trainer = type("T", (), {"max_steps": 100})()  # configure_optimizers reads max_steps only
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    groups = len(module.model.encoder.layer_groups())
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(cfg.module.lr * 0.5 ** groups)  # patch embedding
+    assert optimizer.param_groups[-1]["initial_lr"] == pytest.approx(cfg.module.lr)  # head
+    assert optimizer.param_groups[0]["lr"] == 0 and optimizer.param_groups[-1]["lr"] > 0
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] > 0  # unfrozen after 5 steps
+
+
+def test_evaluate_writes_json_and_csv_reports(compose_config, synth_zarr: Path, tmp_path: Path,
+                                              pretrained: Path) -> None:
+    run.finetune(compose_config("finetune", finetune_args(synth_zarr, steps=2)))
+    out = tmp_path / "eval"
+    cfg = compose_config("evaluate", [f"checkpoint={tmp_path}/checkpoints/last.ckpt", f"raw={synth_zarr}",
+                                      f"labels={synth_zarr}/labels/membranes", "slices=12-13", f"output_dir={out}",
+                                      "thresholds=[0.4,0.6]"])
+    report = run.evaluate(cfg)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["slices"] == [12, 13] and saved["threshold"] in (0.4, 0.6)
+    for key in ("iou", "dice", "vrand", "vinfo", "vi_split", "vi_merge", "mean_ap"):
+        assert 0 <= saved[key] <= (float("inf") if key.startswith("vi_") else 1), key
+    assert set(saved["per_threshold"]) == {"0.4", "0.6"} and saved["iou"] == report["iou"]
+    with (out / "report.csv").open() as f:
+        rows = dict(csv.reader(f))
+    assert float(rows["vrand"]) == pytest.approx(saved["vrand"])
+    with pytest.raises(EmfmError, match="no segmentation head"):
+        load_segmenter(pretrained)
+
+
+def test_labeled_patches_keep_labels_only_on_their_slices(synth_zarr: Path) -> None:
+    data = LabeledDataModule(str(synth_zarr), f"{synth_zarr}/labels/membranes", [8, 32, 32], labeled_slices="3",
+                             val_slices=[12, 13], batch_size=6, num_workers=0)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (6, 1, 8, 32, 32) and batch["labels"].dtype == torch.int64
+    labeled_planes = (batch["labels"] != IGNORE).flatten(2).any(2)  # (N, Z): which z-planes carry labels
+    assert (labeled_planes.sum(1) == 1).all()  # exactly slice 3 in each block
+    region = next(iter(data.val_dataloader()))
+    assert region["image"].shape == (1, 8, 96, 96)  # one slab over the held-out slices: z 8..15
+    kept = (region["labels"][0] != IGNORE).flatten(1).any(1)
+    assert kept.nonzero().flatten().tolist() == [4, 5]  # slices 12 and 13
+
+
+def test_slice_specs_and_bad_labeled_data_are_named(synth_zarr: Path, tmp_path: Path) -> None:
+    assert parse_slices("0-2,7", 10, "k") == [0, 1, 2, 7] and parse_slices([3, 1], 10, "k") == [1, 3]
+    with pytest.raises(EmfmError, match=r"data.labeled_slices=\[0, 40\]: slice indices must lie in \[0, 15\]"):
+        LabeledDataModule(str(synth_zarr), f"{synth_zarr}/labels/membranes", [32, 32], labeled_slices=[0, 40]).setup()
+    with pytest.raises(EmfmError, match=r"slices \[2\] are both in data.labeled_slices and data.val_slices"):
+        LabeledDataModule(str(synth_zarr), f"{synth_zarr}/labels/membranes", [32, 32], labeled_slices=[1, 2],
+                          val_slices=[2]).setup()
+    other = write_ome_zarr(np.zeros((16, 96, 90), np.uint8), tmp_path / "other.zarr", is_label=True)
+    with pytest.raises(EmfmError, match=r"other.zarr has shape \[16, 96, 90\], but the raw volume"):
+        LabeledVolume(synth_zarr, other)
+    floats = write_ome_zarr(np.zeros((16, 96, 96), np.float32), tmp_path / "float.zarr")
+    with pytest.raises(EmfmError, match="labels must be integers, got float32"):
+        LabeledVolume(synth_zarr, floats)
+    with pytest.raises(EmfmError, match="larger than"):
+        LabeledDataModule(str(synth_zarr), f"{synth_zarr}/labels/membranes", [128, 128], labeled_slices=[0]).setup()
+
+
+def test_held_out_2d_slices_are_whole(synth_zarr: Path) -> None:
+    data = LabeledVolume(synth_zarr, synth_zarr / "labels" / "membranes")
+    regions = HeldOutSlices(data, [5, 9], [32, 32])
+    assert len(regions) == 2 and regions[1]["image"].shape == (1, 96, 96)
+    assert (regions[1]["labels"] != IGNORE).all()
+
+
+def test_label_values_the_target_cannot_represent_are_refused(compose_config, synth_zarr: Path) -> None:
+    args = finetune_args(synth_zarr, "vit2d", "semantic")
+    args[args.index(f"data.labels={synth_zarr}/labels/membranes")] = f"data.labels={synth_zarr}/labels/instances"
+    with pytest.raises(EmfmError, match=r"labels/instances: label values \[2, 3, .* are not classes of target.classes"):
+        run.finetune(compose_config("finetune", args))
+
+
+@pytest.mark.parametrize("semi, option", [("mean_teacher", "semi.momentum=0.5"), ("fixmatch", "semi.threshold=0.5")])
+def test_the_unlabeled_loss_trains_the_student(compose_config, synth_zarr: Path, semi: str, option: str) -> None:
+    module = run.build(compose_config("finetune", [*finetune_args(synth_zarr), f"semi={semi}", option]).module)
+    with torch.no_grad():  # a teacher that differs from the student, as after some training
+        module.model.head.apply(lambda m: m.weight.add_(0.1) if isinstance(m, torch.nn.Conv2d) else None)
+    images = torch.rand(2, 1, 32, 32)
+    loss = module.semi(module.model, images, module.loss, module.activate)["loss"]
+    loss.backward()
+    grads = [p.grad for p in module.model.parameters() if p.grad is not None]
+    assert loss > 0 and grads and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in getattr(module.semi, "teacher", torch.nn.Identity()).parameters())

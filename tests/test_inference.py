@@ -1,0 +1,22 @@
+"""Sliding-window prediction: blended tiles reproduce a whole-image computation exactly."""
+
+import pytest
+import torch
+
+from emfm.inference import blend_weights, sliding_window, tile_starts
+
+
+def test_tiles_cover_the_image_and_end_at_its_border() -> None:
+    assert tile_starts(100, 32, 0.25) == [0, 24, 48, 68]
+    assert tile_starts(32, 32, 0.25) == [0] and tile_starts(20, 32, 0.5) == [0]
+    weights = blend_weights((4, 6))
+    assert weights.shape == (4, 6) and weights.min() > 0 and weights[1:3, 2:4].eq(weights.max()).all()
+
+
+@pytest.mark.parametrize("shape, patch", [((1, 70, 90), (32, 32)), ((1, 11, 40, 37), (4, 16, 16)),
+                                          ((1, 20, 24), (32, 32))])
+def test_a_pointwise_model_gives_the_whole_image_result_without_seams(shape: tuple, patch: tuple) -> None:
+    image = torch.rand(shape)
+    out = sliding_window(lambda x: torch.cat([2 * x + 1, x.square()], 1), image, patch, overlap=0.3, batch_size=3)
+    assert out.shape == (2, *shape[1:])
+    torch.testing.assert_close(out, torch.cat([2 * image + 1, image.square()]))
