@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from emfm import run
 from emfm.data.ingest import write_ome_zarr
@@ -17,9 +18,11 @@ from emfm.data.labeled import (
     LabeledVolume,
     parse_slices,
 )
+from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.evaluate import load_segmenter
 from emfm.export import export_encoder
+from emfm.finetune.callbacks import panels
 from tests.conftest import TINY_MODELS, tiny
 
 TINY_FINETUNE = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",
@@ -48,6 +51,23 @@ def test_every_family_fine_tunes_and_validates_on_held_out_slices(
     out = run.finetune(compose_config("finetune", finetune_args(synth_zarr, model, target)))
     assert np.isfinite(out["train/loss"]) and 0 <= out["val/iou"] <= 1 and 0 <= out["val/dice"] <= 1
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    shown = {"membrane": 1, "semantic": 1, "boundary": 2, "affinity": 3}[target]
+    with Image.open(tmp_path / "predictions" / f"step_{3:07d}.png") as picture:   # raw | truth | probs
+        width = picture.size[0]
+    slice_width = Volume(synth_zarr).shape[-1]
+    assert width == (1 + 2 * shown) * (slice_width + 4) + 4
+
+
+def test_prediction_panels_show_truth_with_unknown_pixels_grey() -> None:
+    image = torch.arange(4.0).view(1, 2, 2)
+    truth = torch.tensor([[0, 2], [IGNORE, 1]])
+    probs = torch.tensor([[[0.7, 0.1], [0.5, 0.2]], [[0.2, 0.1], [0.5, 0.3]], [[0.1, 0.8], [0.0, 0.5]]])
+    sheet = panels(image, truth, probs, softmax=True)
+    assert sheet.shape == (5, 1, 2, 2)                       # raw, truth of classes 1 and 2, their probabilities
+    assert torch.equal(sheet[1, 0], torch.tensor([[0.0, 0.0], [0.5, 1.0]]))
+    assert torch.equal(sheet[2, 0], torch.tensor([[0.0, 1.0], [0.5, 0.0]]))
+    assert torch.equal(sheet[3:, 0], probs[1:])
+    assert sheet[0].min() == 0 and sheet[0].max() == 1
 
 
 def test_fine_tuning_learns_membranes(compose_config, synth_zarr: Path, tmp_path: Path) -> None:

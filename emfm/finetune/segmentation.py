@@ -170,10 +170,11 @@ class SegmentationModule(pl.LightningModule):
         self.log_dict(logs)
         return total
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         probs = self.predict_region(batch["image"])
         truth = self.target(batch["labels"])[0]
         self.val_counts.append(overlap_counts(probs, truth, self.target.loss))
+        return probs
 
     def on_validation_epoch_end(self) -> None:
         if not self.val_counts:

@@ -7,9 +7,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
+from emfm.pictures import publish
 from emfm.pretrain.base import PretrainModule
 
 MIN_PANEL_PIXELS = 128
@@ -56,13 +56,5 @@ class ReconstructionImages(pl.Callback):
         zoom = max(1, MIN_PANEL_PIXELS // max(rows.shape[-2:]))
         rows = F.interpolate(rows, scale_factor=zoom, mode="nearest")  # small patches stay visible
         grid = make_grid(rows.cpu(), nrow=len(panels), padding=2, pad_value=1.0)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / f"step_{step:07d}.png"
-        save_image(grid, path)
-        tag = "reconstructions/" + "|".join(panels)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(tag, grid, global_step=step)
-            elif isinstance(logger, WandbLogger):
-                logger.log_image(key=tag, images=[grid], step=step)
-        return path
+        return publish(trainer, grid, self.dirpath / f"step_{step:07d}.png", "reconstructions/" + "|".join(panels))
+
