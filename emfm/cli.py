@@ -20,6 +20,7 @@ HYDRA_COMMANDS = {
     "pretrain": "self-supervised pretraining of an encoder on unlabeled volumes",
     "finetune": "train a segmentation head (and the encoder) on a few labeled slices",
     "evaluate": "predict a labeled region with a fine-tuned model, derive instances, write metrics",
+    "predict": "a fine-tuned model over a whole volume, block by block, into OME-Zarr (resumable)",
 }
 # Lightning's DDP launcher restarts this program for ranks > 0 with the Hydra overrides only;
 # the verb travels in the environment.

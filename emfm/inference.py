@@ -12,6 +12,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from emfm.errors import EmfmError
+
+BLENDS = ("linear", "gaussian")
+
 
 def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
     """Start offsets covering ``size`` with tiles of ``tile`` overlapping by about ``overlap``; the last ends at ``size``."""
@@ -22,13 +26,29 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
     return starts + [size - tile]
 
 
-def blend_weights(tile: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Separable linear ramp, highest in the tile centre, never zero (edge tiles cover the border alone)."""
+def blend_weights(tile: Sequence[int], device: torch.device | str = "cpu", kind: str = "linear") -> torch.Tensor:
+    """Separable weights, highest in the tile centre, never zero (edge tiles cover the border alone).
+
+    ``linear``: a ramp to the border; ``gaussian``: sigma of 1/8 of the tile (nnU-Net's choice),
+    floored at 1e-3 of the peak.
+    """
+    if kind not in BLENDS:
+        raise EmfmError(f"blend: expected one of {', '.join(BLENDS)}, got {kind!r}")
     weight = torch.ones((), device=device)
     for size in tile:
-        ramp = torch.minimum(torch.arange(size, device=device) + 1, torch.arange(size, 0, -1, device=device))
-        weight = weight[..., None] * (ramp.float() / ramp.max())
+        if kind == "linear":
+            ramp = torch.minimum(torch.arange(size, device=device) + 1, torch.arange(size, 0, -1, device=device))
+            axis = ramp.float() / ramp.max()
+        else:
+            centre, sigma = (size - 1) / 2, max(size / 8, 1e-6)
+            axis = torch.exp(-0.5 * ((torch.arange(size, device=device) - centre) / sigma) ** 2).clamp(min=1e-3)
+        weight = weight[..., None] * axis
     return weight
+
+
+def tile_corners(size: Sequence[int], patch: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
+    """Every tile's start corner over a region of ``size``, in the order the tiles are blended."""
+    return list(itertools.product(*(tile_starts(s, p, overlap) for s, p in zip(size, patch))))
 
 
 @torch.no_grad()
@@ -38,11 +58,14 @@ def sliding_window(
     patch_shape: Sequence[int],
     overlap: float = 0.25,
     batch_size: int = 8,
+    corners: Sequence[Sequence[int]] | None = None,
+    blend: str = "linear",
 ) -> torch.Tensor:
     """``model`` output over the whole of ``image`` (C, *spatial), blended from overlapping tiles.
 
     Inputs smaller than the patch along an axis are reflect-padded to it and cropped back.
-    Returns (K, *spatial) on the image's device, float32.
+    ``corners`` (default: ``tile_corners`` of the image) lets a caller blend a chosen subset of a
+    larger grid's tiles, as blockwise prediction does. Returns (K, *spatial) on the image's device, float32.
     """
     spatial, patch = tuple(image.shape[1:]), tuple(int(p) for p in patch_shape)
     pad = [max(0, p - s) for p, s in zip(patch, spatial)]
@@ -51,8 +74,8 @@ def sliding_window(
         flat = [v for p in reversed(pad) for v in (0, p)]
         image = torch.nn.functional.pad(image[None], flat, mode=mode)[0]
     size = tuple(image.shape[1:])
-    corners = list(itertools.product(*(tile_starts(s, p, overlap) for s, p in zip(size, patch))))
-    weight = blend_weights(patch, image.device)
+    corners = tile_corners(size, patch, overlap) if corners is None else [tuple(c) for c in corners]
+    weight = blend_weights(patch, image.device, blend)
     total = norm = None
     for first in range(0, len(corners), batch_size):
         chunk = corners[first : first + batch_size]

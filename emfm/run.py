@@ -113,6 +113,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return run_evaluation(cfg)
 
 
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Blockwise prediction of a volume into OME-Zarr (resumable; local or on Dask)."""
+    from emfm.predict.predict import predict as run_prediction
+
+    return run_prediction(cfg)
+
+
 def resume_checkpoint(resume: str | None, run_dir: Path, module: pl.LightningModule) -> str | None:
     """The checkpoint ``resume=`` asks for (``auto``: this run directory's last.ckpt), checked to fit."""
     if not resume:

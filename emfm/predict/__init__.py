@@ -1,0 +1,1 @@
+"""Blockwise prediction over volumes larger than memory (``emfm predict``)."""

@@ -1,0 +1,147 @@
+"""Instances over a blockwise prediction, with no object cut at a block border (two passes).
+
+1. Seeds: in every block, the connected components of the object interior (e.g. pixels with a
+   membrane probability below the threshold) get ids unique to the block. Where two seeds touch
+   across a block face they are the same component; a union-find over those face contacts gives
+   every component one global id, exactly as labelling the whole volume at once would.
+2. Growth: every block, read with a halo, floods its seeds (now global ids) over the probability
+   map with a watershed -- the post-processing of ``emfm evaluate`` with ``method="components"``
+   -- and keeps its own part. An object crossing a border carries the same id on both sides.
+
+A 2-D model's objects are per z-slice (no contact across slices), a 3-D model's are 3-D.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from skimage.segmentation import watershed
+
+from emfm.errors import EmfmError
+from emfm.predict.blocks import Block, Progress, run_blocks
+from emfm.predict.predict import WORK, Job, decode, open_output, write
+
+KINDS = ("membrane", "boundary", "foreground", "affinity")
+
+
+def settings(cfg: Any, target: Mapping[str, Any]) -> dict[str, Any]:
+    """The instance options of ``cfg`` for the checkpoint's target, checked."""
+    if target["kind"] not in KINDS:
+        raise EmfmError(f"instances=true: a {target['kind']!r} target has no instances; "
+                        f"needs one of {', '.join(KINDS)}")
+    halo = int(cfg.instance_halo)
+    if halo < 0:
+        raise EmfmError(f"instance_halo={halo}: expected a number of voxels >= 0")
+    return {"kind": target["kind"], "threshold": float(cfg.threshold), "halo": halo}
+
+
+def maps(probs: np.ndarray, kind: str, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(interior, relief, mask): seeds grow from the interior over the relief, inside the mask."""
+    if kind == "membrane":
+        return probs[0] <= threshold, probs[0], None
+    if kind == "boundary":
+        mask = probs[0] > threshold
+        return mask & (probs[1] <= threshold), probs[1], mask
+    if kind == "foreground":
+        mask = probs[0] > threshold
+        return mask, 1 - probs[0], mask
+    mean = probs.mean(0)                                    # affinity: strongly linked voxels are inside
+    return mean > threshold, 1 - mean, None
+
+
+def structure(job: Job) -> np.ndarray:
+    """Face connectivity; none across z-slices for a 2-D model."""
+    faces = ndimage.generate_binary_structure(len(job.grid.shape), 1)
+    if job.per_slice:
+        faces[0], faces[2] = False, False
+    return faces
+
+
+def seeds_block(job: Job, options: dict[str, Any], index: Block) -> Block:
+    """Label the interior components of one block with ids no other block uses."""
+    region = job.grid.region(index)
+    probs = decode(np.asarray(zarr_array(job, "0")[(slice(None), *region)]))
+    interior = maps(probs, options["kind"], options["threshold"])[0]
+    labels, _ = ndimage.label(interior, structure(job))
+    offset = np.uint64(int(np.ravel_multi_index(index, job.grid.grid)) * int(np.prod(job.block)))
+    seeds = np.where(labels > 0, labels.astype(np.uint64) + offset, np.uint64(0))
+    write(job, f"{WORK}/seeds", region, seeds)
+    Progress(open_output(job), "seeds", job.grid).mark(index)
+    return index
+
+
+def merge_table(job: Job) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, roots): for every seed touching another block's seed, the id of its merged component."""
+    seeds = zarr_array(job, f"{WORK}/seeds")
+    first, second = [], []
+    for axis, (n, b) in enumerate(zip(job.grid.grid, job.block)):
+        if job.per_slice and axis == 0:
+            continue
+        for index in job.grid:
+            if index[axis] == 0:
+                continue
+            region = list(job.grid.region(index))
+            face = index[axis] * b
+            region[axis] = slice(face - 1, face + 1)
+            below, above = np.asarray(seeds[tuple(region)]).swapaxes(0, axis)
+            touching = (below > 0) & (above > 0)
+            first.append(below[touching])
+            second.append(above[touching])
+    pairs = (np.concatenate(first), np.concatenate(second)) if first else (np.zeros(0, np.uint64),) * 2
+    ids, inverse = np.unique(np.concatenate(pairs), return_inverse=True)
+    if not len(ids):
+        return ids, ids
+    edges = inverse.reshape(2, -1)
+    graph = coo_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(len(ids),) * 2)
+    _, component = connected_components(graph, directed=False)
+    roots = np.full(component.max() + 1, np.iinfo(np.uint64).max, dtype=np.uint64)
+    np.minimum.at(roots, component, ids)                   # each component is named by its smallest id
+    return ids, roots[component]
+
+
+def relabel(seeds: np.ndarray, ids: np.ndarray, roots: np.ndarray) -> np.ndarray:
+    if not len(ids):
+        return seeds
+    at = np.clip(np.searchsorted(ids, seeds), 0, len(ids) - 1)
+    return np.where(ids[at] == seeds, roots[at], seeds)
+
+
+def grow_block(job: Job, options: dict[str, Any], ids: np.ndarray, roots: np.ndarray, index: Block) -> Block:
+    """Flood the block's (global) seeds over the relief, read with a halo, and write the block's part."""
+    halo = [0 if job.per_slice and axis == 0 else options["halo"] for axis in range(len(job.block))]
+    region, outer = job.grid.region(index), job.grid.region(index, halo)
+    probs = decode(np.asarray(zarr_array(job, "0")[(slice(None), *outer)]))
+    _, relief, mask = maps(probs, options["kind"], options["threshold"])
+    seeds = relabel(np.asarray(zarr_array(job, f"{WORK}/seeds")[outer]), ids, roots)
+    if job.per_slice:
+        grown = np.stack([watershed(relief[z], seeds[z], mask=None if mask is None else mask[z])
+                          for z in range(len(relief))])
+    else:
+        grown = watershed(relief, seeds, mask=mask)
+    inner = tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, outer))
+    write(job, "labels/instances/0", region, grown[inner].astype(np.uint64))
+    Progress(open_output(job), "instances", job.grid).mark(index)
+    return index
+
+
+def zarr_array(job: Job, path: str) -> Any:
+    return zarr.open_array(f"{job.output}/{path}", mode="r")
+
+
+def instances(job: Job, options: dict[str, Any], executor: str, client: Any, progress: bool) -> dict[str, float]:
+    """Both passes over the finished probability map; returns seconds per pass."""
+    seconds = {}
+    pending = Progress(open_output(job), "seeds", job.grid).pending(job.grid)
+    seconds["seeds"] = run_blocks(seeds_block, pending, job, options, executor=executor, client=client,
+                                  desc="seeds", progress=progress)
+    ids, roots = merge_table(job)
+    pending = Progress(open_output(job), "instances", job.grid).pending(job.grid)
+    seconds["instances"] = run_blocks(grow_block, pending, job, options, ids, roots, executor=executor,
+                                      client=client, desc="instances", progress=progress)
+    return seconds

@@ -1,0 +1,199 @@
+"""emfm predict: blockwise prediction equals the whole-region computation, resumes, runs on Dask."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from hydra import compose, initialize_config_module
+from scipy import ndimage
+
+from emfm import run
+from emfm.data.ingest import write_ome_zarr
+from emfm.data.volume import Volume
+from emfm.errors import EmfmError
+from emfm.evaluation.evaluate import load_segmenter
+from emfm.evaluation.metrics import rand_scores
+from tests.conftest import TINY_MODELS
+
+FINETUNE = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",
+            "module.lr=3e-3", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
+            "callbacks.progress_bar=null", "logger=none", "data.val_slices=null", "+trainer.limit_val_batches=0",
+            "callbacks.model_checkpoint.monitor=null", "data.labeled_slices=[0,1,2,3]"]
+
+
+def compose_run(name: str, overrides: list[str]) -> dict:
+    with initialize_config_module("emfm.configs", version_base="1.3"):
+        cfg = compose(name, overrides)
+    return getattr(run, name)(cfg)
+
+
+def finetuned(root: Path, volume: Path, model: str, steps: int, *extra: str) -> Path:
+    compose_run("finetune", [f"model={model}", *TINY_MODELS[model], f"data.raw={volume}",
+                             f"data.labels={volume}/labels/membranes", f"trainer.max_steps={steps}",
+                             f"paths.output_dir={root}", *FINETUNE, *extra])
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def model_2d(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finetuned(tmp_path_factory.mktemp("ft2d"), synth_zarr, "vit2d", 40)
+
+
+@pytest.fixture(scope="module")
+def model_3d(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finetuned(tmp_path_factory.mktemp("ft3d"), synth_zarr, "cnn3d", 2)
+
+
+def predict(tmp_path: Path, checkpoint: Path, volume: Path, output: Path, *extra: str) -> dict:
+    return compose_run("predict", [f"checkpoint={checkpoint}", f"input={volume}", f"output={output}",
+                                   f"paths.output_dir={tmp_path / 'run'}", "progress=false", *extra])
+
+
+def probabilities(output: Path) -> np.ndarray:
+    return zarr.open_array(f"{output}/0", mode="r")[...]
+
+
+def whole_region(checkpoint: Path, volume: Path) -> np.ndarray:
+    """The direct computation: the fine-tuned model's sliding window over each whole slice / the whole volume."""
+    module, vol = load_segmenter(checkpoint), Volume(volume)
+    image = torch.from_numpy(vol.normalize(vol.read()))
+    if len(module.model.encoder.input_shape) == 2:
+        return torch.stack([module.predict_region(s[None]) for s in image], dim=1).numpy()
+    return module.predict_region(image[None]).numpy()
+
+
+@pytest.mark.parametrize("dims, block", [(2, "[3,40,40]"), (3, "[8,40,56]")])
+def test_blocks_join_without_seams(synth_zarr: Path, model_2d: Path, model_3d: Path, tmp_path: Path,
+                                   dims: int, block: str) -> None:
+    checkpoint = model_2d if dims == 2 else model_3d
+    out = predict(tmp_path, checkpoint, synth_zarr, tmp_path / "p.zarr", f"block_shape={block}")
+    assert out["blocks"] > 4 and out["computed"] == out["blocks"]
+    blocked, direct = probabilities(tmp_path / "p.zarr"), whole_region(checkpoint, synth_zarr)
+    assert blocked.dtype == np.float16 and blocked.shape == direct.shape
+    np.testing.assert_allclose(blocked.astype(np.float32), direct, atol=2e-3, rtol=0)   # float16 storage
+
+
+def test_output_is_ome_zarr_with_roi_placement_and_uint8(synth_zarr: Path, model_2d: Path, tmp_path: Path) -> None:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    out = tmp_path / "roi.zarr"
+    predict(tmp_path, model_2d, synth_zarr, out, "roi=[2:6,10:90,0:64]", "dtype=uint8", "instances=true")
+    nodes = list(Reader(parse_url(str(out)))())
+    image = nodes[0]
+    assert [a["name"] for a in image.metadata["axes"]] == ["c", "z", "y", "x"]
+    assert image.data[0].shape == (1, 4, 80, 64) and image.data[0].dtype == np.uint8
+    transforms = {t["type"]: t for t in image.metadata["coordinateTransformations"][0]}
+    voxel = Volume(synth_zarr).voxel_size
+    assert transforms["translation"]["translation"] == [0.0, 2 * voxel[0], 10 * voxel[1], 0.0]
+    assert any(n.specs and type(n.specs[0]).__name__ == "Label" for n in nodes)   # labels/instances found
+    attrs = dict(zarr.open_group(str(out), mode="r").attrs)["emfm"]
+    assert attrs["complete"] and not (out / "_progress").exists() and not (out / "_work").exists()
+    direct = whole_region(model_2d, synth_zarr)[:, 2:6, 10:90, 0:64]
+    # the ROI is its own region: tiles cover it alone, so compare loosely (uint8 steps, other tiling)
+    assert np.abs(probabilities(out) / 255 - direct).mean() < 0.05
+
+
+def test_killed_run_resumes_to_identical_bytes(synth_zarr: Path, model_2d: Path, tmp_path: Path) -> None:
+    block = "block_shape=[1,48,48]"                          # 16 x 2 x 2 blocks
+    whole, resumed = tmp_path / "whole.zarr", tmp_path / "resumed.zarr"
+    predict(tmp_path, model_2d, synth_zarr, whole, block)
+    command = [sys.executable, "-m", "emfm", "predict", f"checkpoint={model_2d}", f"input={synth_zarr}", block,
+               f"output={resumed}", "progress=false", f"hydra.run.dir={tmp_path / 'killed'}"]
+    done = resumed / "_progress" / "predict" / "c"
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if done.exists() and sum(len(f) for _, _, f in os.walk(done)) >= 5:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finished = sum(len(f) for _, _, f in os.walk(done))
+    assert proc.returncode == -signal.SIGKILL and 5 <= finished < 64, finished
+    assert not dict(zarr.open_group(str(resumed), mode="r").attrs)["emfm"]["complete"]
+    out = predict(tmp_path, model_2d, synth_zarr, resumed, block)
+    assert out["computed"] == 64 - finished
+    a, b = probabilities(whole), probabilities(resumed)
+    assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+    chunks = [c for c in (whole / "0" / "c").rglob("*") if c.is_file()]
+    assert len(chunks) == 64
+    for chunk in chunks:
+        assert chunk.read_bytes() == (resumed / chunk.relative_to(whole)).read_bytes()
+
+
+def test_dask_executor_equals_local_with_instances_stitched(synth_zarr: Path, model_2d: Path, tmp_path: Path) -> None:
+    block = "block_shape=[4,32,32]"
+    local, dask = tmp_path / "local.zarr", tmp_path / "dask.zarr"
+    # one torch thread in both, as a different thread count may change the last bit of a sum
+    predict(tmp_path, model_2d, synth_zarr, local, block, "instances=true", "instance_halo=8", "threads=1")
+    predict(tmp_path, model_2d, synth_zarr, dask, block, "instances=true", "instance_halo=8", "executor=dask",
+            "dask.n_workers=2", "dask.threads_per_worker=1")
+    assert np.array_equal(probabilities(local), probabilities(dask))
+    labels = zarr.open_array(f"{local}/labels/instances/0", mode="r")[...]
+    assert np.array_equal(labels, zarr.open_array(f"{dask}/labels/instances/0", mode="r")[...])
+
+    # The interior components of the whole volume, labelled at once, are the seeds the blocks agreed on:
+    # every component carries one label, whichever blocks it spans.
+    interior = probabilities(local)[0].astype(np.float32) <= 0.5
+    per_slice = np.zeros((3, 3, 3), bool)
+    per_slice[1] = ndimage.generate_binary_structure(2, 1)
+    components, n = ndimage.label(interior, per_slice)
+    assert n >= 3
+    crossing = 0
+    for index in range(1, n + 1):
+        ids = np.unique(labels[components == index])
+        assert len(ids) == 1 and ids[0] > 0
+        _, ys, xs = np.nonzero(components == index)
+        crossing += len(np.unique(ys // 32)) > 1 or len(np.unique(xs // 32)) > 1
+    assert crossing >= 1                                    # the check did see objects cut by block borders
+    assert len(np.unique(labels[labels > 0])) == n          # and no object lost or split
+    # Grown over the membranes, per slice they match growing each whole slice at once.
+    from emfm.finetune.instances import from_membranes
+
+    for z in (0, 7):
+        whole = from_membranes(probabilities(local)[0, z].astype(np.float32), 0.5, method="components")
+        assert rand_scores(labels[z], whole, foreground_only=False)["vrand"] > 0.99
+
+
+def test_rerun_of_a_complete_prediction_does_nothing_and_other_settings_are_refused(
+        synth_zarr: Path, model_2d: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.zarr"
+    predict(tmp_path, model_2d, synth_zarr, out, "roi=[0:2,0:96,0:96]")
+    assert predict(tmp_path, model_2d, synth_zarr, out, "roi=[0:2,0:96,0:96]")["computed"] == 0
+    with pytest.raises(EmfmError, match=r"already holds a different, complete prediction.*overwrite=true"):
+        predict(tmp_path, model_2d, synth_zarr, out, "roi=[0:3,0:96,0:96]")
+    assert predict(tmp_path, model_2d, synth_zarr, out, "roi=[0:3,0:96,0:96]", "overwrite=true")["computed"] > 0
+    assert probabilities(out).shape == (1, 3, 96, 96)
+    (tmp_path / "other.zarr").mkdir()
+    with pytest.raises(EmfmError, match=r"not an emfm prediction"):
+        predict(tmp_path, model_2d, synth_zarr, tmp_path / "other.zarr")
+
+
+def test_bad_inputs_are_named(synth_zarr: Path, model_2d: Path, model_3d: Path, tmp_path: Path) -> None:
+    pretraining = tmp_path / "pre"
+    compose_run("pretrain", [f"paths.output_dir={pretraining}", "model=vit2d", *TINY_MODELS["vit2d"],
+                             f"data.volumes=[{synth_zarr}]", "trainer.max_steps=1", "logger=none",
+                             "data.num_workers=0", "data.batch_size=2", "trainer.accelerator=cpu",
+                             "callbacks.progress_bar=null"])
+    with pytest.raises(EmfmError, match=r"no segmentation head"):
+        predict(tmp_path, pretraining / "checkpoints" / "last.ckpt", synth_zarr, tmp_path / "a.zarr")
+    image = tmp_path / "image.zarr"
+    write_ome_zarr(Volume(synth_zarr).read()[0], image, axes="yx")
+    with pytest.raises(EmfmError, match=r"a 2-D image, but the checkpoint's model is 3-D"):
+        predict(tmp_path, model_3d, image, tmp_path / "b.zarr")
+    with pytest.raises(EmfmError, match=r"roi=\[0:4,0:200,:\]: range 0:200 of axis 1 is outside the volume \(0:96\)"):
+        predict(tmp_path, model_2d, synth_zarr, tmp_path / "c.zarr", "roi=[0:4,0:200,:]")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(EmfmError, match=rf"output={blocker}/d.zarr: cannot create the output"):
+        predict(tmp_path, model_2d, synth_zarr, blocker / "d.zarr")
+    semantic = finetuned(tmp_path / "sem", synth_zarr, "vit2d", 1, "target=semantic", "target.classes=[1]")
+    with pytest.raises(EmfmError, match=r"instances=true: a 'semantic' target has no instances"):
+        predict(tmp_path, semantic, synth_zarr, tmp_path / "e.zarr", "instances=true")
