@@ -31,6 +31,7 @@ from PIL import Image
 
 from emfm import run
 from emfm.data.labeled import IGNORE, HeldOutSlices, LabeledVolume, parse_slices
+from emfm.errors import EmfmError
 from emfm.evaluation.evaluate import THRESHOLDS, evaluate_region, load_segmenter
 
 # Model sizes: "small" for real runs on a CPU (minutes), "tiny" for the test suite (seconds).
@@ -92,18 +93,23 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override for both arms' fine-tuning, e.g. module.layer_decay=1.0")
     parser.add_argument("--encoder", help="skip pretraining: an emfm checkpoint or exported encoder to compare")
     parser.add_argument("--out", type=Path, required=True, help="REPORT.json")
     args = parser.parse_args()
 
-    work = args.out.with_suffix("")
-    work.mkdir(parents=True, exist_ok=True)
-    data = LabeledVolume(args.raw, args.labels)
-    eval_slices = parse_slices(args.eval_slices, data.depth, "--eval-slices")
-    labeled_sets = [parse_slices(spec, data.depth, "--labeled-slices") for spec in args.labeled_slices]
+    try:
+        data = LabeledVolume(args.raw, args.labels)
+        eval_slices = parse_slices(args.eval_slices, data.depth, "--eval-slices")
+        labeled_sets = [parse_slices(spec, data.depth, "--labeled-slices") for spec in args.labeled_slices]
+    except EmfmError as e:
+        parser.error(str(e))
     for labeled in labeled_sets:
         if overlap := sorted(set(labeled) & set(eval_slices)):
             parser.error(f"--labeled-slices {labeled} overlap --eval-slices at {overlap}; score on held-out slices")
+    work = args.out.with_suffix("")
+    work.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     model = [f"model={args.model}", *MODELS[args.model, args.model_size]]
     seconds: dict[str, float] = {}
@@ -136,7 +142,7 @@ def main() -> None:
                     f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
                     f"trainer.max_steps={args.finetune_steps}", f"module.warmup_steps={min(30, args.finetune_steps)}",
                     "callbacks.model_checkpoint.monitor=null", "+trainer.limit_val_batches=0",
-                    f"paths.output_dir={run_dir}", *COMMON])
+                    f"paths.output_dir={run_dir}", *COMMON, *args.finetune_override])
                 module = load_segmenter(run_dir / "checkpoints" / "last.ckpt")
                 regions = HeldOutSlices(data, eval_slices, module.model.encoder.input_shape)
                 scored = evaluate_region(module, regions, THRESHOLDS)
@@ -156,7 +162,7 @@ def main() -> None:
         "config": {"encoder": encoder, "raw": args.raw, "labels": args.labels, "unlabeled": args.unlabeled, "target": args.target,
                    "eval_slices": eval_slices, "pretrain_steps": args.pretrain_steps,
                    "finetune_steps": args.finetune_steps, "model": args.model, "model_size": args.model_size,
-                   "overrides": model, "seeds": seeds, "batch_size": args.batch_size, "thresholds": list(THRESHOLDS)},
+                   "overrides": model, "finetune_overrides": args.finetune_override, "seeds": seeds, "batch_size": args.batch_size, "thresholds": list(THRESHOLDS)},
         "seconds": seconds,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -168,7 +168,7 @@ def test_evaluate_writes_json_and_csv_reports(compose_config, synth_zarr: Path, 
                                       "thresholds=[0.4,0.6]"])
     report = run.evaluate(cfg)
     saved = json.loads((out / "report.json").read_text())
-    assert saved["slices"] == [12, 13] and saved["threshold"] in (0.4, 0.6)
+    assert saved["slices"] == [12, 13] and saved["threshold"] in (0.4, 0.6) and saved["instance_regions"] == "2 of 2"
     for key in ("iou", "dice", "vrand", "vinfo", "vi_split", "vi_merge", "mean_ap"):
         assert 0 <= saved[key] <= (float("inf") if key.startswith("vi_") else 1), key
     assert set(saved["per_threshold"]) == {"0.4", "0.6"} and saved["iou"] == report["iou"]
@@ -208,6 +208,15 @@ def test_slice_specs_and_bad_labeled_data_are_named(synth_zarr: Path, tmp_path: 
         LabeledVolume(synth_zarr, floats)
     with pytest.raises(EmfmError, match="larger than"):
         LabeledDataModule(str(synth_zarr), f"{synth_zarr}/labels/membranes", [128, 128], labeled_slices=[0]).setup()
+
+
+def test_background_only_labeled_slices_are_warned_about(synth_zarr: Path, tmp_path: Path, caplog) -> None:
+    labels = Volume(synth_zarr / "labels" / "membranes").read()
+    labels[1] = 0                                         # e.g. a slice nobody annotated
+    path = write_ome_zarr(labels, tmp_path / "sparse.zarr", is_label=True)
+    data = LabeledDataModule(str(synth_zarr), str(path), [32, 32], labeled_slices=[0, 1, 2], num_workers=0)
+    assert data.label_values() == [0, 1]
+    assert "labeled slices [1] hold only background" in caplog.text
 
 
 def test_held_out_2d_slices_are_whole(synth_zarr: Path) -> None:

@@ -25,3 +25,12 @@ def test_harness_compares_pretrained_and_scratch(synth_zarr: Path, tmp_path: Pat
     assert report["config"]["eval_slices"] == [12, 13] and report["seconds"]["pretrain"] > 0
     assert all(Path(p["picture"]).is_file() for p in report["curve"])
     assert "pretrained" in done.stdout and "scratch" in done.stdout
+
+
+def test_labeled_slices_inside_the_eval_slices_are_refused(synth_zarr: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "label_efficiency.py"), "--raw", str(synth_zarr),
+           "--labels", str(synth_zarr / "labels" / "membranes"), "--labeled-slices", "0", "--labeled-slices", "3-5",
+           "--eval-slices", "5-7", "--out", str(tmp_path / "r.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "--labeled-slices [3, 4, 5] overlap --eval-slices at [5]" in done.stderr
+    assert not (tmp_path / "r").exists()                      # refused before any work

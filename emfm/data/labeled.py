@@ -8,6 +8,7 @@ and any other volumes.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 
 IGNORE = -1
+
+log = logging.getLogger(__name__)
 
 
 def parse_slices(spec: int | str | Sequence[int] | None, depth: int, key: str) -> list[int]:
@@ -234,7 +237,11 @@ class LabeledDataModule(PatchDataModule):
         """The distinct label values of the labeled slices (after ``ignore_label``), to check against the target."""
         self.setup()
         rest = [slice(0, s) for s in self.data.raw.shape[-2:]]
-        return sorted({int(v) for z in self.labeled for v in np.unique(self.data.read(slice(z, z + 1), rest, [z])[1])})
+        per_slice = {z: {int(v) for v in np.unique(self.data.read(slice(z, z + 1), rest, [z])[1])} for z in self.labeled}
+        if empty := [z for z, values in per_slice.items() if values == {0}]:
+            log.warning("%s: labeled slices %s hold only background (0); if they are not annotated, leave them "
+                        "out of data.labeled_slices or mark them with data.ignore_label", self.label_path, empty)
+        return sorted(set().union(*per_slice.values()))
 
     def describe(self) -> dict[str, Any]:
         self.setup()

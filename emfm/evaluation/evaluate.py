@@ -94,7 +94,7 @@ def evaluate_region(module: SegmentationModule, regions: HeldOutSlices, threshol
         labels = item["labels"][0].numpy()
         probs_np = probs.numpy()
         gt = true_instances(labels, target["kind"])
-        for t in thresholds:
+        for t in thresholds if gt.any() else ():    # a region without true objects has no instance scores
             seg = predicted_instances(probs_np, target, t, min_size)
             if seg is not None:
                 per_threshold[t].append(score_instances(seg, gt))
@@ -109,7 +109,8 @@ def evaluate_region(module: SegmentationModule, regions: HeldOutSlices, threshol
     if scored:
         means = {t: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for t, rows in scored.items()}
         best = max(means, key=lambda t: means[t]["vrand"])
-        report.update({"threshold": best, **means[best], "per_threshold": {str(t): m for t, m in means.items()}})
+        report.update({"threshold": best, **means[best], "per_threshold": {str(t): m for t, m in means.items()},
+                       "instance_regions": f"{len(scored[best])} of {len(regions)}"})
     return {"report": report, "example": last}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +112,8 @@ def _completed(task: Callable[..., Block], blocks: Sequence[Block], args: tuple,
         from dask.distributed import as_completed
 
         shared = [client.scatter(a, broadcast=True) if isinstance(a, np.ndarray) else a for a in args]
-        futures = [client.submit(task, *shared, block, pure=False, key=f"{task.__name__}-{'-'.join(map(str, block))}")
+        run = uuid.uuid4().hex[:8]      # keys unique to this run on a long-lived scheduler
+        futures = [client.submit(task, *shared, block, pure=False, key=f"{task.__name__}-{run}-{'-'.join(map(str, block))}")
                    for block in blocks]
         return (future.result() for future in as_completed(futures))
     raise EmfmError(f"executor={executor}: expected one of {', '.join(EXECUTORS)}")
