@@ -21,12 +21,16 @@ GROUP_OPTIONS = [
 # Groups used inside another config rather than at the top level: where they are mounted.
 MOUNTED = {"augment": "augment@objective.methods.mae.augment"}
 REQUIRED = {"probe": ["callbacks.dense_probe.raw=r.zarr", "callbacks.dense_probe.labels=l.zarr"]}
+# Groups (and options) only the fine-tuning command has, and each command's required keys.
+FINETUNE_ONLY = {"head", "target", "semi", "data/labeled"}
+COMMAND_KEYS = {"pretrain": ["data.volumes=[v.zarr]"], "finetune": ["data.raw=r.zarr", "data.labels=l.zarr"]}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_every_config_composes(compose_config, group: str, option: str) -> None:
-    cfg = compose_config("pretrain", [f"{MOUNTED.get(group, group)}={option}", "data.volumes=[v.zarr]",
-                                      *REQUIRED.get(option, [])])
+    command = "finetune" if {group, f"{group}/{option}"} & FINETUNE_ONLY else "pretrain"
+    cfg = compose_config(command, [f"{MOUNTED.get(group, group)}={option}", *COMMAND_KEYS[command],
+                                   *REQUIRED.get(option, [])])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
