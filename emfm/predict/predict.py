@@ -73,13 +73,16 @@ class Job:
 _CACHE: dict[tuple[str, int | None], Any] = {}
 
 
-def model_function(job: Job) -> Any:
-    """The probability function of the job's checkpoint, loaded once per process (one model per Dask worker)."""
+def model_function(job: Job, module: Any = None) -> Any:
+    """The probability function of the job's checkpoint, loaded once per process (one model per Dask worker).
+
+    ``module``: the checkpoint already loaded in this process, to use instead of loading it again.
+    """
     key = (job.checkpoint, job.threads)
-    if key not in _CACHE:
+    if module is not None or key not in _CACHE:
         if job.threads:
             torch.set_num_threads(job.threads)
-        module = load_segmenter(job.checkpoint)
+        module = module if module is not None else load_segmenter(job.checkpoint)
 
         def segment(x: torch.Tensor) -> torch.Tensor:
             out = module.activate(module.model(x))
@@ -259,6 +262,8 @@ def predict(cfg: Any) -> dict[str, Any]:
         if cfg.executor == "dask" else None
     threads = torch.get_num_threads()
     try:
+        if client is None:
+            model_function(job, module)             # this process predicts: no second load
         pending = Progress(open_output(job), "predict", job.grid).pending(job.grid)
         summary["computed"] = len(pending)
         summary["seconds"]["predict"] = run_blocks(predict_block, pending, job, executor=cfg.executor, client=client,
