@@ -160,7 +160,7 @@ def main() -> None:
         **{arm: curve[0][arm] for arm in arms},
         "curve": curve,
         "config": {"encoder": encoder, "raw": args.raw, "labels": args.labels, "unlabeled": args.unlabeled, "target": args.target,
-                   "eval_slices": eval_slices, "pretrain_steps": args.pretrain_steps,
+                   "eval_slices": eval_slices, "pretrain_steps": None if args.encoder else args.pretrain_steps,
                    "finetune_steps": args.finetune_steps, "model": args.model, "model_size": args.model_size,
                    "overrides": model, "finetune_overrides": args.finetune_override, "seeds": seeds, "batch_size": args.batch_size, "thresholds": list(THRESHOLDS)},
         "seconds": seconds,

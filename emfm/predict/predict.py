@@ -9,6 +9,7 @@ independent blocks, which is what makes the job resumable and distributable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -108,11 +109,17 @@ def window(job: Job, region: tuple[slice, ...]) -> tuple[tuple[slice, ...], list
     return tuple(spans), list(itertools.product(*starts))
 
 
+@functools.lru_cache(maxsize=1)
+def input_volume(path: str, level: int) -> Volume:
+    """The input, opened once per process (its metadata and stored normalisation are read once)."""
+    return Volume(path, level)
+
+
 def predict_block(job: Job, index: Block) -> Block:
     """Predict, encode and write one output block, then mark it done."""
     region = job.grid.region(index)
     span, corners = window(job, region)
-    volume = Volume(job.input, job.level)
+    volume = input_volume(job.input, job.level)
     raw = volume.read(tuple(slice(a + s.start, a + s.stop) for (a, _), s in zip(job.roi, span)))
     image = torch.from_numpy(volume.normalize(raw))[None]
     probs = sliding_window(model_function(job), image, job.tile, job.overlap, job.batch_size, corners, job.blend)
@@ -251,6 +258,7 @@ def predict(cfg: Any) -> dict[str, Any]:
     """The ``emfm predict`` command: probabilities (and optionally instances) of a volume into OME-Zarr."""
     from emfm.predict import stitch
 
+    input_volume.cache_clear()                      # the input may have been rewritten since a previous call
     job, module, volume = make_job(cfg)
     instances = stitch.settings(cfg, dict(module.hparams.target)) if cfg.instances else None
     complete = prepare_output(job, fingerprint(job, instances), module.target.channels, volume, cfg.overwrite)
