@@ -21,6 +21,8 @@ HYDRA_COMMANDS = {
     "finetune": "train a segmentation head (and the encoder) on a few labeled slices",
     "evaluate": "predict a labeled region with a fine-tuned model, derive instances, write metrics",
     "predict": "a fine-tuned model over a whole volume, block by block, into OME-Zarr (resumable)",
+    "features": "an encoder's dense features over a volume into a zarr store (resumable)",
+    "cluster": "cluster dense features into a map on the raw grid, score it against labels, pictures",
 }
 # Lightning's DDP launcher restarts this program for ranks > 0 with the Hydra overrides only;
 # the verb travels in the environment.
@@ -31,6 +33,7 @@ commands:
   ingest    convert TIFF / PNG slices / HDF5 / MRC / npy into OME-Zarr
   synth     write a synthetic EM volume with ground truth (OME-Zarr or TIFF)
   export    write a checkpoint's encoder as safetensors + config + model card
+  seeds     turn chosen clusters of `emfm cluster` into sparse labels for `emfm finetune`
 {hydra}
 
 `emfm ingest -h` for the flags of a data command; `emfm pretrain --help` for a Hydra command's
@@ -44,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         hydra = "\n".join(f"  {verb:<9} {text} (Hydra overrides)" for verb, text in HYDRA_COMMANDS.items())
         print(USAGE.format(hydra=hydra))
         return
-    commands: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth, "export": export}
+    commands: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth, "export": export,
+                                                         "seeds": seeds}
     if os.environ.get(VERB_ENV) and args[0] not in {*HYDRA_COMMANDS, *commands}:
         args = [os.environ[VERB_ENV], *args]
     verb, rest = args[0], args[1:]
@@ -135,3 +139,28 @@ def export(argv: list[str]) -> None:
     from emfm.export import export_encoder
 
     print(f"wrote {export_encoder(args.checkpoint, args.out_dir, overwrite=args.overwrite)}")
+
+
+def seeds(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="emfm seeds", description="Chosen clusters as sparse labels (ignore elsewhere) for `emfm finetune`.")
+    parser.add_argument("clusters", help="a cluster map written by `emfm cluster` (its output .zarr)")
+    parser.add_argument("--map", required=True, nargs="+", metavar="CLUSTER=CLASS",
+                        help="e.g. 3=1 5=2: cluster 3 becomes class 1, cluster 5 class 2")
+    parser.add_argument("--out", required=True, help="output label .zarr (same grid as the raw volume)")
+    parser.add_argument("--slices", help="keep seeds only on these z-slices, e.g. 0-4,9")
+    parser.add_argument("--ignore", type=int, default=255, help="label of every other voxel (default 255)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = parser.parse_args(argv)
+    from emfm.data.labeled import parse_slices
+    from emfm.explore.cluster import clusters_to_labels
+
+    try:
+        mapping = {int(c): int(v) for c, v in (item.split("=") for item in args.map)}
+    except ValueError:
+        raise EmfmError(f"--map {' '.join(args.map)}: expected CLUSTER=CLASS pairs of integers, e.g. 3=1") from None
+    slices = parse_slices(args.slices, 1 << 30, "--slices") if args.slices else None
+    out = clusters_to_labels(args.clusters, mapping, args.out, slices=slices, ignore=args.ignore,
+                             overwrite=args.overwrite)
+    print(f"wrote {out}: train with data.labels={out} data.ignore_label={args.ignore} target=semantic "
+          f"target.classes={sorted({v for v in mapping.values() if v})}")

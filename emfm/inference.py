@@ -17,11 +17,15 @@ from emfm.errors import EmfmError
 BLENDS = ("linear", "gaussian")
 
 
-def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets covering ``size`` with tiles of ``tile`` overlapping by about ``overlap``; the last ends at ``size``."""
+def tile_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[int]:
+    """Start offsets covering ``size`` with tiles of ``tile`` overlapping by about ``overlap``; the last ends at ``size``.
+
+    ``align``: steps are multiples of it (so are all starts when ``size`` and ``tile`` are), which
+    keeps tiles on a coarser output grid (dense features at a stride).
+    """
     if tile >= size:
         return [0]
-    step = max(1, round(tile * (1 - overlap)))
+    step = max(align, round(tile * (1 - overlap) / align) * align)
     starts = list(range(0, size - tile, step))
     return starts + [size - tile]
 
@@ -46,9 +50,24 @@ def blend_weights(tile: Sequence[int], device: torch.device | str = "cpu", kind:
     return weight
 
 
-def tile_corners(size: Sequence[int], patch: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
+def tile_corners(size: Sequence[int], patch: Sequence[int], overlap: float,
+                 align: Sequence[int] | None = None) -> list[tuple[int, ...]]:
     """Every tile's start corner over a region of ``size``, in the order the tiles are blended."""
-    return list(itertools.product(*(tile_starts(s, p, overlap) for s, p in zip(size, patch))))
+    align = align or (1,) * len(size)
+    return list(itertools.product(*(tile_starts(s, p, overlap, a) for s, p, a in zip(size, patch, align))))
+
+
+def covering_tiles(region: Sequence[slice], size: Sequence[int], tile: Sequence[int], overlap: float,
+                   align: Sequence[int] | None = None) -> tuple[tuple[slice, ...], list[tuple[int, ...]]]:
+    """The window covered by the tiles of the grid over ``size`` that touch ``region``, and their
+    corners inside that window: what a block needs to equal the whole-region sliding window."""
+    align = align or (1,) * len(size)
+    spans, starts = [], []
+    for r, t, n, a in zip(region, tile, size, align):
+        touching = [s for s in tile_starts(n, t, overlap, a) if s < r.stop and s + t > r.start]
+        spans.append(slice(touching[0], min(n, touching[-1] + t)))
+        starts.append([s - touching[0] for s in touching])
+    return tuple(spans), list(itertools.product(*starts))
 
 
 @torch.no_grad()
@@ -60,32 +79,41 @@ def sliding_window(
     batch_size: int = 8,
     corners: Sequence[Sequence[int]] | None = None,
     blend: str = "linear",
+    stride: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``model`` output over the whole of ``image`` (C, *spatial), blended from overlapping tiles.
 
     Inputs smaller than the patch along an axis are reflect-padded to it and cropped back.
     ``corners`` (default: ``tile_corners`` of the image) lets a caller blend a chosen subset of a
-    larger grid's tiles, as blockwise prediction does. Returns (K, *spatial) on the image's device, float32.
+    larger grid's tiles, as blockwise prediction does. ``stride``: the model answers on a grid
+    coarser by this factor per axis (dense features); corners must then be multiples of it.
+    Returns (K, *spatial / stride) on the image's device, float32.
     """
     spatial, patch = tuple(image.shape[1:]), tuple(int(p) for p in patch_shape)
+    stride = tuple(int(s) for s in stride) if stride is not None else (1,) * len(patch)
     pad = [max(0, p - s) for p, s in zip(patch, spatial)]
     if any(pad):
         mode = "reflect" if all(p < s for p, s in zip(pad, spatial)) else "replicate"
         flat = [v for p in reversed(pad) for v in (0, p)]
         image = torch.nn.functional.pad(image[None], flat, mode=mode)[0]
     size = tuple(image.shape[1:])
-    corners = tile_corners(size, patch, overlap) if corners is None else [tuple(c) for c in corners]
-    weight = blend_weights(patch, image.device, blend)
+    corners = tile_corners(size, patch, overlap, stride) if corners is None else [tuple(c) for c in corners]
+    if any(c % k for corner in corners for c, k in zip(corner, stride)) or any(p % k for p, k in zip(patch, stride)):
+        raise EmfmError(f"sliding window: tile {list(patch)} and corners must be multiples of the stride {list(stride)}")
+    out_patch = tuple(p // k for p, k in zip(patch, stride))
+    out_size = tuple(-(-s // k) for s, k in zip(size, stride))
+    weight = blend_weights(out_patch, image.device, blend)
     total = norm = None
     for first in range(0, len(corners), batch_size):
         chunk = corners[first : first + batch_size]
-        regions = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
-        out = model(torch.stack([image[(slice(None), *r)] for r in regions])).float()
+        tiles = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
+        out = model(torch.stack([image[(slice(None), *t)] for t in tiles])).float()
         if total is None:
-            total = torch.zeros(out.shape[1], *size, device=image.device)
-            norm = torch.zeros(size, device=image.device)
-        for region, tile in zip(regions, out):
+            total = torch.zeros(out.shape[1], *out_size, device=image.device)
+            norm = torch.zeros(out_size, device=image.device)
+        for corner, tile in zip(chunk, out):
+            region = tuple(slice(c // k, c // k + p) for c, k, p in zip(corner, stride, out_patch))
             total[(slice(None), *region)] += tile * weight
             norm[region] += weight
     result = total / norm
-    return result[(slice(None), *(slice(0, s) for s in spatial))]
+    return result[(slice(None), *(slice(0, -(-s // k)) for s, k in zip(spatial, stride)))]

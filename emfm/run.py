@@ -120,6 +120,20 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return run_prediction(cfg)
 
 
+def features(cfg: DictConfig) -> dict[str, Any]:
+    """An encoder's dense features over a volume into a zarr store (resumable; local or on Dask)."""
+    from emfm.explore.features import features as run_features
+
+    return run_features(cfg)
+
+
+def cluster(cfg: DictConfig) -> dict[str, Any]:
+    """Cluster dense features into a map on the raw grid; score it against labels when given."""
+    from emfm.explore.cluster import cluster as run_cluster
+
+    return run_cluster(cfg)
+
+
 def resume_checkpoint(resume: str | None, run_dir: Path, module: pl.LightningModule) -> str | None:
     """The checkpoint ``resume=`` asks for (``auto``: this run directory's last.ckpt), checked to fit."""
     if not resume:

@@ -66,6 +66,23 @@ def synth_zarr(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_synthetic(volume, tmp_path_factory.mktemp("data") / "synth.zarr")
 
 
+def pretrained(root: Path, volume: Path, steps: int, overrides: list[str]) -> Path:
+    """The last checkpoint of a real ``emfm pretrain`` run of ``steps`` steps on ``volume``."""
+    from emfm import run
+
+    with initialize_config_module("emfm.configs", version_base="1.3"):
+        cfg = compose("pretrain", [*overrides, f"data.volumes=[{volume}]", f"paths.output_dir={root}",
+                                   f"trainer.max_steps={steps}", "logger=none"])
+    run.pretrain(cfg)
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def vit_checkpoint(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT (patch 8, 32x32 tiles) after a brief (60-step) MAE pretraining on the synthetic volume."""
+    return pretrained(tmp_path_factory.mktemp("vit"), synth_zarr, 60, TINY_PRETRAIN)
+
+
 @pytest.fixture
 def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose a command's real config, with the run directory in ``tmp_path``."""

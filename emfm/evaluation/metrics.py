@@ -6,7 +6,8 @@ Three families, all taking ``(prediction or segmentation, ground truth)`` in tha
 * instance agreement (label volumes, ids need not match): Rand scores and variation of information,
   optionally restricted to the ground-truth foreground as in the ISBI 2012 / SNEMI3D / CREMI challenges;
 * instance matching (label volumes, label 0 = background): precision, recall, F1 and AP at IoU thresholds,
-  as in StarDist, Cellpose and the 2018 Data Science Bowl.
+  as in StarDist, Cellpose and the 2018 Data Science Bowl;
+* clusters against classes (from a contingency table): IoU after Hungarian or majority matching, adjusted Rand.
 
 The instance functions share one sparse contingency table (pixels per pair of labels), so they work on
 large 3-D volumes with millions of ids: memory grows with the pixels and the overlapping pairs, never
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import sparse
+from scipy.optimize import linear_sum_assignment
 
 from emfm.errors import EmfmError
 
@@ -262,3 +264,43 @@ def instance_scores(
         "mean_ap": float(np.mean(scores["ap"])),
         "mean_f1": float(np.mean(scores["f1"])),
     }
+
+
+def matched_iou(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class IoU after the one-to-one (Hungarian) matching of clusters to classes.
+
+    ``table[i, j]`` counts voxels of cluster i and class j. Returns (IoU per class, the cluster
+    matched to each class, -1 where there are fewer clusters than classes).
+    """
+    table = np.asarray(table, dtype=np.float64)
+    union = table.sum(1, keepdims=True) + table.sum(0, keepdims=True) - table
+    iou = np.divide(table, union, out=np.zeros_like(table), where=union > 0)
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    matched = np.full(table.shape[1], -1)
+    matched[cols] = rows
+    scores = np.array([iou[m, j] if m >= 0 else 0.0 for j, m in enumerate(matched)])
+    return scores, matched
+
+
+def merged_iou(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class IoU when every cluster joins the class it overlaps most (several clusters per class).
+
+    Returns (IoU per class, the class each cluster joined).
+    """
+    table = np.asarray(table, dtype=np.float64)
+    joined = table.argmax(1)
+    merged = np.stack([table[joined == j].sum(0) for j in range(table.shape[1])])   # (classes, classes)
+    inter = np.diag(merged)
+    union = merged.sum(1) + table.sum(0) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0), joined
+
+
+def adjusted_rand_index(table: np.ndarray) -> float:
+    """Hubert and Arabie's adjusted Rand index of two labelings from their contingency table."""
+    table = np.asarray(table, dtype=np.float64)
+    n = table.sum()
+    pairs = _pairs(table.ravel())
+    rows, cols = _pairs(table.sum(1)), _pairs(table.sum(0))
+    expected = rows * cols / max(_pairs(np.array([n])), 1.0)
+    top = 0.5 * (rows + cols)
+    return 1.0 if top == expected else float((pairs - expected) / (top - expected))

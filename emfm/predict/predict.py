@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import shutil
@@ -27,7 +26,7 @@ from zarr.codecs import ZstdCodec
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.evaluate import load_segmenter
-from emfm.inference import sliding_window, tile_starts
+from emfm.inference import covering_tiles, sliding_window
 from emfm.predict.blocks import (
     Block,
     BlockGrid,
@@ -99,16 +98,6 @@ def model_function(job: Job, module: Any = None) -> Any:
     return _CACHE[key]
 
 
-def window(job: Job, region: tuple[slice, ...]) -> tuple[tuple[slice, ...], list[tuple[int, ...]]]:
-    """The input window covered by the grid's tiles that touch ``region``, and their corners inside it."""
-    spans, starts = [], []
-    for r, t, size in zip(region, job.tile, job.grid.shape):
-        touching = [s for s in tile_starts(size, t, job.overlap) if s < r.stop and s + t > r.start]
-        spans.append(slice(touching[0], min(size, touching[-1] + t)))
-        starts.append([s - touching[0] for s in touching])
-    return tuple(spans), list(itertools.product(*starts))
-
-
 @functools.lru_cache(maxsize=1)
 def input_volume(path: str, level: int) -> Volume:
     """The input, opened once per process (its metadata and stored normalisation are read once)."""
@@ -118,7 +107,7 @@ def input_volume(path: str, level: int) -> Volume:
 def predict_block(job: Job, index: Block) -> Block:
     """Predict, encode and write one output block, then mark it done."""
     region = job.grid.region(index)
-    span, corners = window(job, region)
+    span, corners = covering_tiles(region, job.grid.shape, job.tile, job.overlap)
     volume = input_volume(job.input, job.level)
     raw = volume.read(tuple(slice(a + s.start, a + s.stop) for (a, _), s in zip(job.roi, span)))
     image = torch.from_numpy(volume.normalize(raw))[None]

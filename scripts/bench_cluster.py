@@ -1,0 +1,63 @@
+"""Which k-means backs ``emfm cluster``: faiss-cpu, scikit-learn KMeans or MiniBatchKMeans, measured.
+
+Each backend fits the same sample (real features from a store made by ``emfm features`` /
+``emfm cluster``, or Gaussian blobs) in the same run; the figures are fit seconds and the
+k-means inertia (sum of squared distances to the nearest centre) relative to the best backend,
+so "faster" never hides "worse".
+
+    python scripts/bench_cluster.py --features clusters.zarr/features --k 8 --samples 20000 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from emfm.explore.cluster import BACKENDS, Clusterer, Projection, sample_store
+
+
+def inertia(x: np.ndarray, centers: np.ndarray) -> float:
+    d = (x**2).sum(1)[:, None] - 2 * x @ centers.T + (centers**2).sum(1)
+    return float(d.min(1).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", help="a feature store; default: Gaussian blobs")
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--pca", type=int, default=32)
+    parser.add_argument("--samples", type=int, nargs="+", default=[20000, 100000])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    for n in args.samples:
+        if args.features:
+            x, _ = sample_store(args.features, "0", n, seed=0, max_blocks=10**6)
+            x = Projection.fit(x, min(args.pca, x.shape[1]))(x).astype(np.float32)
+            source = args.features
+        else:
+            rng = np.random.default_rng(0)
+            centres = rng.normal(0, 3, (args.k, args.pca))
+            x = (centres[rng.integers(args.k, size=n)] + rng.normal(size=(n, args.pca))).astype(np.float32)
+            source = "blobs"
+        rows = {}
+        for backend in BACKENDS:
+            times, values = [], []
+            for repeat in range(args.repeats):
+                start = time.perf_counter()
+                model = Clusterer("kmeans", args.k, backend, seed=repeat).fit(x)
+                times.append(time.perf_counter() - start)
+                values.append(inertia(x, model.centers))
+            rows[backend] = (min(times), min(values))
+        best = min(v for _, v in rows.values())
+        print(f"\n{source}: {len(x)} vectors x {x.shape[1]} dims, k={args.k} (best of {args.repeats})")
+        print(f"{'backend':<10} {'fit s':>8} {'inertia / best':>15}")
+        for backend, (seconds, value) in rows.items():
+            print(f"{backend:<10} {seconds:8.2f} {value / best:15.4f}")
+
+
+if __name__ == "__main__":
+    main()

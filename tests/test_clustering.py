@@ -1,0 +1,139 @@
+"""emfm cluster / seeds: matching and scores on hand-made cases, exact cluster maps, a real run on synthetic EM."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics.cluster import contingency_matrix
+
+from emfm.data.ingest import write_ome_zarr
+from emfm.data.volume import Volume
+from emfm.errors import EmfmError
+from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
+from emfm.explore.cluster import Clusterer, clusters_to_labels, upsample_linear
+from emfm.predict.blocks import BlockGrid
+from tests.test_features import compose_run
+
+LABELS = "{{membranes:{v}/labels/membranes,mitochondria:{v}/labels/mitochondria}}"
+
+
+def test_hungarian_matching_on_a_constructed_case() -> None:
+    # Greedy (best cluster per class, in class order) would give cluster 0 to both classes 0 and 1;
+    # the one-to-one matching must give class 0 cluster 1 and class 1 cluster 0.
+    table = np.array([[40, 50, 0],     # cluster 0
+                      [60, 0, 0],      # cluster 1
+                      [0, 10, 30],     # cluster 2
+                      [5, 0, 5]])      # cluster 3 (left over)
+    iou, matched = matched_iou(table)
+    assert matched.tolist() == [1, 0, 2]
+    np.testing.assert_allclose(iou, [60 / (60 + 105 - 60), 50 / (90 + 60 - 50), 30 / (40 + 35 - 30)])
+    merged, joined = merged_iou(table)           # clusters 1 and 3 (tie -> class 0) join class 0
+    assert joined.tolist() == [1, 0, 2, 0]
+    np.testing.assert_allclose(merged, [65 / (70 + 105 - 65), 50 / (90 + 60 - 50), 30 / (40 + 35 - 30)])
+    few, unmatched = matched_iou(table[:2])      # two clusters, three classes: one class stays unmatched
+    assert unmatched.tolist() == [1, 0, -1] and few[2] == 0
+
+
+def test_adjusted_rand_index_agrees_with_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 5000)
+    clusters = np.where(rng.random(5000) < 0.7, truth, rng.integers(0, 6, 5000))
+    table = contingency_matrix(clusters, truth)
+    assert adjusted_rand_index(table) == pytest.approx(adjusted_rand_score(truth, clusters), abs=1e-12)
+    assert adjusted_rand_index(contingency_matrix(truth, truth)) == pytest.approx(1.0)
+
+
+def test_cluster_map_is_kmeans_of_interpolated_features_and_blockwise_exact() -> None:
+    rng = np.random.default_rng(1)
+    cells = rng.normal(size=(6, 5, 7)).astype(np.float32)           # (F, Yc, Xc)
+    clusterer = Clusterer("kmeans", 4, "sklearn").fit(cells.reshape(6, -1).T)
+    stride, voxels = (4, 4), (18, 27)                                  # the last cells cover a partial edge
+    scores = clusterer.scores(cells.reshape(6, -1).T).T.reshape(4, 5, 7)
+    whole = upsample_linear(scores, (slice(0, 5), slice(0, 7)), (slice(0, 18), slice(0, 27)), stride, (5, 7))
+    dense = torch.nn.functional.interpolate(torch.from_numpy(cells)[None], scale_factor=4, mode="bilinear",
+                                            align_corners=False)[0, :, :18, :27].numpy()
+    direct = clusterer.predict(dense.reshape(6, -1).T).reshape(voxels)
+    assert (whole.argmax(0) == direct).mean() > 0.999                   # exact up to float ties
+    grid = BlockGrid((5, 7), (2, 3))
+    stitched = np.zeros(voxels, dtype=int)
+    for index in grid:
+        region = grid.region(index)
+        vox = tuple(slice(c.start * k, min(c.stop * k, n)) for c, k, n in zip(region, stride, voxels))
+        margin = tuple(slice(max(0, c.start - 1), min(n, c.stop + 1)) for c, n in zip(region, (5, 7)))
+        part = upsample_linear(scores[(slice(None), *margin)], margin, vox, stride, (5, 7))
+        stitched[vox] = part.argmax(0)
+    assert (stitched == whole.argmax(0)).all()
+
+
+def test_backends_and_gmm_find_the_same_blobs() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 6, (3, 8))
+    truth = rng.integers(0, 3, 3000)
+    x = (centres[truth] + rng.normal(size=(3000, 8))).astype(np.float32)
+    for method, backend in (("kmeans", "sklearn"), ("kmeans", "minibatch"), ("kmeans", "faiss"), ("gmm", "sklearn")):
+        labels = Clusterer(method, 3, backend).fit(x).predict(x)
+        assert adjusted_rand_score(truth, labels) > 0.99, (method, backend)
+
+
+def cluster(tmp_path: Path, checkpoint: Path, volume: Path, *extra: str) -> dict:
+    return compose_run("cluster", [f"checkpoint={checkpoint}", f"input={volume}", f"output={tmp_path / 'c.zarr'}",
+                                   f"paths.output_dir={tmp_path / 'run'}", "progress=false", *extra])
+
+
+def test_clusters_of_pretrained_features_score_above_a_floor(synth_zarr: Path, vit_checkpoint: Path,
+                                                             tmp_path: Path) -> None:
+    report = cluster(tmp_path, vit_checkpoint, synth_zarr, "k=4", "sample=4000", f"labels={LABELS.format(v=synth_zarr)}",
+                     f"report={tmp_path / 'report.json'}")
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    for arm in ("learned", "intensity_baseline"):
+        assert set(report[arm]["iou"]) == {"background", "membranes", "mitochondria"}
+        assert -1 <= report[arm]["ari"] <= 1 and report[arm]["voxels"] == 16 * 96 * 96
+    # A 60-step tiny MAE: membranes and cytoplasm separate, well above chance (floors are half the measured values).
+    assert report["learned"]["iou"]["membranes"] > 0.15 and report["learned"]["iou"]["background"] > 0.3
+    assert report["learned"]["ari"] > 0.05
+    out = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert out["0"].shape == (16, 96, 96) and out["0"].dtype == np.uint8 and out["0"][...].max() == 3
+    assert out.attrs["ome"]["multiscales"][0]["axes"][0]["name"] == "z" and out.attrs["emfm"]["complete"]
+    for name in ("cluster_maps.png", "umap.png", "gallery.png"):
+        assert (tmp_path / "run" / "pictures" / name).stat().st_size > 10_000
+    fractions = np.bincount(out["0"][...].ravel(), minlength=4) / out["0"].size
+    np.testing.assert_allclose(fractions, report["cluster_fraction"], atol=1e-4)
+
+
+def test_chosen_clusters_become_sparse_labels_that_finetune_trains_on(synth_zarr: Path, vit_checkpoint: Path,
+                                                                     tmp_path: Path) -> None:
+    cluster(tmp_path, vit_checkpoint, synth_zarr, "k=3", "sample=2000", "pictures=null", "roi=[0:16,8:88,0:96]")
+    seeds = clusters_to_labels(tmp_path / "c.zarr", {0: 1, 2: 2}, tmp_path / "seeds.zarr", slices=[0, 1, 2, 3])
+    labels, clusters = Volume(seeds).read(), zarr.open_array(str(tmp_path / "c.zarr/0"))[...]
+    assert labels.shape == (16, 96, 96)                                # the raw grid, not the ROI
+    inside = labels[:4, 8:88]
+    np.testing.assert_array_equal(inside == 1, clusters[:4] == 0)
+    np.testing.assert_array_equal(inside == 2, clusters[:4] == 2)
+    assert (inside[clusters[:4] == 1] == 255).all() and (labels[4:] == 255).all() and (labels[:, :8] == 255).all()
+    compose_run("finetune", ["model=vit2d", "model.name=test_vit", "model.patch_size=8", "data.patch_shape=[32,32]",
+                             f"data.raw={synth_zarr}", f"data.labels={seeds}", "data.ignore_label=255",
+                             "data.labeled_slices=[0,1,2,3]", "data.val_slices=null", "target=semantic",
+                             "target.classes=[1,2]", "trainer.max_steps=3", "data.batch_size=2",
+                             "data.num_workers=0", "logger=none", "callbacks.progress_bar=null",
+                             "+trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
+                             "trainer.accelerator=cpu", f"paths.output_dir={tmp_path / 'ft'}"])
+    assert (tmp_path / "ft" / "checkpoints" / "last.ckpt").is_file()
+    with pytest.raises(EmfmError, match=r"clusters \[7\] do not exist in .* \(clusters 0..2\)"):
+        clusters_to_labels(tmp_path / "c.zarr", {7: 1}, tmp_path / "s.zarr")
+
+
+def test_bad_cluster_inputs_are_named(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(EmfmError, match="k=50 is larger than the 40 sampled feature vectors"):
+        cluster(tmp_path, vit_checkpoint, synth_zarr, "k=50", "sample=40", "pca=null", "pictures=null")
+    small = write_ome_zarr(np.zeros((16, 64, 64), np.uint8), tmp_path / "small.zarr", is_label=True)
+    with pytest.raises(EmfmError, match=r"labels=.*small.zarr: shape \[16, 64, 64\], but the input has \[16, 96, 96\]"):
+        cluster(tmp_path / "b", vit_checkpoint, synth_zarr, f"labels={small}", "pictures=null")
+    other = write_ome_zarr(np.zeros((16, 64, 64), np.uint8), tmp_path / "other.zarr")
+    with pytest.raises(EmfmError, match=r"features=.*computed on a volume of shape \[16, 96, 96\].*has shape \[16, 64, 64\]"):
+        cluster(tmp_path / "c", vit_checkpoint, other, f"features={tmp_path / 'c.zarr' / 'features'}", "pictures=null")
+    with pytest.raises(EmfmError, match="not a complete emfm cluster map"):
+        clusters_to_labels(tmp_path / "c.zarr", {0: 1}, tmp_path / "s.zarr")        # the k=50 run never finished

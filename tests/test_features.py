@@ -1,0 +1,103 @@
+"""emfm features: dense features on the expected grid, blockwise equal to the whole region, resumable store."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from hydra import compose, initialize_config_module
+
+from emfm import run
+from emfm.data.volume import Volume
+from emfm.errors import EmfmError
+from emfm.explore.features import dense_features, load_encoder
+from tests.conftest import pretrained, tiny
+
+
+def compose_run(name: str, overrides: list[str]) -> dict:
+    with initialize_config_module("emfm.configs", version_base="1.3"):
+        cfg = compose(name, overrides)
+    return getattr(run, name)(cfg)
+
+
+def features(tmp_path: Path, checkpoint: Path, volume: Path, output: Path, *extra: str) -> dict:
+    return compose_run("features", [f"checkpoint={checkpoint}", f"input={volume}", f"output={output}",
+                                    f"paths.output_dir={tmp_path / 'run'}", "progress=false", *extra])
+
+
+@pytest.mark.parametrize("roi, stride, block", [(None, 4, "[8,7,9]"), ("[2:7,5:90,0:61]", 8, "[3,4,5]")])
+def test_store_has_the_grid_and_equals_the_whole_region(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path,
+                                                        roi: str | None, stride: int, block: str) -> None:
+    extra = [f"stride={stride}", f"block_shape={block}"] + ([f"roi={roi}"] if roi else [])
+    summary = features(tmp_path, vit_checkpoint, synth_zarr, tmp_path / "f.zarr", *extra)
+    store = zarr.open_group(str(tmp_path / "f.zarr"), mode="r")
+    data = store["0"][...]
+    region = (slice(2, 7), slice(5, 90), slice(0, 61)) if roi else (slice(0, 16), slice(0, 96), slice(0, 96))
+    shape = [r.stop - r.start for r in region]
+    grid = [shape[0], -(-shape[1] // stride), -(-shape[2] // stride)]
+    encoder = load_encoder(str(vit_checkpoint))
+    assert data.dtype == np.float16 and list(data.shape) == [encoder.feature_channels[-1], *grid]
+    assert summary["blocks"] >= 4
+    assert "_progress" not in store and store.attrs["emfm"]["complete"]
+    scale, translation = store.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    voxel = Volume(synth_zarr).voxel_size
+    assert scale["scale"] == [1.0, voxel[0], stride * voxel[1], stride * voxel[2]]
+    assert translation["translation"][2] == pytest.approx((region[1].start + (stride - 1) / 2) * voxel[1])
+    volume = Volume(synth_zarr)
+    whole = dense_features(encoder, volume.normalize(volume.read(region)), stride=stride)
+    assert whole.shape == data.shape
+    np.testing.assert_allclose(data.astype(np.float32), whole, atol=2e-2, rtol=1e-2)
+
+
+def test_cnn_features_at_a_chosen_scale(synth_zarr: Path, tmp_path: Path) -> None:
+    checkpoint = pretrained(tmp_path / "cnn", synth_zarr, 2, tiny("cnn3d", "mim"))
+    encoder = load_encoder(str(checkpoint))
+    features(tmp_path, checkpoint, synth_zarr, tmp_path / "f.zarr", "layer=1")
+    data = zarr.open_array(str(tmp_path / "f.zarr/0"), mode="r")
+    stride = encoder.feature_strides[1]
+    assert data.shape == (encoder.feature_channels[1], *(-(-s // k) for s, k in zip((16, 96, 96), stride)))
+    assert np.isfinite(data[...].astype(np.float32)).all() and data[...].std() > 0
+
+
+def test_pca_projection_reuse_and_refusal(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f.zarr"
+    first = features(tmp_path, vit_checkpoint, synth_zarr, out, "pca=3", "sample=500")
+    store = zarr.open_group(str(out), mode="r")
+    pca = store["pca"][...].astype(np.float32)
+    assert pca.shape == (3, *store["0"].shape[1:]) and store.attrs["emfm"]["pca"]["components"] == 3
+    assert pca[0].var() >= pca[1].var() >= pca[2].var()          # components come in order of variance
+    assert first["computed"] == first["blocks"]
+    again = features(tmp_path, vit_checkpoint, synth_zarr, out, "pca=3", "sample=500")
+    assert again["computed"] == 0                                  # same settings: the store is reused
+    with pytest.raises(EmfmError, match="features of other settings"):
+        features(tmp_path, vit_checkpoint, synth_zarr, out, "stride=4")
+    replaced = features(tmp_path, vit_checkpoint, synth_zarr, out, "stride=4", "overwrite=true")
+    assert replaced["computed"] == replaced["blocks"] and zarr.open_array(str(out / "0")).shape[-1] == 24
+
+
+def test_bad_feature_settings_are_named(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(EmfmError, match="stride=.*must divide the encoder tile"):
+        features(tmp_path, vit_checkpoint, synth_zarr, tmp_path / "a.zarr", "stride=5")
+    with pytest.raises(EmfmError, match="layer=7: the encoder has 4 feature maps"):
+        features(tmp_path, vit_checkpoint, synth_zarr, tmp_path / "b.zarr", "layer=7")
+    with pytest.raises(EmfmError, match="not an emfm checkpoint|no such checkpoint"):
+        features(tmp_path, tmp_path / "missing.ckpt", synth_zarr, tmp_path / "c.zarr")
+
+
+def test_unfinished_store_is_continued_and_dask_gives_the_same_bytes(synth_zarr: Path, vit_checkpoint: Path,
+                                                                    tmp_path: Path) -> None:
+    common = ["block_shape=[8,6,6]", "threads=1"]
+    done = features(tmp_path, vit_checkpoint, synth_zarr, tmp_path / "a.zarr", *common)
+    reference = zarr.open_array(str(tmp_path / "a.zarr/0"), mode="r")[...]
+    # Make it the store of a run that died after its first blocks: the rest zeroed and unmarked.
+    root = zarr.open_group(str(tmp_path / "a.zarr"), mode="r+")
+    root.attrs["emfm"] = {**root.attrs["emfm"], "complete": False}
+    progress = root.create_array("_progress/features", shape=(2, 2, 2), chunks=(1, 1, 1), dtype=bool, fill_value=False)
+    progress[0] = True
+    root["0"][:, 8:] = 0
+    resumed = features(tmp_path, vit_checkpoint, synth_zarr, tmp_path / "a.zarr", *common)
+    assert done["computed"] == 8 and resumed["computed"] == 4
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr/0"), mode="r")[...], reference)
+    features(tmp_path, vit_checkpoint, synth_zarr, tmp_path / "d.zarr", "block_shape=[8,6,6]", "executor=dask",
+             "dask.n_workers=2", "dask.threads_per_worker=1")
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "d.zarr/0"), mode="r")[...], reference)
