@@ -177,6 +177,16 @@ def upsample_linear(scores: np.ndarray, cells: tuple[slice, ...], voxels: tuple[
     return out
 
 
+def cluster_map(clusterer: Clusterer, features: np.ndarray, stride: tuple[int, ...], shape: tuple[int, ...],
+                projection: Projection | None = None) -> np.ndarray:
+    """Cluster ids on the voxel grid of ``shape`` from features (F, *cells) held in memory (notebooks)."""
+    flat = features.reshape(len(features), -1).T                                    # (cells, F)
+    scores = clusterer.scores(projection(flat) if projection is not None else flat)
+    scores = scores.T.reshape(clusterer.k, *features.shape[1:])                     # (k, *cells)
+    cells = tuple(slice(0, n) for n in features.shape[1:])
+    return upsample_linear(scores, cells, tuple(slice(0, n) for n in shape), stride, features.shape[1:]).argmax(0)
+
+
 def intensity_features(image: np.ndarray, sigma: float = 4.0) -> np.ndarray:
     """The baseline's features (3, *shape): smoothed intensity, local mean and local standard deviation,
     in-plane (EM stacks are anisotropic and 2-D models see slices too)."""

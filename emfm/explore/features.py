@@ -148,11 +148,7 @@ def dense_features(encoder: Encoder, image: np.ndarray, layer: int = -1, stride:
 
     A 2-D encoder over a stack (Z, Y, X) works slice by slice; ``stride`` defaults to the map's own.
     """
-    per_slice = image.ndim == 3 and encoder.spatial_dims == 2
-    tile = (1, *encoder.input_shape) if per_slice else tuple(encoder.input_shape)
-    own = tuple(encoder.feature_strides[layer])
-    plane = own if stride is None else _per_axis(stride, len(own), "stride")
-    step = (1, *plane) if per_slice else plane
+    tile, step = tiling(encoder, image.ndim, layer, stride)
     cells = tuple(math.ceil(s / k) for s, k in zip(image.shape, step))
     padded = tuple(max(t, n * k) for t, n, k in zip(tile, cells, step))
     image = np.pad(image, [(0, p - s) for p, s in zip(padded, image.shape)], mode="symmetric")
@@ -160,6 +156,24 @@ def dense_features(encoder: Encoder, image: np.ndarray, layer: int = -1, stride:
     feats = sliding_window(fn, torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], tile,
                            overlap, batch_size, blend="linear", stride=step)
     return feats[(slice(None), *(slice(0, n) for n in cells))].numpy()
+
+
+def tiling(encoder: Encoder, ndim: int, layer: int = -1, stride: Any = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(tile, stride) over the axes of an ``ndim``-D input: a 2-D encoder over a stack gets 1 in z.
+
+    ``stride`` (voxels per feature cell in the encoder's axes; default the map's own) must divide the tile.
+    """
+    maps = len(encoder.feature_strides)
+    if not -maps <= layer < maps:
+        raise EmfmError(f"layer={layer}: the encoder has {maps} feature maps (0..{maps - 1}, or -1 for the last)")
+    own = tuple(encoder.feature_strides[layer])
+    plane = own if stride is None else _per_axis(stride, len(own), "stride")
+    per_slice = ndim == 3 and encoder.spatial_dims == 2
+    tile = (1, *encoder.input_shape) if per_slice else tuple(encoder.input_shape)
+    step = (1, *plane) if per_slice else plane
+    if any(t % k for t, k in zip(tile, step)):
+        raise EmfmError(f"stride={list(step)}: must divide the encoder tile {list(tile)}")
+    return tuple(int(t) for t in tile), tuple(int(k) for k in step)
 
 
 def _per_axis(value: Any, n: int, key: str) -> tuple[int, ...]:
@@ -176,18 +190,7 @@ def make_job(cfg: Any, output: str) -> tuple[FeatureJob, Encoder, Volume]:
     patch = tuple(encoder.input_shape)
     if len(patch) == 3 and volume.ndim == 2:
         raise EmfmError(f"input={cfg.input}: a 2-D image, but the encoder is 3-D (patch {list(patch)})")
-    per_slice = volume.ndim == 3 and len(patch) == 2
-    tile = (1, *patch) if per_slice else patch
-    maps = len(encoder.feature_strides)
-    if not -maps <= cfg.layer < maps:
-        raise EmfmError(f"layer={cfg.layer}: the encoder has {maps} feature maps (0..{maps - 1}, or -1 for the last)")
-    own = tuple(encoder.feature_strides[cfg.layer])
-    stride = (1, *own) if per_slice else own
-    if cfg.get("stride") is not None:
-        plane = _per_axis(cfg.stride, len(own), "stride")
-        stride = (1, *plane) if per_slice else plane
-    if any(t % k for t, k in zip(tile, stride)):
-        raise EmfmError(f"stride={list(stride)}: must divide the encoder tile {list(tile)}")
+    tile, stride = tiling(encoder, volume.ndim, cfg.layer, cfg.get("stride"))
     region = parse_roi(cfg.get("roi"), volume.shape)
     shape = tuple(r.stop - r.start for r in region)
     cells = tuple(math.ceil(s / k) for s, k in zip(shape, stride))
@@ -195,8 +198,8 @@ def make_job(cfg: Any, output: str) -> tuple[FeatureJob, Encoder, Volume]:
     block = _per_axis(cfg.block_shape, len(cells), "block_shape") if cfg.get("block_shape") else default
     job = FeatureJob(checkpoint=str(Path(cfg.checkpoint).resolve()), input=str(Path(cfg.input).resolve()),
                      output=output, level=int(cfg.get("level", 0)),
-                     roi=tuple((r.start, r.stop) for r in region), tile=tuple(int(t) for t in tile), stride=stride,
-                     layer=int(cfg.layer) % maps, block=block, overlap=float(cfg.overlap), blend=str(cfg.blend),
+                     roi=tuple((r.start, r.stop) for r in region), tile=tile, stride=stride,
+                     layer=int(cfg.layer) % len(encoder.feature_strides), block=block, overlap=float(cfg.overlap), blend=str(cfg.blend),
                      batch_size=int(cfg.batch_size),
                      threads=cfg.dask.threads_per_worker if cfg.executor == "dask" else cfg.get("threads"))
     return job, encoder, volume

@@ -38,7 +38,8 @@ def overlay(image: np.ndarray, labels: np.ndarray, k: int, alpha: float = 0.45) 
 
 
 def pca_rgb(features: np.ndarray) -> np.ndarray:
-    """Features (F, Y, X) as colour: the first three principal components, each stretched to 1-99 %."""
+    """Features (F, *spatial) as colour (*spatial, 3): the first three principal components, fitted
+    over all the places given (so several slices share one colouring), each stretched to 1-99 %."""
     flat = features.reshape(features.shape[0], -1).T.astype(np.float32)          # (pixels, F)
     flat = flat - flat.mean(0)
     _, _, vt = np.linalg.svd(flat[:: max(1, len(flat) // 20000)], full_matrices=False)
@@ -110,7 +111,7 @@ def gallery_figure(patches: Sequence[Sequence[np.ndarray]], k: int) -> Figure:
 
 def patch_at(volume: Volume, centre: Sequence[int], size: int = 64) -> np.ndarray:
     """An in-plane patch of ``volume`` centred on ``centre`` (clipped at the borders), (size, size)."""
-    key: list[Any] = [int(c) for c in centre[:-2]]
+    key: list[Any] = [int(np.clip(c, 0, n - 1)) for c, n in zip(centre[:-2], volume.shape[:-2])]
     for c, n in zip(centre[-2:], volume.shape[-2:]):
         start = int(np.clip(c - size // 2, 0, max(0, n - size)))
         key.append(slice(start, min(n, start + size)))
@@ -158,7 +159,7 @@ def cluster_pictures(volume: Volume, roi: tuple[slice, ...], root: Any, vectors:
     for c in range(k):
         members = np.flatnonzero(assigned == c)
         chosen = rng.choice(members, size=min(examples, len(members)), replace=False) if len(members) else []
-        gallery.append([patch_at(volume, np.minimum(centres[i], np.asarray(volume.shape) - 1)) for i in chosen])
+        gallery.append([patch_at(volume, centres[i]) for i in chosen])
     fig = gallery_figure(gallery, k)
     fig.savefig(out_dir / "gallery.png", dpi=110)
     plt.close(fig)
