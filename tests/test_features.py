@@ -75,6 +75,16 @@ def test_pca_projection_reuse_and_refusal(synth_zarr: Path, vit_checkpoint: Path
     assert replaced["computed"] == replaced["blocks"] and zarr.open_array(str(out / "0")).shape[-1] == 24
 
 
+def test_an_exported_encoder_gives_the_same_features(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path) -> None:
+    from emfm.export import export_encoder
+
+    export = export_encoder(vit_checkpoint, tmp_path / "export")
+    features(tmp_path, vit_checkpoint, synth_zarr, tmp_path / "a.zarr")
+    features(tmp_path, export, synth_zarr, tmp_path / "b.zarr")
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr/0"))[...],
+                                  zarr.open_array(str(tmp_path / "b.zarr/0"))[...])
+
+
 def test_bad_feature_settings_are_named(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(EmfmError, match="stride=.*must divide the encoder tile"):
         features(tmp_path, vit_checkpoint, synth_zarr, tmp_path / "a.zarr", "stride=5")

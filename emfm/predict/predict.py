@@ -144,10 +144,13 @@ def write(job: Job, path: str, key: tuple[slice, ...], data: np.ndarray) -> None
 
 
 def checkpoint_digest(path: str) -> str:
+    """sha256 of a checkpoint file, or of every file of an export directory."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
