@@ -12,7 +12,6 @@ and so is the same clustering of raw intensity and local statistics: what the fe
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Mapping
@@ -40,11 +39,10 @@ from emfm.explore.features import (
 from emfm.predict.blocks import BlockGrid, parse_roi
 from emfm.predict.predict import create_array, ome_attrs
 
-log = logging.getLogger(__name__)
-
 METHODS = ("kmeans", "gmm")
 BACKENDS = ("sklearn", "minibatch", "faiss")
 CLUSTERS, BASELINE = "0", "intensity_baseline"
+HALO = 12   # voxels of context for the baseline's local statistics (3 sigma)
 
 
 def sample_store(path: str, array: str, n: int, seed: int, max_blocks: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -271,9 +269,6 @@ def fit_baseline(volume: Volume, roi: tuple[slice, ...], k: int, n: int, seed: i
     x = np.concatenate(samples)
     mean, std = x.mean(0), x.std(0) + 1e-6
     return Clusterer(method, k, backend, seed).fit((x - mean) / std), mean, std
-
-
-HALO = 12   # voxels of context for the baseline's local statistics (3 sigma)
 
 
 def baseline_block(volume: Volume, roi: tuple[slice, ...], region: tuple[slice, ...]) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import shutil
 from dataclasses import asdict, dataclass
@@ -43,8 +42,6 @@ from emfm.predict.predict import (
     ome_attrs,
     write,
 )
-
-log = logging.getLogger(__name__)
 
 FEATURES, PCA = "0", "pca"
 
