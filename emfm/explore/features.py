@@ -31,7 +31,7 @@ from emfm.predict.blocks import (
     Block,
     BlockGrid,
     Progress,
-    dask_client,
+    executor_client,
     parse_roi,
     run_blocks,
 )
@@ -39,6 +39,7 @@ from emfm.predict.predict import (
     PROGRESS,
     checkpoint_digest,
     create_array,
+    finish,
     ome_attrs,
     write,
 )
@@ -272,24 +273,12 @@ def extract_features(cfg: Any, output: str | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {"output": output, "grid": list(job.grid.shape), "channels": channels,
                                "stride": list(job.stride), "blocks": len(job.grid), "computed": 0}
     if not complete:
-        client = dask_client(cfg.dask.address, cfg.dask.n_workers, cfg.dask.threads_per_worker) \
-            if cfg.executor == "dask" else None
-        threads = torch.get_num_threads()
-        try:
+        with executor_client(cfg) as client:
             pending = Progress(zarr.open_group(f"{output}/{PROGRESS}", mode="a"), "features", job.grid).pending(job.grid)
             summary["computed"] = len(pending)
             summary["seconds"] = run_blocks(feature_block, pending, job, executor=cfg.executor, client=client,
                                             desc="features", progress=cfg.progress)
-        finally:
-            torch.set_num_threads(threads)
-            if client is not None:
-                cluster = getattr(client, "cluster", None)
-                client.close()
-                if cluster is not None:
-                    cluster.close()
-        root = zarr.open_group(output, mode="r+")
-        root.attrs["emfm"] = {**root.attrs["emfm"], "complete": True}
-        shutil.rmtree(Path(output) / PROGRESS, ignore_errors=True)
+        finish(job)
     if cfg.get("pca") and stored_pca(output) != int(cfg.pca):
         from emfm.explore.cluster import Projection, sample_store
 

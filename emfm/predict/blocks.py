@@ -13,10 +13,12 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from tqdm.auto import tqdm
 
@@ -117,6 +119,24 @@ def _completed(task: Callable[..., Block], blocks: Sequence[Block], args: tuple,
                    for block in blocks]
         return (future.result() for future in as_completed(futures))
     raise EmfmError(f"executor={executor}: expected one of {', '.join(EXECUTORS)}")
+
+
+@contextmanager
+def executor_client(cfg: Any) -> Iterator[Any]:
+    """The Dask client of ``cfg.executor=dask`` (None for local); afterwards torch's thread count is
+    restored (tasks may set it) and a LocalCluster started here is closed."""
+    client = dask_client(cfg.dask.address, cfg.dask.n_workers, cfg.dask.threads_per_worker) \
+        if cfg.executor == "dask" else None
+    threads = torch.get_num_threads()
+    try:
+        yield client
+    finally:
+        torch.set_num_threads(threads)
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
 
 def dask_client(address: str | None, n_workers: int, threads_per_worker: int) -> Any:

@@ -31,7 +31,7 @@ from emfm.predict.blocks import (
     Block,
     BlockGrid,
     Progress,
-    dask_client,
+    executor_client,
     parse_roi,
     run_blocks,
 )
@@ -258,10 +258,7 @@ def predict(cfg: Any) -> dict[str, Any]:
     if complete:
         log.info("%s is already a complete prediction with these settings; nothing to do", job.output)
         return {**summary, "computed": 0}
-    client = dask_client(cfg.dask.address, cfg.dask.n_workers, cfg.dask.threads_per_worker) \
-        if cfg.executor == "dask" else None
-    threads = torch.get_num_threads()
-    try:
+    with executor_client(cfg) as client:
         if client is None:
             model_function(job, module)             # this process predicts: no second load
         pending = Progress(open_output(job), "predict", job.grid).pending(job.grid)
@@ -270,13 +267,6 @@ def predict(cfg: Any) -> dict[str, Any]:
                                                    desc="predict", progress=cfg.progress)
         if instances is not None:
             summary["seconds"].update(stitch.instances(job, instances, cfg.executor, client, cfg.progress))
-    finally:
-        torch.set_num_threads(threads)
-        if client is not None:
-            cluster = getattr(client, "cluster", None)
-            client.close()
-            if cluster is not None:
-                cluster.close()
     finish(job)
     voxels = np.prod(job.grid.shape) * len(pending) / max(len(job.grid), 1)
     summary["voxels_per_second"] = float(voxels / max(summary["seconds"]["predict"], 1e-9))
