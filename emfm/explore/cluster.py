@@ -327,11 +327,9 @@ def cluster(cfg: Any) -> dict[str, Any]:
                 "k": int(cfg.k), "method": cfg.method, "backend": cfg.backend, "seed": int(cfg.seed),
                 "sample": int(cfg.sample), "pca": cfg.get("pca"), "features": store,
                 "labels": OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.get("labels")) else cfg.get("labels")}
-    if cfg.get("features"):
-        meta = check_store(store, volume, roi)
-        root = prepare_output(cfg, volume, roi, settings)
-    else:
-        root = prepare_output(cfg, volume, roi, settings)
+    meta = check_store(store, volume, roi) if cfg.get("features") else None   # a given store is checked first
+    root = prepare_output(cfg, volume, roi, settings)
+    if meta is None:
         extract_features(cfg, store)
         meta = open_store(store)
     array = PCA if cfg.get("pca") and stored_pca(store) == int(cfg.pca) else FEATURES
@@ -341,8 +339,9 @@ def cluster(cfg: Any) -> dict[str, Any]:
         projection = Projection.fit(vectors, int(cfg.pca))
         vectors = projection(vectors)
     clusterer = Clusterer(cfg.method, int(cfg.k), cfg.backend, int(cfg.seed)).fit(vectors)
-    stride, grid = tuple(meta["features"]["stride"]), tuple(zarr.open_array(f"{store}/{array}", mode="r").shape[1:])
-    cells = BlockGrid(grid, tuple(zarr.open_array(f"{store}/{array}", mode="r").chunks[1:]))
+    features = zarr.open_array(f"{store}/{array}", mode="r")
+    stride, grid = tuple(meta["features"]["stride"]), tuple(features.shape[1:])
+    cells = BlockGrid(grid, tuple(features.chunks[1:]))
     chunks = tuple(b * k for b, k in zip(cells.block, stride))
     shape = tuple(r.stop - r.start for r in roi)
     for name in (CLUSTERS, BASELINE) if labels is not None else (CLUSTERS,):
@@ -351,7 +350,6 @@ def cluster(cfg: Any) -> dict[str, Any]:
                             cfg.method, cfg.backend) if labels is not None else None
     tables = {"learned": Table(int(cfg.k)), "intensity_baseline": Table(int(cfg.k))}
     sizes = np.zeros(int(cfg.k), dtype=np.int64)
-    features = zarr.open_array(f"{store}/{array}", mode="r")
     for index in tqdm(list(cells), desc="clusters", unit="block", disable=not cfg.progress):
         region = cells.region(index)
         voxels = tuple(slice(c.start * k, min(c.stop * k, r.stop - r.start)) for c, k, r in zip(region, stride, roi))
