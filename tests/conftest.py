@@ -36,6 +36,9 @@ TINY_MODELS = {
     "vit3d": ["model.name=test_vit", "model.patch_size=[4,8,8]", "data.patch_shape=[8,32,32]"],
     "cnn2d": ["model.name=test_resnet", "data.patch_shape=[64,64]"],
     "cnn3d": ["model.name=test_resnet3d", "data.patch_shape=[8,64,64]"],
+    # Fine-grid ViTs with their configs' patch sizes, (4, 4) and (2, 8, 8); vit2d above is at patch 8.
+    "vit2d_p4": ["model.name=test_vit", "data.patch_shape=[32,32]"],
+    "vit3d_p8": ["model.name=test_vit", "data.patch_shape=[8,32,32]"],
 }
 TINY_OBJECTIVES = {
     "mae": ["objective.methods.mae.decoder_dim=32", "objective.methods.mae.decoder_depth=1",

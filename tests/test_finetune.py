@@ -45,7 +45,7 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("model, target", [("vit2d", "membrane"), ("cnn2d", "semantic"), ("vit3d", "boundary"),
-                                           ("cnn3d", "affinity")])
+                                           ("cnn3d", "affinity"), ("vit2d_p4", "membrane")])
 def test_every_family_fine_tunes_and_validates_on_held_out_slices(
         compose_config, synth_zarr: Path, tmp_path: Path, model: str, target: str) -> None:
     out = run.finetune(compose_config("finetune", finetune_args(synth_zarr, model, target)))

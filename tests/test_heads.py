@@ -106,11 +106,12 @@ def test_unetr_refuses_multi_scale_maps() -> None:
         create_head("unetr", encoder, 2)
 
 
-@pytest.mark.parametrize("patch", [[2, 8, 8], [8, 4, 4], 4])
-def test_unetr_on_odd_anisotropic_vit3d_patches(patch) -> None:
-    net = model("vit3d", "unetr", patch_size=patch, feature_depths=3)
-    x = torch.randn(1, 1, 8, 32, 32)
-    assert net(x).shape == (1, 2, 8, 32, 32)
+@pytest.mark.parametrize("family,patch", [("vit2d", 4), ("vit3d", [2, 8, 8]), ("vit3d", [8, 4, 4]), ("vit3d", 4)])
+def test_unetr_on_fine_and_anisotropic_patches(family: str, patch) -> None:
+    """Fine grids (model=vit2d_p4, vit3d_p8) have fewer upsampling stages than skips."""
+    net = model(family, "unetr", patch_size=patch, feature_depths=3)
+    x = torch.randn(1, 1, *TINY[family]["input_shape"])
+    assert net(x).shape == (1, 2, *TINY[family]["input_shape"])
 
 
 def test_upsampling_schedule_does_z_first_and_odd_factors_at_once() -> None:

@@ -22,6 +22,7 @@ from tests.conftest import tiny
 
 MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}
 COMBINATIONS = [(model, objective) for model in MASKED for objective in (MASKED[model], "mocov3", "simclr", "hybrid")]
+COMBINATIONS += [("vit2d_p4", "mae"), ("vit3d_p8", "mae")]  # fine token grids: MAE's targets and decoder
 
 
 @pytest.mark.parametrize("model,objective", COMBINATIONS)
