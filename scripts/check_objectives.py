@@ -1,7 +1,8 @@
 """Does every encoder x objective pair learn on real EM? A longer check than CI can afford.
 
 Runs `emfm pretrain` (real configs, real Trainer) for each pair with small models on the given
-volumes and prints the mean training loss of the first and last tenth of the run. Not a test:
+volumes and prints the mean training loss of the first and last tenth of the run, then the same
+for each method's own logged scalars (e.g. the two terms of a hybrid). Not a test:
 the figures go to docs/benchmarks.md.
 
     python scripts/check_objectives.py --volume stack2.zarr --steps 300
@@ -33,15 +34,22 @@ HEADS = {
     "mim": ["objective.methods.mim.decoder_dim=64"],
     "mocov3": ["objective.methods.mocov3.hidden_dim=512", "objective.methods.mocov3.proj_dim=128"],
     "simclr": ["objective.methods.simclr.hidden_dim=512"],
+    "densecl": ["objective.methods.densecl.hidden_dim=512"],
     "hybrid": ["objective.methods.mocov3.hidden_dim=512", "objective.methods.mocov3.proj_dim=128"],
 }
 
 
-def first_last(metrics: Path) -> tuple[float, float]:
+def first_last(metrics: Path) -> dict[str, tuple[float, float]]:
+    """Mean of the first and last tenth of every logged training scalar (``train/loss`` first)."""
     with metrics.open() as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    tenth = max(1, len(losses) // 10)
-    return sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+        rows = list(csv.DictReader(f))
+    columns = [c for c in rows[0] if c.startswith("train/") and not c.endswith("/negatives")]
+    result = {}
+    for column in sorted(columns, key=lambda c: c != "train/loss"):
+        values = [float(r[column]) for r in rows if r.get(column)]
+        tenth = max(1, len(values) // 10)
+        result[column.removeprefix("train/")] = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+    return result
 
 
 def main() -> None:
@@ -51,7 +59,7 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="*", help="model:objective pairs (default: all that fit)")
     args = parser.parse_args()
     pairs = [p.split(":") for p in args.pairs] if args.pairs else [
-        (m, o) for m in MASKED for o in (MASKED[m], "mocov3", "simclr", "hybrid")]
+        (m, o) for m in MASKED for o in (MASKED[m], "mocov3", "simclr", "densecl", "hybrid")]
     volumes = ",".join(str(v.resolve()) for v in args.volume)
     print(f"{'model':6} {'objective':9} {'first 10%':>10} {'last 10%':>10} {'change':>8} {'time':>7}", flush=True)
     for model, objective in pairs:
@@ -68,9 +76,11 @@ def main() -> None:
                 cfg = compose("pretrain", overrides)
             start = time.perf_counter()
             run.pretrain(cfg)
-            first, last = first_last(Path(tmp) / "csv" / "metrics.csv")
-            print(f"{model:6} {objective:9} {first:10.4f} {last:10.4f} {100 * (last / first - 1):+7.1f}% "
-                  f"{time.perf_counter() - start:6.0f}s", flush=True)
+            seconds = time.perf_counter() - start
+            for i, (name, (first, last)) in enumerate(first_last(Path(tmp) / "csv" / "metrics.csv").items()):
+                label = f"{model:6} {objective:9}" if i == 0 else f"  {name:14}"  # then each method's own scalars
+                print(f"{label} {first:10.4f} {last:10.4f} {100 * (last / first - 1):+7.1f}%"
+                      + (f" {seconds:6.0f}s" if i == 0 else ""), flush=True)
 
 
 if __name__ == "__main__":

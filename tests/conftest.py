@@ -46,6 +46,7 @@ TINY_OBJECTIVES = {
     "mim": ["objective.methods.mim.decoder_dim=16"],
     "mocov3": ["objective.methods.mocov3.proj_dim=16", "objective.methods.mocov3.hidden_dim=32"],
     "simclr": ["objective.methods.simclr.proj_dim=16", "objective.methods.simclr.hidden_dim=32"],
+    "densecl": ["objective.methods.densecl.proj_dim=16", "objective.methods.densecl.hidden_dim=32"],
     "hybrid": ["objective.methods.masked.decoder_dim=32", "objective.methods.mocov3.proj_dim=16",
                "objective.methods.mocov3.hidden_dim=32"],
 }

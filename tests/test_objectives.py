@@ -2,6 +2,8 @@
 
 import os
 import socket
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,15 @@ from emfm.errors import EmfmError
 from emfm.models.encoders import create_encoder
 from emfm.pretrain.base import PretrainModule
 from emfm.pretrain.contrastive import info_nce, nt_xent
+from emfm.pretrain.densecl import DenseCL, dense_info_nce, match_cells
 from emfm.pretrain.masking import tube_masking
 from emfm.pretrain.mim import MIM
 from emfm.pretrain.mocov3 import MoCoV3
 from tests.conftest import tiny
 
 MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}
-COMBINATIONS = [(model, objective) for model in MASKED for objective in (MASKED[model], "mocov3", "simclr", "hybrid")]
+COMBINATIONS = [(model, objective) for model in MASKED
+                for objective in (MASKED[model], "mocov3", "simclr", "densecl", "hybrid")]
 COMBINATIONS += [("vit2d_p4", "mae"), ("vit3d_p8", "mae")]  # fine token grids: MAE's targets and decoder
 
 
@@ -66,6 +70,12 @@ def test_objectives_that_do_not_fit_are_refused() -> None:
         PretrainModule(cnn, {"mim": {"mask_patch": 5}})
     with pytest.raises(EmfmError, match="leaves a single mask cell"):
         PretrainModule({**cnn, "input_shape": [32, 32]}, {"mim": {}})
+    with pytest.raises(EmfmError, match="densecl.feature_map=5: model.family=cnn2d has 5 feature maps"):
+        PretrainModule(cnn, {"densecl": {"feature_map": 5}})
+    with pytest.raises(EmfmError, match="densecl.dense_weight must be in"):
+        PretrainModule(cnn, {"densecl": {"dense_weight": 1.5}})
+    with pytest.raises(EmfmError, match="densecl.radius must be > 0"):
+        PretrainModule(cnn, {"densecl": {"radius": 0}})
 
 
 def test_3d_encoder_on_2d_patches_is_refused(compose_config, synth_zarr: Path) -> None:
@@ -122,41 +132,115 @@ def test_momentum_encoder_follows_the_online_encoder_slowly() -> None:
     torch.testing.assert_close(next(moco.momentum_encoder.parameters()), start + 0.1)
 
 
+TINY_VIT = {"family": "vit2d", "name": "test_vit", "input_shape": [32, 32], "patch_size": 8}
+
+
+def test_dense_views_know_where_each_pixel_comes_from() -> None:
+    """Flips and 90-degree turns permute pixels exactly, so each view equals the input at ``where``;
+    without crops every cell has a match, and its negatives are every other cell of the batch."""
+    encoder = create_encoder(**TINY_VIT)
+    densecl = DenseCL(encoder, proj_dim=8, hidden_dim=16, augment={"flip": 0.5, "rot90": 0.5})
+    images = torch.rand(3, 1, 32, 32)
+    views, where = densecl.located_views(images, torch.Generator().manual_seed(0))
+    assert views.shape == (6, 1, 32, 32) and where.shape == (6, 2, 32, 32)
+    assert not torch.equal(views[:3], views[3:])
+    torch.testing.assert_close(views[:, 0], torch.cat([images, images])[:, 0][
+        torch.arange(6)[:, None, None], where[:, 0], where[:, 1]], rtol=0, atol=0)
+    out = densecl(encoder, images, torch.Generator().manual_seed(0))
+    assert out["matched"] == 1 and out["negatives"] == 3 * 16 - 1
+
+
+def test_cells_match_the_nearest_cell_of_the_other_view_within_the_radius() -> None:
+    first = torch.tensor([[[0.5, 0.5], [0.5, 1.5], [1.5, 0.5], [3.5, 3.5]]])  # (N, L, d), in cells
+    second = torch.tensor([[[1.4, 0.6], [0.5, 1.2], [0.6, 0.5], [2.0, 2.0]]])
+    index, valid = match_cells(first, second, radius=1.0)
+    assert index.tolist() == [[2, 1, 0, 3]] and valid.tolist() == [[True, True, True, False]]
+
+
+def test_densecl_loss_falls_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    augment = {"flip": 0.5, "rot90": 0.5, "crop": {"scale": [0.3, 1.0]}, "intensity": {"p": 0.8}}
+    module = PretrainModule(TINY_VIT, {"densecl": {"proj_dim": 16, "hidden_dim": 32, "augment": augment}})
+    images = torch.randn(4, 1, 32, 32).cumsum(-1) / 8
+    optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3)
+    first = None
+    for _ in range(20):
+        out = module.compute_loss(images, torch.Generator().manual_seed(0))  # the same views every step
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        first = first or {k: v.item() for k, v in out.items()}
+    assert 0 < out["densecl/matched"] < 1  # crops leave some cells without a counterpart
+    assert out["densecl/dense"] < 0.7 * first["densecl/dense"] and out["loss"] < 0.5 * first["loss"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _two_rank_losses(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, out: dict) -> None:
+def _on_two_ranks(rank: int, port: int, cases: dict[str, tuple[Callable, list[torch.Tensor]]], out: dict) -> None:
+    """Rank ``rank`` of a gloo group: for each case, its loss on this rank's half of every input,
+    then backward; out[case, rank] = (loss, negatives, gradients of the float inputs)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    mine = slice(2 * rank, 2 * rank + 2)
-    a, b = z1[mine].clone().requires_grad_(), z2[mine].clone().requires_grad_()
-    loss, negatives = nt_xent(a, b, temperature=0.5)
-    loss.backward()
-    out[rank] = (loss.detach(), negatives, a.grad, b.grad)
+    for name, (loss, inputs) in cases.items():
+        mine = [x.chunk(2)[rank].clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        value, negatives = loss(*mine)
+        value.backward()
+        out[name, rank] = (value.detach(), negatives, [x.grad for x in mine if x.is_floating_point()])
     dist.destroy_process_group()
 
 
-def test_gathered_loss_sees_the_negatives_of_both_ranks() -> None:
-    """Two gloo processes with half a batch each give the full batch's loss and gradients."""
+@pytest.fixture(scope="module")
+def two_ranks() -> dict[str, tuple[list[torch.Tensor], list[tuple]]]:
+    """Each loss on two gloo processes holding half of every input (rows in order): per case, the
+    inputs and both ranks' results. One spawn for all cases: starting the processes is most of the time."""
     torch.manual_seed(0)
-    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    cases = {
+        "nt_xent": (partial(nt_xent, temperature=0.5), [torch.randn(4, 8), torch.randn(4, 8)]),
+        "dense": (partial(dense_info_nce, temperature=0.5), [
+            torch.randn(8, 6), torch.randn(8, 6),
+            torch.tensor([2, 0, 3, 3, 1, 1, 0, 2]),  # each rank's rows index its own 4 keys
+            torch.tensor([True, True, True, False, False, True, False, False]),  # valid: 3 on rank 0, 1 on rank 1
+        ]),
+    }
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_two_rank_losses, args=(_free_port(), z1, z2, out), nprocs=2)
+        mp.spawn(_on_two_ranks, args=(_free_port(), cases, out), nprocs=2)
         results = dict(out)
+    return {name: (inputs, [results[name, rank] for rank in range(2)]) for name, (_, inputs) in cases.items()}
+
+
+def test_gathered_loss_sees_the_negatives_of_both_ranks(two_ranks) -> None:
+    """Two gloo processes with half a batch each give the full batch's loss and gradients."""
+    (z1, z2), ranks = two_ranks["nt_xent"]
     full_a, full_b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     # The full batch's loss is the mean over ranks' losses (equal shares of the 2N anchors).
     full = F.cross_entropy(*_nt_xent_logits(full_a, full_b, 0.5))
     full.backward()
-    assert results[0][1] == results[1][1] == 2 * 4 - 2  # negatives from both ranks
-    torch.testing.assert_close((results[0][0] + results[1][0]) / 2, full.detach())
+    assert ranks[0][1] == ranks[1][1] == 2 * 4 - 2  # negatives from both ranks
+    torch.testing.assert_close((ranks[0][0] + ranks[1][0]) / 2, full.detach())
     # Each rank's gradient sums what both ranks' losses say about its rows (the loss is a mean
     # over 2N local anchors, so the full-batch gradient is half of it).
-    grads = torch.cat([results[0][2], results[1][2]])
+    grads = torch.cat([ranks[0][2][0], ranks[1][2][0]])
     torch.testing.assert_close(grads / 2, full_a.grad)
+
+
+def test_gathered_dense_loss_is_the_full_batch_loss_however_valid_cells_are_spread(two_ranks) -> None:
+    """Three valid queries on rank 0, one on rank 1: still the full batch's mean, and its gradients."""
+    (query, key, positive, valid), ranks = two_ranks["dense"]
+    full_q, full_k = query.clone().requires_grad_(), key.clone().requires_grad_()
+    in_full_batch = positive + torch.tensor([0] * 4 + [4] * 4)
+    full, negatives = dense_info_nce(full_q, full_k, in_full_batch, valid, temperature=0.5)
+    full.backward()
+    logits = F.normalize(query, dim=1) @ F.normalize(key, dim=1).T / 0.5
+    torch.testing.assert_close(full.detach(), F.cross_entropy(logits[valid], in_full_batch[valid]))
+    assert ranks[0][1] == ranks[1][1] == negatives == 7  # every other cell of both ranks
+    torch.testing.assert_close((ranks[0][0] + ranks[1][0]) / 2, full.detach())
+    for i, full_grad in enumerate([full_q.grad, full_k.grad]):
+        torch.testing.assert_close(torch.cat([ranks[0][2][i], ranks[1][2][i]]) / 2, full_grad)
 
 
 def _nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
