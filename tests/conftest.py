@@ -30,6 +30,9 @@ TINY_PRETRAIN = [
 ]
 
 
+# The tiny ViT as a model config, for tests that build modules without composing a config.
+TINY_VIT = {"family": "vit2d", "name": "test_vit", "input_shape": [32, 32], "patch_size": 8}
+
 # Tiny versions of every encoder family and objective, for the real configs.
 TINY_MODELS = {
     "vit2d": ["model.name=test_vit", "model.patch_size=8", "data.patch_shape=[32,32]"],

@@ -6,8 +6,7 @@ from emfm.models.encoders import create_encoder
 from emfm.pretrain.base import PretrainModule
 from emfm.pretrain.mae import MAE
 from emfm.pretrain.masking import masked_mse, patchify, random_masking, unpatchify
-
-TINY_VIT = {"family": "vit2d", "name": "test_vit", "input_shape": [32, 32], "patch_size": 8}
+from tests.conftest import TINY_VIT
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.6, 0.75])

@@ -21,7 +21,7 @@ from emfm.pretrain.densecl import DenseCL, dense_info_nce, match_cells
 from emfm.pretrain.masking import tube_masking
 from emfm.pretrain.mim import MIM
 from emfm.pretrain.mocov3 import MoCoV3
-from tests.conftest import tiny
+from tests.conftest import TINY_VIT, tiny
 
 MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}
 COMBINATIONS = [(model, objective) for model in MASKED
@@ -48,9 +48,8 @@ def test_a_few_steps_train_the_encoder(compose_config, synth_zarr: Path, model: 
 
 
 def test_hybrid_sums_weighted_losses_and_picks_the_masked_method() -> None:
-    vit = {"family": "vit2d", "name": "test_vit", "input_shape": [32, 32], "patch_size": 8}
-    module = PretrainModule(vit, {"masked": {"weight": 2.0, "decoder_dim": 32},
-                                  "simclr": {"weight": 0.5, "proj_dim": 8, "hidden_dim": 16}})
+    module = PretrainModule(TINY_VIT, {"masked": {"weight": 2.0, "decoder_dim": 32},
+                                       "simclr": {"weight": 0.5, "proj_dim": 8, "hidden_dim": 16}})
     assert list(module.methods) == ["mae", "simclr"]
     out = module.compute_loss(torch.rand(4, 1, 32, 32), torch.Generator().manual_seed(0))
     torch.testing.assert_close(out["loss"], 2.0 * out["mae/loss"] + 0.5 * out["simclr/loss"])
@@ -130,9 +129,6 @@ def test_momentum_encoder_follows_the_online_encoder_slowly() -> None:
     torch.testing.assert_close(next(moco.momentum_encoder.parameters()), start + 0.1)
     moco.before_step(encoder, progress=1.0)  # momentum 1 at the end: frozen
     torch.testing.assert_close(next(moco.momentum_encoder.parameters()), start + 0.1)
-
-
-TINY_VIT = {"family": "vit2d", "name": "test_vit", "input_shape": [32, 32], "patch_size": 8}
 
 
 def test_dense_views_know_where_each_pixel_comes_from() -> None:
