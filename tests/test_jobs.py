@@ -84,8 +84,11 @@ def test_resume_without_a_checkpoint_or_with_another_model_is_refused(synth_zarr
     assert other.returncode == 2 and "was trained with encoder" in err.splitlines()[-1]
 
 
-@pytest.mark.parametrize("objective", ["simclr"])
-def test_ddp_on_two_cpu_processes_gathers_negatives_from_both(synth_zarr: Path, tmp_path: Path, objective: str) -> None:
+# Negatives per query with 4 patches on each of 2 ranks: SimCLR's 2 views x 8 patches minus the
+# anchor and its positive; DenseCL's every cell (2x2 per 64x64 patch for the tiny ResNet) but one.
+@pytest.mark.parametrize("objective,negatives", [("simclr", 2 * 8 - 2), ("densecl", 4 * 8 - 1)])
+def test_ddp_on_two_cpu_processes_gathers_negatives_from_both(synth_zarr: Path, tmp_path: Path, objective: str,
+                                                              negatives: int) -> None:
     batch = 4
     args = [*tiny("cnn2d", objective), f"data.volumes=[{synth_zarr}]", "trainer=ddp", "trainer.accelerator=cpu",
             "trainer.devices=2", f"data.batch_size={batch}", "trainer.max_steps=3", "trainer.val_check_interval=3",
@@ -95,6 +98,5 @@ def test_ddp_on_two_cpu_processes_gathers_negatives_from_both(synth_zarr: Path, 
     assert "distributed_backend=gloo" in out.stderr and "All distributed processes registered" in out.stderr
     with (tmp_path / "csv" / "metrics.csv").open() as f:
         rows = [row for row in csv.DictReader(f) if row.get(f"train/{objective}/negatives")]
-    # 2 views x 4 patches x 2 ranks, minus the anchor itself and its positive
-    assert {float(row[f"train/{objective}/negatives"]) for row in rows} == {2 * batch * 2 - 2}
+    assert {float(row[f"train/{objective}/negatives"]) for row in rows} == {negatives}
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
