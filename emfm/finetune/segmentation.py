@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from emfm.finetune.losses import SegmentationLoss
 from emfm.finetune.semi import create_semi
 from emfm.inference import sliding_window
 from emfm.models.encoders import Encoder, create_encoder
-from emfm.models.heads import SegmentationModel, create_head
+from emfm.models.heads import SegmentationModel, create_head, head_settings
 from emfm.training import adamw_warmup_cosine, param_groups, read_checkpoint
 
 # Settings that must agree between a pretrained encoder and the one fine-tuned (the input shape may differ).
@@ -33,36 +34,83 @@ ARCHITECTURE = ("family", "name", "patch_size", "in_chans", "channels", "blocks"
 
 def pretrained_encoder(init: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(encoder config, encoder state dict) from an emfm checkpoint (.ckpt) or an ``emfm export`` directory."""
+    model, weights, _ = pretrained_network(init)
+    return model, weights
+
+
+def pretrained_network(init: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], PretrainedHead | None]:
+    """(encoder config, encoder state dict, decoder if the source has one) of ``init``.
+
+    A decoder comes from a fine-tuning checkpoint (its head) or from whole-network pretraining
+    (``objective=restore``, whose head is the decoder fine-tuning uses); an export holds none.
+    """
     path = Path(init)
     if path.is_dir():
         if not (path / CONFIG).is_file():
             raise EmfmError(f"init={init}: directory without {CONFIG}; expected an `emfm export` directory")
         config = json.loads((path / CONFIG).read_text())
-        return dict(config["model"]), load_encoder(path, as_timm=False).state_dict()
+        return dict(config["model"]), load_encoder(path, as_timm=False).state_dict(), None
     if not path.is_file():
         raise EmfmError(f"init={init}: no such checkpoint or export directory (or use init=scratch)")
     state = read_checkpoint(path)
-    model = (state.get("hyper_parameters") or {}).get("encoder")
+    hparams = state.get("hyper_parameters") or {}
+    model = hparams.get("encoder")
     if not isinstance(model, Mapping) or "state_dict" not in state:
         raise EmfmError(f"init={init}: not an emfm checkpoint (no encoder config in its hyper_parameters)")
-    prefixes = ("model.encoder.", "encoder.")  # fine-tuning or pretraining checkpoint
-    weights = {k.removeprefix(p): v for k, v in state["state_dict"].items() for p in prefixes if k.startswith(p)}
-    return dict(model), weights
+    weights = state["state_dict"]
+    encoder = {k.removeprefix(p): v for k, v in weights.items() for p in ENCODER_PREFIXES if k.startswith(p)}
+    head = None
+    if isinstance(hparams.get("head"), Mapping):  # fine-tuning checkpoint
+        head = PretrainedHead(dict(hparams["head"]), _under(weights, "model.head."))
+    elif isinstance((hparams.get("methods") or {}).get("restore"), Mapping):  # whole-network pretraining
+        config = hparams["methods"]["restore"].get("head") or {"name": "auto"}
+        head = PretrainedHead(dict(config), _under(weights, "methods.restore.head."))
+    return dict(model), encoder, head
 
 
-def load_pretrained(encoder: Encoder, config: Mapping[str, Any], init: str) -> None:
-    """Copy the weights of ``init`` into ``encoder`` after checking they are the same architecture."""
-    source, weights = pretrained_encoder(init)
+ENCODER_PREFIXES = ("model.encoder.", "encoder.")  # fine-tuning or pretraining checkpoint
+
+
+@dataclass
+class PretrainedHead:
+    """A decoder from a checkpoint: its ``head`` config and weights (the output layer ``out.*`` included)."""
+
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+
+
+def _under(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def load_pretrained(model: SegmentationModel, config: Mapping[str, Any], head: Mapping[str, Any], init: str) -> None:
+    """Copy the weights of ``init`` into ``model`` after checking they are the same architecture.
+
+    The encoder always; the decoder too when ``init`` has one, all but its output layer, which
+    belongs to the pretraining task (or another target) and starts fresh.
+    """
+    source, weights, decoder = pretrained_network(init)
     for key in ARCHITECTURE:
         if source.get(key) != config.get(key):
             raise EmfmError(f"init={init}: encoder has {key}={source.get(key)!r} but this run builds "
                             f"model.{key}={config.get(key)!r}; use the same model settings as in pretraining")
+    encoder = model.encoder
     own = encoder.state_dict()
     for key, value in weights.items():  # learned 2-D positions follow another patch shape
         if key.endswith("pos_embed") and key in own and value.shape != own[key].shape:
             prefix = getattr(encoder, "num_prefix_tokens", 0)
             weights[key] = resample_abs_pos_embed(value, list(encoder.grid_size), num_prefix_tokens=prefix)
     encoder.load_state_dict(weights)
+    if decoder is not None:
+        theirs, ours = head_settings(decoder.config, encoder), head_settings(head, encoder)
+        if theirs != ours:
+            raise EmfmError(f"init={init}: its decoder is head {theirs} but this run builds head {ours}; "
+                            f"use the same head settings as in pretraining")
+        kept = {k: v for k, v in decoder.weights.items() if not k.startswith("out.")}
+        missing, unexpected = model.head.load_state_dict(kept, strict=False)
+        if unexpected or any(not k.startswith("out.") for k in missing):
+            raise EmfmError(f"init={init}: decoder weights do not fit head {ours} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def overlap_counts(probs: torch.Tensor, truth: torch.Tensor, kind: str) -> torch.Tensor:
@@ -124,9 +172,9 @@ class SegmentationModule(pl.LightningModule):
         target = dict(target)
         self.target = make_target(target.pop("kind"), ignore_label=IGNORE, **target)
         net = create_encoder(**encoder)
-        if str(init) != "scratch":
-            load_pretrained(net, encoder, str(init))
         self.model = SegmentationModel(net, create_head(encoder=net, out_channels=self.target.channels, **head))
+        if str(init) != "scratch":
+            load_pretrained(self.model, encoder, head, str(init))
         self.loss = SegmentationLoss(self.target.loss, ignore_index=IGNORE, **(loss or {}))
         self.augment = Augment(net.spatial_dims, isotropic, **(augment or {}))
         semi = dict(semi or {})
@@ -197,5 +245,7 @@ class SegmentationModule(pl.LightningModule):
             scale = hp.layer_decay ** (len(groups) - depth)
             param_list += param_groups(((n, names[n]) for n in group), hp.weight_decay, scale, hp.freeze_encoder_steps)
         param_list += param_groups(self.model.head.named_parameters(), hp.weight_decay)
+        if self.semi is not None:  # its own layers (a teacher has no trainable parameters)
+            param_list += param_groups(self.semi.named_parameters(), hp.weight_decay)
         return adamw_warmup_cosine(param_list, self.trainer.max_steps, hp.lr, hp.betas, hp.warmup_steps,
                                    hp.min_lr_ratio)

@@ -8,6 +8,10 @@ prediction on one view is a target for the other pixel for pixel.
   teacher) predicts the weak view; the model's prediction of the strong view is pulled to it (MSE).
 - ``fixmatch`` (Sohn et al., 2020): the model's own confident predictions of the weak view become
   hard pseudo-labels for the strong view; unconfident pixels are ignored.
+
+``restore`` is different: it keeps whole-network restoration (``objective=restore``) going on the
+unlabeled patches, through the segmentation decoder and an output layer of its own, as DenoiSeg
+(Buchholz et al., 2020) keeps denoising while it learns to segment.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from emfm.data.augment import Augment
 from emfm.data.targets import IGNORE
 from emfm.errors import EmfmError
 from emfm.finetune.losses import SegmentationLoss
+from emfm.models.layers import conv_nd
+from emfm.pretrain.restore import Corruption, restoration_loss
 
 # The strong view: what a segmentation should not depend on.
 STRONG = {"intensity": {"p": 1.0, "brightness": [-0.15, 0.15], "contrast": [0.6, 1.5], "gamma": [0.7, 1.4]},
@@ -106,7 +112,30 @@ class FixMatch(SemiSupervised):
         return {"loss": out["loss"], "confident": confident.float().mean()}
 
 
-SEMI: dict[str, type[SemiSupervised]] = {"mean_teacher": MeanTeacher, "fixmatch": FixMatch}
+class Restoration(SemiSupervised):
+    """Restore corrupted unlabeled patches through the segmentation network's own decoder.
+
+    Args:
+        model: the segmentation model; its head must have a decoder (``decode``).
+        **kwargs: :class:`~emfm.pretrain.restore.Corruption` settings and the base's options.
+    """
+
+    def __init__(self, spatial_dims: int, model: nn.Module, weight: float = 1.0, rampup_steps: int = 0,
+                 isotropic: bool = False, **corruption: Any) -> None:
+        super().__init__(spatial_dims, weight, rampup_steps, isotropic=isotropic)
+        if not hasattr(model.head, "width"):
+            raise EmfmError("semi=restore needs a decoder head (unet or unetr), not head.name=linear")
+        self.corruption = Corruption(model.encoder.input_shape, key="semi", **corruption)
+        self.out = conv_nd(spatial_dims, model.head.width, model.encoder.in_chans, 1)
+
+    def forward(self, model: nn.Module, images: torch.Tensor, loss: SegmentationLoss,
+                activate: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        corrupted, weight = self.corruption(images, None)
+        restored = self.out(model.head.decode(corrupted, model.encoder.forward_features(corrupted)))
+        return {"loss": restoration_loss(restored, images, weight)}
+
+
+SEMI: dict[str, type[SemiSupervised]] = {"mean_teacher": MeanTeacher, "fixmatch": FixMatch, "restore": Restoration}
 
 
 def create_semi(name: str, spatial_dims: int, model: nn.Module, isotropic: bool = False,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,7 +60,12 @@ class SegmentationHead(nn.Module):
     """What every head keeps: ``forward(image, features)`` -> logits (N, out_channels, *image spatial).
 
     The input image is passed too, so heads can add a full-resolution skip from the raw pixels.
+    A decoder head splits into ``decode`` (full-resolution features, ``width`` channels) and the
+    1x1 convolution ``out``, so a second output (a self-supervised one) can share the decoder and
+    a pretrained decoder can be reused with a fresh output layer.
     """
+
+    width: int  # channels of what ``decode`` returns
 
     def __init__(self, encoder: Encoder, out_channels: int) -> None:
         super().__init__()
@@ -68,8 +73,12 @@ class SegmentationHead(nn.Module):
             raise EmfmError(f"head out_channels must be >= 1, got {out_channels}")
         self.spatial_dims, self.out_channels = encoder.spatial_dims, int(out_channels)
 
-    def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def decode(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Full-resolution decoder features (N, width, *image spatial)."""
         raise NotImplementedError
+
+    def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.out(self.decode(image, features))
 
 
 class UNETRHead(SegmentationHead):
@@ -130,9 +139,10 @@ class UNETRHead(SegmentationHead):
             self.ups.append(conv_transpose_nd(dims, c_in, widths[level], factors[level], stride=factors[level]))
             merged = widths[level] * (1 + self.skip_levels.count(level) + (level == 0))
             self.blocks.append(ConvBlock(dims, merged, widths[level], norm, residual=True))
-        self.out = conv_nd(dims, widths[0], self.out_channels, 1)
+        self.width = widths[0]
+        self.out = conv_nd(dims, self.width, self.out_channels, 1)
 
-    def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def decode(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         skips = [path(f) for path, f in zip(self.skip_paths, features[:-1])]
         x = features[-1]
         for level, up, block in zip(reversed(range(len(self.ups))), self.ups, self.blocks):
@@ -141,7 +151,7 @@ class UNETRHead(SegmentationHead):
             if level == 0:
                 merged.append(self.raw(image))
             x = block(torch.cat(merged, dim=1))
-        return self.out(x)
+        return x
 
 
 class UNetHead(SegmentationHead):
@@ -173,15 +183,16 @@ class UNetHead(SegmentationHead):
         if math.prod(min(encoder.feature_strides, key=math.prod)) > 1:
             self.full = ConvBlock(dims, width + encoder.in_chans, channels, norm)
             width = channels
+        self.width = width
         self.out = conv_nd(dims, width, self.out_channels, 1)
 
-    def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def decode(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         x = features[-1]
         for block, skip in zip(self.blocks, features[-2::-1]):
             x = block(torch.cat([_interpolate(x, skip.shape[2:]), skip], dim=1))
         if self.full is not None:
             x = self.full(torch.cat([_interpolate(x, image.shape[2:]), image], dim=1))
-        return self.out(_interpolate(x, image.shape[2:]))
+        return _interpolate(x, image.shape[2:])
 
 
 class LinearHead(SegmentationHead):
@@ -219,6 +230,22 @@ HEAD_NAMES = sorted(["auto", *HEADS])
 def auto_head(encoder: Encoder) -> str:
     """``unetr`` when every map has one stride (a ViT), else ``unet`` (a multi-scale CNN)."""
     return "unetr" if len({tuple(s) for s in encoder.feature_strides}) == 1 else "unet"
+
+
+def head_settings(config: Mapping[str, Any], encoder: Encoder) -> dict[str, Any]:
+    """A ``head`` config resolved for ``encoder``: ``auto`` replaced, every option with its value.
+
+    Two configs that build the same decoder compare equal (``{name: auto}`` and
+    ``{name: unet, channels: 32}`` on a CNN), so a pretrained decoder can be checked against a run's.
+    """
+    config = dict(config)
+    name = config.pop("name", "auto")
+    name = auto_head(encoder) if name == "auto" else name
+    if name not in HEADS:
+        raise EmfmError(f"head.name={name!r} is not one of {HEAD_NAMES}")
+    defaults = {p.name: p.default for p in inspect.signature(HEADS[name]).parameters.values()
+                if p.name not in ("encoder", "out_channels")}
+    return {"name": name, **defaults, **config}
 
 
 def create_head(name: str, encoder: Encoder, out_channels: int, **kwargs: Any) -> SegmentationHead:
