@@ -109,6 +109,29 @@ def test_init_from_a_checkpoint_or_an_export_copies_the_encoder(
                            source["vit.blocks.0.attn.qkv.weight"])
 
 
+def test_init_from_whole_network_pretraining_copies_encoder_and_decoder(
+        compose_config, synth_zarr: Path, tmp_path: Path) -> None:
+    """objective=restore pretrains the head fine-tuning uses: all of it but the output layer carries over."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("emfm.configs", version_base="1.3"):
+        cfg = compose("pretrain", [f"paths.output_dir={tmp_path / 'pt'}", *tiny("cnn2d", "restore"), "head=unet",
+                                   f"data.volumes=[{synth_zarr}]", "trainer.max_steps=2", "logger=none"])
+    run.pretrain(cfg)
+    checkpoint = tmp_path / "pt" / "checkpoints" / "last.ckpt"
+    weights = torch.load(checkpoint, weights_only=True)["state_dict"]
+    args = [*finetune_args(synth_zarr, "cnn2d"), f"init={checkpoint}", "head=unet", "head.channels=8"]
+    model = run.build(compose_config("finetune", args).module).model
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, weights[f"encoder.{key}"]), key
+    decoder = model.head.state_dict()
+    assert {k for k in decoder if not k.startswith("out.")} and all(
+        torch.equal(v, weights[f"methods.restore.head.{k}"]) for k, v in decoder.items() if not k.startswith("out."))
+    assert not torch.equal(decoder["out.weight"], weights["methods.restore.head.out.weight"])
+    with pytest.raises(EmfmError, match="its decoder is head .*'channels': 8.* but this run builds head .*'channels': 16"):
+        run.build(compose_config("finetune", [*args, "head.channels=16"]).module)
+
+
 def test_init_from_another_architecture_or_a_missing_file_is_refused(
         compose_config, synth_zarr: Path, pretrained: Path) -> None:
     cfg = compose_config("finetune", [*finetune_args(synth_zarr, "cnn2d"), f"init={pretrained}"])
@@ -119,7 +142,7 @@ def test_init_from_another_architecture_or_a_missing_file_is_refused(
         run.build(cfg.module)
 
 
-@pytest.mark.parametrize("semi", ["mean_teacher", "fixmatch"])
+@pytest.mark.parametrize("semi", ["mean_teacher", "fixmatch", "restore"])
 def test_semi_supervised_training_uses_unlabeled_patches(compose_config, synth_zarr: Path, tmp_path: Path,
                                                          semi: str) -> None:
     cfg = compose_config("finetune", [*finetune_args(synth_zarr), f"semi={semi}", "semi.rampup_steps=1",
@@ -233,7 +256,8 @@ def test_label_values_the_target_cannot_represent_are_refused(compose_config, sy
         run.finetune(compose_config("finetune", args))
 
 
-@pytest.mark.parametrize("semi, option", [("mean_teacher", "semi.momentum=0.5"), ("fixmatch", "semi.threshold=0.5")])
+@pytest.mark.parametrize("semi, option", [("mean_teacher", "semi.momentum=0.5"), ("fixmatch", "semi.threshold=0.5"),
+                                          ("restore", "semi.mask_ratio=0.25")])
 def test_the_unlabeled_loss_trains_the_student(compose_config, synth_zarr: Path, semi: str, option: str) -> None:
     module = run.build(compose_config("finetune", [*finetune_args(synth_zarr), f"semi={semi}", option]).module)
     with torch.no_grad():  # a teacher that differs from the student, as after some training
@@ -244,3 +268,15 @@ def test_the_unlabeled_loss_trains_the_student(compose_config, synth_zarr: Path,
     grads = [p.grad for p in module.model.parameters() if p.grad is not None]
     assert loss > 0 and grads and any(g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in getattr(module.semi, "teacher", torch.nn.Identity()).parameters())
+
+
+def test_joint_restoration_trains_its_own_output_layer_and_the_decoder(compose_config, synth_zarr: Path) -> None:
+    module = run.build(compose_config("finetune", [*finetune_args(synth_zarr), "semi=restore"]).module)
+    module.trainer = type("T", (), {"max_steps": 10})()  # configure_optimizers reads max_steps only
+    optimised = {id(p) for group in module.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
+    assert id(module.semi.out.weight) in optimised
+    loss = module.semi(module.model, torch.rand(2, 1, 32, 32), module.loss, module.activate)["loss"]
+    loss.backward()
+    assert module.semi.out.weight.grad.abs().sum() > 0
+    assert module.model.head.out.weight.grad is None  # the segmentation output is not part of this task
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.head.blocks.parameters())

@@ -21,11 +21,12 @@ from emfm.pretrain.densecl import DenseCL, dense_info_nce, match_cells
 from emfm.pretrain.masking import tube_masking
 from emfm.pretrain.mim import MIM
 from emfm.pretrain.mocov3 import MoCoV3
+from emfm.pretrain.restore import Corruption
 from tests.conftest import TINY_VIT, tiny
 
 MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}
 COMBINATIONS = [(model, objective) for model in MASKED
-                for objective in (MASKED[model], "mocov3", "simclr", "densecl", "hybrid")]
+                for objective in (MASKED[model], "mocov3", "simclr", "densecl", "restore", "hybrid")]
 COMBINATIONS += [("vit2d_p4", "mae"), ("vit3d_p8", "mae")]  # fine token grids: MAE's targets and decoder
 
 
@@ -75,6 +76,46 @@ def test_objectives_that_do_not_fit_are_refused() -> None:
         PretrainModule(cnn, {"densecl": {"dense_weight": 1.5}})
     with pytest.raises(EmfmError, match="densecl.radius must be > 0"):
         PretrainModule(cnn, {"densecl": {"radius": 0}})
+    with pytest.raises(EmfmError, match="restore.head.name=linear has no decoder"):
+        PretrainModule(cnn, {"restore": {"head": {"name": "linear"}}})
+    with pytest.raises(EmfmError, match=r"restore.mask_patch \[5, 5\] must have 2 entries dividing"):
+        PretrainModule(cnn, {"restore": {"mask_patch": 5}})
+    with pytest.raises(EmfmError, match="restore: mask_ratio 0 needs noise_std above 0"):
+        PretrainModule(cnn, {"restore": {"mask_ratio": 0}})
+
+
+def test_restoration_hides_whole_cells_and_weighs_what_it_hides() -> None:
+    corruption = Corruption((8, 32, 32), mask_ratio=0.25, mask_patch=(2, 8, 8), visible_weight=0.1)
+    images = torch.rand(3, 1, 8, 32, 32)
+    corrupted, weight = corruption(images, torch.Generator().manual_seed(0))
+    hidden = weight == 1
+    assert hidden.float().mean() == 0.25 and torch.all(weight[~hidden] == 0.1)
+    cells = hidden.view(3, 1, 4, 2, 4, 8, 4, 8)  # each (2, 8, 8) cell hidden or visible as a whole
+    assert torch.all(cells == cells[:, :, :, :1, :, :1, :, :1])
+    assert torch.equal(corrupted[~hidden], images[~hidden])  # no noise asked for: visible voxels kept
+    assert not torch.allclose(corrupted[hidden], images[hidden])
+    noisy, weight = Corruption((32, 32), mask_ratio=0, noise_std=(0.5, 0.5), visible_weight=1)(
+        images[:, :, 0], torch.Generator().manual_seed(0))
+    assert torch.all(weight == 1) and (noisy - images[:, :, 0]).std() == pytest.approx(0.5, rel=0.05)
+
+
+def test_restoration_trains_encoder_and_decoder_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    module = PretrainModule({"family": "cnn2d", "name": "test_resnet", "input_shape": [64, 64]},
+                            {"restore": {"head": {"name": "unet", "channels": 8}, "noise_std": [0.1, 0.1],
+                                         "visible_weight": 0.5}})
+    images = torch.randn(4, 1, 64, 64).cumsum(-1).cumsum(-2) / 64  # smooth: hidden cells can be guessed
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = module.compute_loss(images, torch.Generator().manual_seed(0))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+    panels = module.visualize(images)
+    assert list(panels) == ["input", "corrupted", "restored"] and panels["restored"].shape == images.shape
 
 
 def test_3d_encoder_on_2d_patches_is_refused(compose_config, synth_zarr: Path) -> None:
