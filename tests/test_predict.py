@@ -11,39 +11,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from hydra import compose, initialize_config_module
 from scipy import ndimage
 
-from emfm import run
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.evaluate import load_segmenter
 from emfm.evaluation.metrics import rand_scores
-from tests.conftest import TINY_MODELS
-
-FINETUNE = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",
-            "module.lr=3e-3", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
-            "callbacks.progress_bar=null", "logger=none", "data.val_slices=null", "+trainer.limit_val_batches=0",
-            "callbacks.model_checkpoint.monitor=null", "data.labeled_slices=[0,1,2,3]"]
-
-
-def compose_run(name: str, overrides: list[str]) -> dict:
-    with initialize_config_module("emfm.configs", version_base="1.3"):
-        cfg = compose(name, overrides)
-    return getattr(run, name)(cfg)
-
-
-def finetuned(root: Path, volume: Path, model: str, steps: int, *extra: str) -> Path:
-    compose_run("finetune", [f"model={model}", *TINY_MODELS[model], f"data.raw={volume}",
-                             f"data.labels={volume}/labels/membranes", f"trainer.max_steps={steps}",
-                             f"paths.output_dir={root}", *FINETUNE, *extra])
-    return root / "checkpoints" / "last.ckpt"
-
-
-@pytest.fixture(scope="module")
-def model_2d(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return finetuned(tmp_path_factory.mktemp("ft2d"), synth_zarr, "vit2d", 40)
+from tests.conftest import TINY_MODELS, compose_run, finetuned
 
 
 @pytest.fixture(scope="module")
