@@ -7,11 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from emfm.data.ingest import write_ome_zarr
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
+from emfm.data.volume import Volume
 
 # Overrides that shrink the real configs to a tiny ViT-MAE on 32x32 patches (seconds on 2 cores).
 TINY_PRETRAIN = [
@@ -90,6 +93,14 @@ def file_hashes(path: Path) -> dict[str, str]:
     """sha256 of the file ``path``, or of every file under the folder ``path``: equal before and after = untouched."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def overflowing(volume: Path, out: Path) -> Path:
+    """``volume`` as intensities in [0, 0.5] with a float32-max sentinel every 16 pixels: finite as stored (reading
+    and normalising accept it) but infinite once normalised, so a run on it meets a non-finite loss at once."""
+    raw = Volume(volume).read().astype(np.float32) / 510
+    raw[..., ::16, ::16] = np.finfo(np.float32).max
+    return write_ome_zarr(raw, out, levels=1)    # no pyramid: its means would overflow
 
 
 @pytest.fixture(scope="session")
