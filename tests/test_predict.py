@@ -86,12 +86,12 @@ def test_killed_run_resumes_to_identical_bytes(synth_zarr: Path, model_2d: Path,
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if done.exists() and sum(len(f) for _, _, f in os.walk(done)) >= 5:
+            if done.exists() and sum(len(f) for _, _, f in os.walk(done)) >= 16:     # a quarter from the killed process
                 break
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finished = sum(len(f) for _, _, f in os.walk(done))
-    assert proc.returncode == -signal.SIGKILL and 5 <= finished < 64, finished
+    assert proc.returncode == -signal.SIGKILL and 16 <= finished < 64, finished
     assert not dict(zarr.open_group(str(resumed), mode="r").attrs)["emfm"]["complete"]
     out = predict(tmp_path, model_2d, synth_zarr, resumed, block)
     assert out["computed"] == 64 - finished
@@ -108,8 +108,12 @@ def test_dask_executor_equals_local_with_instances_stitched(synth_zarr: Path, mo
     local, dask = tmp_path / "local.zarr", tmp_path / "dask.zarr"
     # one torch thread in both, as a different thread count may change the last bit of a sum
     predict(tmp_path, model_2d, synth_zarr, local, block, "instances=true", "instance_halo=8", "threads=1")
+    environ = dict(os.environ)
     predict(tmp_path, model_2d, synth_zarr, dask, block, "instances=true", "instance_halo=8", "executor=dask",
             "dask.n_workers=2", "dask.threads_per_worker=1")
+    # Dask's nanny sets OMP_NUM_THREADS=1 & co. in this process for its workers: taken back, or every later
+    # subprocess (test_killed_run_resumes_to_identical_bytes's) would compute on one thread, other bits.
+    assert dict(os.environ) == environ
     assert np.array_equal(probabilities(local), probabilities(dask))
     labels = zarr.open_array(f"{local}/labels/instances/0", mode="r")[...]
     assert np.array_equal(labels, zarr.open_array(f"{dask}/labels/instances/0", mode="r")[...])
