@@ -18,6 +18,7 @@ from torch import nn
 
 from emfm.errors import EmfmError
 from emfm.models.encoders import Encoder, create_encoder
+from emfm.paths import refuse_overlap
 from emfm.training import read_checkpoint
 
 WEIGHTS, CONFIG, CARD = "encoder.safetensors", "config.json", "README.md"
@@ -39,6 +40,7 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bo
     model = hparams.get("encoder")
     if not isinstance(model, dict) or "family" not in model or "state_dict" not in state:
         raise EmfmError(f"{checkpoint}: not an emfm pretraining checkpoint (no encoder config in hyper_parameters)")
+    refuse_overlap("out_dir", out_dir, {"checkpoint": checkpoint})
     if out_dir.exists() and not overwrite:
         raise EmfmError(f"{out_dir} exists; pass --overwrite to replace it")
     encoder = create_encoder(**model)

@@ -11,11 +11,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from emfm.errors import EmfmError
 from emfm.training import read_checkpoint
@@ -86,13 +88,17 @@ def prepare(cfg: DictConfig, module_cfg: DictConfig) -> tuple[pl.LightningDataMo
 
 def fit(cfg: DictConfig, module_cfg: DictConfig) -> dict[str, float]:
     """Train; returns the last logged metrics (empty after a SIGTERM, which saved last.ckpt)."""
+    run_dir = Path(cfg.paths.output_dir)
+    if not cfg.get("resume"):
+        refuse_used_run_dir(run_dir)
     datamodule, module, trainer, checkpoint = prepare(cfg, module_cfg)
+    record_config(cfg, run_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     except SIGTERMException:
         return {}  # SaveOnPreemption wrote last.ckpt and said so
     if trainer.is_global_zero:
-        report_outputs(Path(cfg.paths.output_dir), trainer)
+        report_outputs(run_dir, trainer)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -132,6 +138,36 @@ def cluster(cfg: DictConfig) -> dict[str, Any]:
     from emfm.explore.cluster import cluster as run_cluster
 
     return run_cluster(cfg)
+
+
+# What a training run leaves in its directory: one of these means the directory holds a run.
+RUN_OUTPUTS = ("checkpoints/*.ckpt", "csv/metrics.csv", "tensorboard/events.out.tfevents.*")
+
+
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """A new run never starts beside another: it would save last-v1.ckpt and mix its metrics into the
+    older run's, and ``resume=auto`` would then continue the older one."""
+    found = next((path for pattern in RUN_OUTPUTS for path in sorted(run_dir.glob(pattern))), None)
+    if found is not None:
+        raise EmfmError(f"hydra.run.dir={run_dir} already holds a run ({found.relative_to(run_dir)}); continue it "
+                        f"with resume=auto, or start a new run in another hydra.run.dir")
+
+
+@rank_zero_only
+def record_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Write ``.hydra/`` (config, Hydra config, overrides) as Hydra does, once the run's inputs are checked.
+
+    The training configs turn Hydra's own write off (it comes before any check), so a refused
+    command (a rerun, a resume of another model) leaves the config of the run in ``run_dir`` as it was.
+    """
+    if not HydraConfig.initialized():       # called from Python, not through the ``emfm`` command
+        return
+    hydra = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"config.yaml": cfg, "hydra.yaml": {"hydra": hydra}, "overrides.yaml": hydra.overrides.task}
+    for name, node in files.items():
+        (folder / name).write_text(OmegaConf.to_yaml(node))
 
 
 def resume_checkpoint(resume: str | None, run_dir: Path, module: pl.LightningModule) -> str | None:

@@ -1,8 +1,10 @@
 """Trainer pieces shared by every command: the optimiser and its schedule, atomic checkpoints, a clean
-stop on preemption, checkpoints read without running code."""
+stop on preemption, metrics appended across resumes, checkpoints read without running code."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -13,7 +15,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -57,6 +62,89 @@ class SaveOnPreemption(pl.Callback):
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path)
             rank_zero_info(f"SIGTERM at step {trainer.global_step}: saved {self.path}; rerun with resume=auto")
+
+
+class StopOnNonFinite(pl.Callback):
+    """Stop a run whose loss or gradients are no longer finite, before the optimiser writes them into the weights.
+
+    The error names the step. Nothing is saved after it (Lightning's ModelCheckpoint does not save
+    on exceptions, :class:`SaveOnPreemption` only on SIGTERM), so ``last.ckpt`` keeps the last good
+    weights. Every rank takes the same decision, so a DDP run stops as a whole.
+    """
+
+    def __init__(self) -> None:
+        self.loss: torch.Tensor | None = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self.loss = loss.detach()
+        self._stop_if(trainer, ~torch.isfinite(self.loss).all(), "train/loss")
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return      # float16: the GradScaler skips steps whose gradients overflow, by design
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self._stop_if(trainer, ~torch.stack([torch.isfinite(g).all() for g in grads]).all(), "a gradient")
+
+    def _stop_if(self, trainer: pl.Trainer, bad: torch.Tensor, what: str) -> None:
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            loss = float(self.loss) if self.loss is not None else float("nan")
+            raise EmfmError(f"{what} is not finite at step {trainer.global_step} (train/loss {loss:.4g}); stopped "
+                            f"before the weights took it, nothing saved: lower the learning rate or check the data")
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's CSV logger, continuing the run's ``metrics.csv`` where Lightning would delete it.
+
+    A resumed run appends to the rows written before the kill or preemption (the steps between the
+    checkpoint and the kill appear twice: both runs took them); nothing a run logged is lost.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class AppendingWriter(ExperimentWriter):
+    """Appends to an existing ``metrics.csv``; a new metric key widens its header (the file is rewritten atomically)."""
+
+    def _check_log_dir_exists(self) -> None:
+        """Called by Lightning's ``__init__`` to delete an existing file: continue it instead."""
+        if self._fs.isfile(self.metrics_file_path):
+            self.metrics_keys, rows = self._read()
+            self._write(self.metrics_keys, rows)     # drops a row a kill cut short: the next would join it
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        keys = sorted(set(self.metrics_keys).union(*self.metrics))
+        if keys != self.metrics_keys:
+            self._write(keys, self._read()[1] if self._fs.isfile(self.metrics_file_path) else [])
+            self.metrics_keys = keys
+        with self._fs.open(self.metrics_file_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=keys).writerows(self.metrics)
+        self.metrics = []
+
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        """The file's header and its complete rows."""
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            text = f.read()
+        reader = csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1]))
+        return list(reader.fieldnames or []), list(reader)
+
+    def _write(self, keys: list[str], rows: list[dict[str, str]]) -> None:
+        """Replace the file by a temporary one moved into place: a kill meanwhile leaves the old file."""
+        partial = f"{self.metrics_file_path}.partial"
+        with self._fs.open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        self._fs.mv(partial, self.metrics_file_path)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

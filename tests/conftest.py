@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from emfm.data.ingest import write_ome_zarr
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
+from emfm.data.volume import Volume
 
 # Overrides that shrink the real configs to a tiny ViT-MAE on 32x32 patches (seconds on 2 cores).
 TINY_PRETRAIN = [
@@ -67,6 +72,45 @@ def tiny(model: str, objective: str) -> list[str]:
             *TINY_TRAINING]
 
 
+# A seconds-long fine-tuning of a tiny model, without validation.
+TINY_FINETUNE_RUN = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",
+                     "module.lr=3e-3", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
+                     "callbacks.progress_bar=null", "logger=none", "data.val_slices=null",
+                     "+trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
+                     "data.labeled_slices=[0,1,2,3]"]
+
+
+def compose_run(name: str, overrides: list[str]) -> Any:
+    """Run the command ``name`` on its real composed config, as ``emfm NAME`` does."""
+    from emfm import run
+
+    with initialize_config_module("emfm.configs", version_base="1.3"):
+        cfg = compose(name, overrides)
+    return getattr(run, name)(cfg)
+
+
+def finetuned(root: Path, volume: Path, model: str, steps: int, *extra: str) -> Path:
+    """The last checkpoint of a real ``emfm finetune`` run on the membranes of the synthetic ``volume``."""
+    compose_run("finetune", [f"model={model}", *TINY_MODELS[model], f"data.raw={volume}",
+                             f"data.labels={volume}/labels/membranes", f"trainer.max_steps={steps}",
+                             f"paths.output_dir={root}", *TINY_FINETUNE_RUN, *extra])
+    return root / "checkpoints" / "last.ckpt"
+
+
+def file_hashes(path: Path) -> dict[str, str]:
+    """sha256 of the file ``path``, or of every file under the folder ``path``: equal before and after = untouched."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def overflowing(volume: Path, out: Path) -> Path:
+    """``volume`` as intensities in [0, 0.5] with a float32-max sentinel every 16 pixels: finite as stored (reading
+    and normalising accept it) but infinite once normalised, so a run on it meets a non-finite loss at once."""
+    raw = Volume(volume).read().astype(np.float32) / 510
+    raw[..., ::16, ::16] = np.finfo(np.float32).max
+    return write_ome_zarr(raw, out, levels=1)    # no pyramid: its means would overflow
+
+
 @pytest.fixture(scope="session")
 def synth_zarr(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A (16, 96, 96) synthetic EM volume with labels, as OME-Zarr on disk."""
@@ -76,12 +120,8 @@ def synth_zarr(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def pretrained(root: Path, volume: Path, steps: int, overrides: list[str]) -> Path:
     """The last checkpoint of a real ``emfm pretrain`` run of ``steps`` steps on ``volume``."""
-    from emfm import run
-
-    with initialize_config_module("emfm.configs", version_base="1.3"):
-        cfg = compose("pretrain", [*overrides, f"data.volumes=[{volume}]", f"paths.output_dir={root}",
-                                   f"trainer.max_steps={steps}", "logger=none"])
-    run.pretrain(cfg)
+    compose_run("pretrain", [*overrides, f"data.volumes=[{volume}]", f"paths.output_dir={root}",
+                             f"trainer.max_steps={steps}", "logger=none"])
     return root / "checkpoints" / "last.ckpt"
 
 
@@ -89,6 +129,12 @@ def pretrained(root: Path, volume: Path, steps: int, overrides: list[str]) -> Pa
 def vit_checkpoint(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ViT (patch 8, 32x32 tiles) after a brief (60-step) MAE pretraining on the synthetic volume."""
     return pretrained(tmp_path_factory.mktemp("vit"), synth_zarr, 60, TINY_PRETRAIN)
+
+
+@pytest.fixture(scope="session")
+def model_2d(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT + UNETR fine-tuned for 40 steps on the synthetic membranes."""
+    return finetuned(tmp_path_factory.mktemp("ft2d"), synth_zarr, "vit2d", 40)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from emfm.errors import EmfmError
 from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
 from emfm.explore.cluster import Clusterer, clusters_to_labels, upsample_linear
 from emfm.predict.blocks import BlockGrid
-from tests.test_features import compose_run
+from tests.conftest import compose_run, file_hashes
 
 LABELS = "{{membranes:{v}/labels/membranes,mitochondria:{v}/labels/mitochondria}}"
 
@@ -124,6 +124,10 @@ def test_chosen_clusters_become_sparse_labels_that_finetune_trains_on(synth_zarr
     assert (tmp_path / "ft" / "checkpoints" / "last.ckpt").is_file()
     with pytest.raises(EmfmError, match=r"clusters \[7\] do not exist in .* \(clusters 0..2\)"):
         clusters_to_labels(tmp_path / "c.zarr", {7: 1}, tmp_path / "s.zarr")
+    before = file_hashes(tmp_path / "c.zarr")
+    with pytest.raises(EmfmError, match=r"output=\S+/c.zarr is the cluster map \S+/c.zarr"):
+        clusters_to_labels(tmp_path / "c.zarr", {0: 1}, tmp_path / "c.zarr", overwrite=True)
+    assert file_hashes(tmp_path / "c.zarr") == before
 
 
 def test_bad_cluster_inputs_are_named(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path) -> None:

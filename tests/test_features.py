@@ -5,19 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from hydra import compose, initialize_config_module
 
-from emfm import run
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.explore.features import dense_features, load_encoder
-from tests.conftest import pretrained, tiny
-
-
-def compose_run(name: str, overrides: list[str]) -> dict:
-    with initialize_config_module("emfm.configs", version_base="1.3"):
-        cfg = compose(name, overrides)
-    return getattr(run, name)(cfg)
+from tests.conftest import compose_run, pretrained, tiny
 
 
 def features(tmp_path: Path, checkpoint: Path, volume: Path, output: Path, *extra: str) -> dict:

@@ -23,7 +23,7 @@ from emfm.errors import EmfmError
 from emfm.evaluation.evaluate import load_segmenter
 from emfm.export import export_encoder
 from emfm.finetune.callbacks import panels
-from tests.conftest import TINY_MODELS, tiny
+from tests.conftest import TINY_MODELS, overflowing, tiny
 
 TINY_FINETUNE = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",
                  "trainer.accelerator=cpu", "trainer.enable_model_summary=false", "callbacks.progress_bar=null"]
@@ -140,6 +140,16 @@ def test_init_from_another_architecture_or_a_missing_file_is_refused(
     cfg = compose_config("finetune", [*finetune_args(synth_zarr), "init=/nowhere/x.ckpt"])
     with pytest.raises(EmfmError, match="no such checkpoint or export directory"):
         run.build(cfg.module)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")    # normalising the sentinels: the point
+def test_a_loss_that_stops_being_finite_stops_fine_tuning_before_anything_is_saved(
+        compose_config, synth_zarr: Path, tmp_path: Path) -> None:
+    extreme = overflowing(synth_zarr, tmp_path / "extreme.zarr")
+    cfg = compose_config("finetune", [*finetune_args(extreme), f"data.labels={synth_zarr}/labels/membranes"])
+    with pytest.raises(EmfmError, match=r"^train/loss is not finite at step 0 \(train/loss nan\); stopped"):
+        run.finetune(cfg)
+    assert not list(tmp_path.glob("checkpoints/*.ckpt"))
 
 
 @pytest.mark.parametrize("semi", ["mean_teacher", "fixmatch", "restore"])

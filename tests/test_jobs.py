@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny
+from tests.conftest import file_hashes, overflowing, tiny
 
 MAX_STEPS = 60
 
@@ -36,12 +36,13 @@ def checkpoint_state(path: Path) -> tuple[int, int, int]:
     return state["global_step"], state["PatchDataModule"]["batches_served"], state["lr_schedulers"][0]["last_epoch"]
 
 
-def logged_steps(run_dir: Path) -> list[int]:
+def logged_losses(run_dir: Path) -> list[tuple[int, str]]:
+    """(step, train/loss) of every training row of the run's metrics.csv."""
     with (run_dir / "csv" / "metrics.csv").open() as f:
-        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+        return [(int(row["step"]), row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(synth_zarr: Path, tmp_path: Path) -> None:
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_keeps_its_metrics(synth_zarr: Path, tmp_path: Path) -> None:
     last = tmp_path / "checkpoints" / "last.ckpt"
     proc = start(tmp_path, synth_zarr)
     wait_for_checkpoint(proc, last)
@@ -50,14 +51,19 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(synth_zarr: Path, tmp_pat
     step, served, scheduled = checkpoint_state(last)
     assert 0 < step < MAX_STEPS and served == step == scheduled
     assert not list(last.parent.glob(".*.partial"))  # atomic writes leave no debris
+    before, events = logged_losses(tmp_path), set((tmp_path / "tensorboard").glob("events.*"))
+    assert [s for s, _ in before][:step] == list(range(step)) and events
 
     resumed = start(tmp_path, synth_zarr, "resume=auto")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
     assert "Restoring states from the checkpoint path" in err + out
     assert checkpoint_state(last) == (MAX_STEPS, MAX_STEPS, MAX_STEPS)  # optimiser steps, patch stream, LR schedule
-    after = [s for s in logged_steps(tmp_path) if s >= step]
-    assert after[-1] == MAX_STEPS - 1 and len(after) >= MAX_STEPS - step
+    rows = logged_losses(tmp_path)
+    assert rows[:len(before)] == before                    # every row of the killed run is still there, first
+    after = [s for s, _ in rows[len(before):]]             # then the resumed run, from its checkpoint on
+    assert after == list(range(step, MAX_STEPS))
+    assert events < set((tmp_path / "tensorboard").glob("events.*"))   # TensorBoard adds a file, deletes none
 
 
 def test_sigterm_saves_and_exits_cleanly(synth_zarr: Path, tmp_path: Path) -> None:
@@ -72,16 +78,51 @@ def test_sigterm_saves_and_exits_cleanly(synth_zarr: Path, tmp_path: Path) -> No
     assert step == served and step < MAX_STEPS
 
 
-def test_resume_without_a_checkpoint_or_with_another_model_is_refused(synth_zarr: Path, tmp_path: Path) -> None:
-    proc = start(tmp_path / "new", synth_zarr, "resume=auto")
+def refused(run_dir: Path, volume: Path, *extra: str) -> str:
+    """The one-line error of a command that must be refused."""
+    proc = start(run_dir, volume, *extra)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "resume=auto: no checkpoint at" in err
-    done = start(tmp_path / "a", synth_zarr, "trainer.max_steps=2")
+    assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
+    return err.strip().splitlines()[-1]
+
+
+def test_a_used_run_dir_is_continued_only_explicitly_and_a_refusal_keeps_its_config(synth_zarr: Path,
+                                                                                  tmp_path: Path) -> None:
+    assert "resume=auto: no checkpoint at" in refused(tmp_path / "new", synth_zarr, "resume=auto")
+    assert not (tmp_path / "new" / ".hydra").exists()              # nothing recorded for a run that never started
+    run_dir = tmp_path / "a"
+    done = start(run_dir, synth_zarr, "trainer.max_steps=2")
     done.communicate(timeout=120)
     assert done.returncode == 0
-    other = start(tmp_path / "a", synth_zarr, "trainer.max_steps=4", "resume=auto", "+model.depth=2")
-    _, err = other.communicate(timeout=120)
-    assert other.returncode == 2 and "was trained with encoder" in err.splitlines()[-1]
+    kept = {name: file_hashes(run_dir / name) for name in (".hydra", "checkpoints", "csv")}
+    assert "trainer.max_steps=2" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+
+    # Without resume, a second run would have started beside the first (last-v1.ckpt) and mixed their metrics.
+    assert refused(run_dir, synth_zarr, "trainer.max_steps=4") == (
+        f"emfm pretrain: error: hydra.run.dir={run_dir} already holds a run (checkpoints/last.ckpt); "
+        f"continue it with resume=auto, or start a new run in another hydra.run.dir")
+    assert "was trained with encoder" in refused(run_dir, synth_zarr, "trainer.max_steps=4", "resume=auto",
+                                                 "+model.depth=2")
+    assert {name: file_hashes(run_dir / name) for name in kept} == kept   # config, checkpoints, metrics untouched
+
+    resumed = start(run_dir, synth_zarr, "trainer.max_steps=4", "resume=auto")
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "resume=auto" in (run_dir / ".hydra" / "overrides.yaml").read_text()   # the run's config, now continued
+    assert checkpoint_state(run_dir / "checkpoints" / "last.ckpt")[0] == 4
+    assert not list(run_dir.glob("checkpoints/last-v*"))
+
+
+def test_a_loss_that_stops_being_finite_stops_the_run_and_keeps_the_last_good_checkpoint(
+        synth_zarr: Path, tmp_path: Path) -> None:
+    done = start(tmp_path, synth_zarr, "trainer.max_steps=4", "trainer.val_check_interval=2")
+    done.communicate(timeout=120)
+    assert done.returncode == 0
+    good = file_hashes(tmp_path / "checkpoints")
+    extreme = overflowing(synth_zarr, tmp_path / "extreme.zarr")
+    line = refused(tmp_path, synth_zarr, "trainer.max_steps=8", "resume=auto", f"data.volumes=[{extreme}]")
+    assert line.startswith("emfm pretrain: error: train/loss is not finite at step 4 (train/loss nan); stopped")
+    assert file_hashes(tmp_path / "checkpoints") == good          # no NaN weights saved over the good ones
 
 
 # Negatives per query with 4 patches on each of 2 ranks: SimCLR's 2 views x 8 patches minus the

@@ -11,39 +11,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from hydra import compose, initialize_config_module
 from scipy import ndimage
 
-from emfm import run
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.evaluate import load_segmenter
 from emfm.evaluation.metrics import rand_scores
-from tests.conftest import TINY_MODELS
-
-FINETUNE = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",
-            "module.lr=3e-3", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
-            "callbacks.progress_bar=null", "logger=none", "data.val_slices=null", "+trainer.limit_val_batches=0",
-            "callbacks.model_checkpoint.monitor=null", "data.labeled_slices=[0,1,2,3]"]
-
-
-def compose_run(name: str, overrides: list[str]) -> dict:
-    with initialize_config_module("emfm.configs", version_base="1.3"):
-        cfg = compose(name, overrides)
-    return getattr(run, name)(cfg)
-
-
-def finetuned(root: Path, volume: Path, model: str, steps: int, *extra: str) -> Path:
-    compose_run("finetune", [f"model={model}", *TINY_MODELS[model], f"data.raw={volume}",
-                             f"data.labels={volume}/labels/membranes", f"trainer.max_steps={steps}",
-                             f"paths.output_dir={root}", *FINETUNE, *extra])
-    return root / "checkpoints" / "last.ckpt"
-
-
-@pytest.fixture(scope="module")
-def model_2d(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return finetuned(tmp_path_factory.mktemp("ft2d"), synth_zarr, "vit2d", 40)
+from tests.conftest import TINY_MODELS, compose_run, finetuned
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +86,12 @@ def test_killed_run_resumes_to_identical_bytes(synth_zarr: Path, model_2d: Path,
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if done.exists() and sum(len(f) for _, _, f in os.walk(done)) >= 5:
+            if done.exists() and sum(len(f) for _, _, f in os.walk(done)) >= 16:     # a quarter from the killed process
                 break
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finished = sum(len(f) for _, _, f in os.walk(done))
-    assert proc.returncode == -signal.SIGKILL and 5 <= finished < 64, finished
+    assert proc.returncode == -signal.SIGKILL and 16 <= finished < 64, finished
     assert not dict(zarr.open_group(str(resumed), mode="r").attrs)["emfm"]["complete"]
     out = predict(tmp_path, model_2d, synth_zarr, resumed, block)
     assert out["computed"] == 64 - finished
@@ -133,8 +108,12 @@ def test_dask_executor_equals_local_with_instances_stitched(synth_zarr: Path, mo
     local, dask = tmp_path / "local.zarr", tmp_path / "dask.zarr"
     # one torch thread in both, as a different thread count may change the last bit of a sum
     predict(tmp_path, model_2d, synth_zarr, local, block, "instances=true", "instance_halo=8", "threads=1")
+    environ = dict(os.environ)
     predict(tmp_path, model_2d, synth_zarr, dask, block, "instances=true", "instance_halo=8", "executor=dask",
             "dask.n_workers=2", "dask.threads_per_worker=1")
+    # Dask's nanny sets OMP_NUM_THREADS=1 & co. in this process for its workers: taken back, or every later
+    # subprocess (test_killed_run_resumes_to_identical_bytes's) would compute on one thread, other bits.
+    assert dict(os.environ) == environ
     assert np.array_equal(probabilities(local), probabilities(dask))
     labels = zarr.open_array(f"{local}/labels/instances/0", mode="r")[...]
     assert np.array_equal(labels, zarr.open_array(f"{dask}/labels/instances/0", mode="r")[...])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
+from emfm import run
 from emfm.data import volume as volume_mod
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
@@ -118,6 +119,22 @@ def test_normalization_computed_once_and_cached_in_attrs(tmp_path, monkeypatch):
     assert v.normalization() == (lo, hi)
     x = v.normalize(a[:2])
     assert x.dtype == np.float32 and np.allclose(x, (a[:2] - lo) / (hi - lo))
+
+
+@pytest.mark.parametrize("values", [[7.0, 7.0], [9.0, 2.0], ["1", "200"], [1.0], "auto", [True, 5], None])
+def test_bad_cached_normalization_is_refused_naming_store_and_key(tmp_path, compose_config, values):
+    # Equal values used to divide by zero (train/loss=nan, exit 0); strings and lists of one raised a traceback.
+    out = write_ome_zarr(_rand((6, 50, 50)), tmp_path / "n.zarr")
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs["emfm"] = {**group.attrs["emfm"], "normalization": {"percentiles": [1.0, 99.5], "values": values}}
+    match = rf"n\.zarr: attribute emfm\.normalization\.values is .*; expected two finite numbers low < high"
+    with pytest.raises(EmfmError, match=match):
+        Volume(out).normalization()
+    cfg = compose_config("pretrain", ["model.name=test_vit", "model.patch_size=8", "data.patch_shape=[32,32]",
+                                      f"data.volumes=[{out}]", "trainer.max_steps=2", "data.num_workers=0"])
+    with pytest.raises(EmfmError, match=match):
+        run.pretrain(cfg)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_normalization_uses_coarse_level_and_bounded_sample(tmp_path, monkeypatch):

@@ -21,9 +21,10 @@ from numcodecs import Blosc
 from tqdm.auto import tqdm
 from zarr.codecs import ZstdCodec
 
-from emfm.data.sources import Source, open_source
+from emfm.data.sources import Source, open_source, source_path
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
+from emfm.paths import refuse_overlap
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +210,15 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
                    voxel_size: Sequence[float] | None = None, unit: str = "nanometer",
                    chunks: Sequence[int] | None = None, levels: int | None = None, is_label: bool = False,
                    labels: Mapping[str, Any] | None = None, zarr_format: int = 3, overwrite: bool = False,
-                   progress: bool = False) -> Path:
+                   progress: bool = False, inputs: Mapping[str, str | Path] | None = None) -> Path:
     """Write an array-like as OME-Zarr (NGFF 0.5 on zarr v3, 0.4 on v2) with a pyramid, out of core, atomically.
 
     `voxel_size` falls back to `source.voxel_size`, then 1.0. Memory stays ~ one slab of chunk depth.
+    `inputs`: the paths the source is read from (label paths are added), which `out` must stay clear of.
     """
     out = Path(out)
+    label_files = {f"labels {k}": source_path(v) for k, v in (labels or {}).items() if isinstance(v, (str, Path))}
+    refuse_overlap("output", out, {**(inputs or {}), **label_files})
     name = str(getattr(source, "name", None) or type(source).__name__)
     shape = tuple(int(s) for s in source.shape)
     if len(shape) not in (2, 3):
@@ -287,6 +291,7 @@ def ingest(path: str | Path, out: str | Path, *, voxel_size: Sequence[float] | N
             else:
                 log.info("%s: voxel size %s nm from file metadata", path, voxel_size)
         return write_ome_zarr(src, out, axes=axes, voxel_size=voxel_size, chunks=chunks, is_label=is_label,
-                              zarr_format=zarr_format, overwrite=overwrite, progress=progress)
+                              zarr_format=zarr_format, overwrite=overwrite, progress=progress,
+                              inputs={"input": source_path(path)})
     finally:
         src.close()

@@ -263,11 +263,17 @@ def _open_mrc(path: Path) -> Source:
     return _array_source(str(path), data, (z, y, x)[-data.ndim:], handle=mrc)
 
 
+def source_path(path: str | Path) -> Path:
+    """The file or folder an input names (``file.h5:/dataset`` -> ``file.h5``)."""
+    h5 = _H5.match(str(path))
+    return Path(h5["file"] if h5 else path)
+
+
 def open_source(path: str | Path) -> Source:
     """Open an EM image/volume lazily; errors explain what was expected."""
     text = str(path)
     h5 = _H5.match(text)
-    p = Path(h5["file"] if h5 else text)
+    p = source_path(text)
     if not p.exists():
         raise EmfmError(f"{p}: no such file or folder")
     ext = p.suffix.lower()

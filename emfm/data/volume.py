@@ -142,13 +142,26 @@ class Volume:
         if self.is_label:
             raise EmfmError(f"{self.path}: label volume; intensity normalization does not apply")
         if self._norm is None:
-            cached = (dict(_open_node(self.path).attrs).get("emfm") or {}).get("normalization") or {}
-            if list(cached.get("percentiles", [])) == list(NORM_PERCENTILES) and len(cached.get("values", [])) == 2:
-                self._norm = (float(cached["values"][0]), float(cached["values"][1]))
-            else:
+            self._norm = self._cached_normalization()
+            if self._norm is None:
                 self._norm = compute_normalization(self)
                 _save_normalization(self.path, self._norm)
         return self._norm
+
+    def _cached_normalization(self) -> tuple[float, float] | None:
+        """The cached (lo, hi) of NORM_PERCENTILES, checked: equal or non-numeric values would train on NaN."""
+        emfm = dict(_open_node(self.path).attrs).get("emfm")
+        cached = emfm.get("normalization") if isinstance(emfm, dict) else None
+        if not isinstance(cached, dict) or cached.get("percentiles") != list(NORM_PERCENTILES):
+            return None                  # none cached, or for other percentiles: computed afresh
+        values = cached.get("values")
+        if not (isinstance(values, list) and len(values) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                and values[0] < values[1]):
+            raise EmfmError(f"{self.path}: attribute emfm.normalization.values is {values!r}; expected two finite "
+                            f"numbers low < high (the {list(NORM_PERCENTILES)} intensity percentiles); fix it, or "
+                            f"delete emfm.normalization to have it recomputed")
+        return float(values[0]), float(values[1])
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """float32 (x - lo) / (hi - lo); not clipped, so saturated voxels stay distinguishable."""

@@ -36,6 +36,7 @@ from emfm.explore.features import (
     open_store,
     stored_pca,
 )
+from emfm.paths import refuse_overlap
 from emfm.predict.blocks import BlockGrid, parse_roi
 from emfm.predict.predict import create_array, ome_attrs
 
@@ -282,10 +283,12 @@ def baseline_block(volume: Volume, roi: tuple[slice, ...], region: tuple[slice, 
     return intensity_features(image)[(slice(None), *inner)]
 
 
-def prepare_output(cfg: Any, volume: Volume, roi: tuple[slice, ...], settings: dict[str, Any]) -> zarr.Group:
+def prepare_output(cfg: Any, volume: Volume, roi: tuple[slice, ...], settings: dict[str, Any],
+                   inputs: Mapping[str, Any]) -> zarr.Group:
     """Create the cluster map's group, or take over one of these settings (its finished feature
     store is reused). Another emfm cluster map is replaced only with overwrite=true; a feature store
-    inside it survives (it is kept or replaced by its own settings)."""
+    inside it survives (it is kept or replaced by its own settings). Never one of ``inputs``."""
+    refuse_overlap("output", cfg.output, inputs)
     out = Path(cfg.output)
     if out.exists():
         previous = open_store(str(out))
@@ -327,8 +330,15 @@ def cluster(cfg: Any) -> dict[str, Any]:
                 "k": int(cfg.k), "method": cfg.method, "backend": cfg.backend, "seed": int(cfg.seed),
                 "sample": int(cfg.sample), "pca": cfg.get("pca"), "features": store,
                 "labels": OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.get("labels")) else cfg.get("labels")}
+    given = settings["labels"]                       # None, a path or {name: path}
+    inputs = {"input": cfg.input, "checkpoint": cfg.get("checkpoint"),
+              **({f"labels {k}": v for k, v in given.items()} if isinstance(given, dict) else {"labels": given}),
+              # the store kept inside the map's own output is not replaced with it
+              "features store": None if store == f"{output}/features" else store}
+    if cfg.get("report"):
+        refuse_overlap("report", cfg.report, inputs)
     meta = check_store(store, volume, roi) if cfg.get("features") else None   # a given store is checked first
-    root = prepare_output(cfg, volume, roi, settings)
+    root = prepare_output(cfg, volume, roi, settings, inputs)
     if meta is None:
         extract_features(cfg, store)
         meta = open_store(store)
@@ -444,7 +454,7 @@ def clusters_to_labels(clusters: str | Path, mapping: Mapping[int, int], out: st
     from emfm.data.ingest import write_ome_zarr
 
     seeds = SeedLabels(str(clusters), mapping, slices, ignore)
-    written = write_ome_zarr(seeds, out, is_label=True, overwrite=overwrite)
+    written = write_ome_zarr(seeds, out, is_label=True, overwrite=overwrite, inputs={"cluster map": clusters})
     group = zarr.open_group(str(written), mode="r+")
     group.attrs["emfm"] = {**dict(group.attrs).get("emfm", {}), "seeds": {
         "clusters": str(clusters), "mapping": {str(c): int(v) for c, v in mapping.items()}, "ignore_label": ignore}}

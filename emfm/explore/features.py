@@ -27,6 +27,7 @@ from emfm.errors import EmfmError
 from emfm.finetune.segmentation import pretrained_encoder
 from emfm.inference import covering_tiles, sliding_window
 from emfm.models.encoders import Encoder, create_encoder
+from emfm.paths import refuse_overlap
 from emfm.predict.blocks import (
     Block,
     BlockGrid,
@@ -223,6 +224,7 @@ def prepare_store(job: FeatureJob, meta: dict[str, Any], channels: int, volume: 
 
     A store of the same settings is always kept (resumed or reused); ``overwrite`` replaces a different one.
     """
+    refuse_overlap("output", job.output, {"input": job.input, "checkpoint": job.checkpoint})
     out = Path(job.output)
     if out.exists():
         previous = open_store(job.output)

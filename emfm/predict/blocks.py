@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -123,11 +124,13 @@ def _completed(task: Callable[..., Block], blocks: Sequence[Block], args: tuple,
 
 @contextmanager
 def executor_client(cfg: Any) -> Iterator[Any]:
-    """The Dask client of ``cfg.executor=dask`` (None for local); afterwards torch's thread count is
-    restored (tasks may set it) and a LocalCluster started here is closed."""
+    """The Dask client of ``cfg.executor=dask`` (None for local); afterwards a LocalCluster started here
+    is closed, and this process is left as it was: torch's thread count (tasks may set it) and the
+    environment, into which Dask's nanny writes ``OMP_NUM_THREADS=1`` & co. for the workers it starts
+    (later subprocesses of this process would otherwise run torch on one thread, and compute other bits)."""
+    threads, environ = torch.get_num_threads(), dict(os.environ)
     client = dask_client(cfg.dask.address, cfg.dask.n_workers, cfg.dask.threads_per_worker) \
         if cfg.executor == "dask" else None
-    threads = torch.get_num_threads()
     try:
         yield client
     finally:
@@ -137,6 +140,9 @@ def executor_client(cfg: Any) -> Iterator[Any]:
             client.close()
             if cluster is not None:
                 cluster.close()
+        for key in os.environ.keys() - environ.keys():
+            del os.environ[key]
+        os.environ.update(environ)
 
 
 def dask_client(address: str | None, n_workers: int, threads_per_worker: int) -> Any:

@@ -27,6 +27,7 @@ from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.evaluate import load_segmenter
 from emfm.inference import covering_tiles, sliding_window
+from emfm.paths import refuse_overlap
 from emfm.predict.blocks import (
     Block,
     BlockGrid,
@@ -188,6 +189,7 @@ def fingerprint(job: Job, instances: dict[str, Any] | None) -> dict[str, Any]:
 
 def prepare_output(job: Job, stamp: dict[str, Any], channels: int, volume: Volume, overwrite: bool) -> bool:
     """Create the output store, or check that the existing one continues this prediction; True if complete."""
+    refuse_overlap("output", job.output, {"input": job.input, "checkpoint": job.checkpoint})
     out = Path(job.output)
     if out.exists():
         try:

@@ -1,0 +1,31 @@
+"""The one rule every command that deletes or replaces a path follows: never an input.
+
+An output that is the input, holds it (a parent folder) or lies inside it (a store within the
+input store) would be deleted, replaced or mixed into before the input is read, so it is refused
+before anything is touched, whatever ``overwrite`` says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from emfm.errors import EmfmError
+
+
+def refuse_overlap(key: str, output: str | Path, inputs: Mapping[str, str | Path | None]) -> None:
+    """Raise if ``output`` (named ``key`` in the message) is, contains or lies inside one of ``inputs``.
+
+    Paths are compared resolved (relative parts and symlinks followed), so another spelling of the
+    same place is caught; ``None`` inputs are skipped.
+    """
+    out = Path(output).expanduser().resolve()
+    for name, given in inputs.items():
+        if given is None:
+            continue
+        path = Path(given).expanduser().resolve()
+        relation = ("is" if out == path else "contains" if out in path.parents else
+                    "lies inside" if path in out.parents else None)
+        if relation:
+            raise EmfmError(f"{key}={output} {relation} the {name} {given}; emfm never deletes or writes into "
+                            f"its inputs: choose another {key}")
