@@ -177,13 +177,14 @@ def test_mean_teacher_follows_the_model_by_its_momentum(compose_config, synth_za
 
 def test_layer_decay_and_frozen_encoder_in_the_learning_rates(compose_config, synth_zarr: Path) -> None:
     cfg = compose_config("finetune", [*finetune_args(synth_zarr), "module.layer_decay=0.5",
-                                      "module.freeze_encoder_steps=5", "module.warmup_steps=1"])
+                                      "module.encoder_lr_ratio=0.1", "module.freeze_encoder_steps=5",
+                                      "module.warmup_steps=1"])
     module = run.build(cfg.module)
     module.trainer = type("T", (), {"max_steps": 100})()  # configure_optimizers reads max_steps only
     setup = module.configure_optimizers()
     optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     groups = len(module.model.encoder.layer_groups())
-    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(cfg.module.lr * 0.5 ** groups)  # patch embedding
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(cfg.module.lr * 0.1 * 0.5 ** groups)  # patch embedding
     assert optimizer.param_groups[-1]["initial_lr"] == pytest.approx(cfg.module.lr)  # head
     assert optimizer.param_groups[0]["lr"] == 0 and optimizer.param_groups[-1]["lr"] > 0
     for _ in range(5):

@@ -143,7 +143,9 @@ class SegmentationModule(pl.LightningModule):
         augment: :class:`~emfm.data.augment.Augment` settings (geometry applies to labels too).
         isotropic: 3-D voxels are cubic (set from the data).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with warmup + cosine.
-        layer_decay: learning rate of encoder depth group g of G is ``lr * layer_decay ** (G - g)``.
+        layer_decay: learning rate of encoder depth group g of G is ``lr * encoder_lr_ratio * layer_decay ** (G - g)``.
+        encoder_lr_ratio: the encoder's learning rate relative to the head's (below 1 keeps pretrained
+            features closer to where pretraining left them).
         freeze_encoder_steps: the encoder learns nothing for this many steps (the head settles first).
         overlap: tile overlap of the validation sliding window.
     """
@@ -164,6 +166,7 @@ class SegmentationModule(pl.LightningModule):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.01,
         layer_decay: float = 0.75,
+        encoder_lr_ratio: float = 1.0,
         freeze_encoder_steps: int = 0,
         overlap: float = 0.25,
     ) -> None:
@@ -242,7 +245,7 @@ class SegmentationModule(pl.LightningModule):
         names = dict(self.model.encoder.named_parameters())
         param_list = []
         for depth, group in enumerate(groups):
-            scale = hp.layer_decay ** (len(groups) - depth)
+            scale = hp.encoder_lr_ratio * hp.layer_decay ** (len(groups) - depth)
             param_list += param_groups(((n, names[n]) for n in group), hp.weight_decay, scale, hp.freeze_encoder_steps)
         param_list += param_groups(self.model.head.named_parameters(), hp.weight_decay)
         if self.semi is not None:  # its own layers (a teacher has no trainable parameters)
