@@ -13,39 +13,34 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 
+from emfm.checkpoints import (
+    CARD,
+    CONFIG,
+    FORMAT,
+    WEIGHTS,
+    build_encoder,
+    exported_module,
+    fill,
+    read_pretraining,
+)
 from emfm.errors import EmfmError
-from emfm.models.encoders import Encoder, create_encoder
-from emfm.paths import refuse_overlap
-from emfm.training import read_checkpoint
-
-WEIGHTS, CONFIG, CARD = "encoder.safetensors", "config.json", "README.md"
-FORMAT = "emfm-encoder/1"
-
-
-def exported_module(encoder: Encoder) -> nn.Module:
-    """What the weights file holds: the timm model of a 2-D timm encoder, else the encoder itself."""
-    return encoder.timm_model if encoder.timm_model is not None else encoder
+from emfm.models.encoders import Encoder
+from emfm.paths import refuse_overlap, remove
 
 
 def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``out_dir`` with the encoder of an emfm pretraining checkpoint; returns ``out_dir``."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if not checkpoint.is_file():
-        raise EmfmError(f"{checkpoint}: no such checkpoint file")
-    state = read_checkpoint(checkpoint)
-    hparams = state.get("hyper_parameters") or {}
-    model = hparams.get("encoder")
-    if not isinstance(model, dict) or "family" not in model or "state_dict" not in state:
-        raise EmfmError(f"{checkpoint}: not an emfm pretraining checkpoint (no encoder config in hyper_parameters)")
+    state = read_pretraining(checkpoint)
+    hparams, model = state["hyper_parameters"], dict(state["hyper_parameters"]["encoder"])
     refuse_overlap("out_dir", out_dir, {"checkpoint": checkpoint})
     if out_dir.exists() and not overwrite:
         raise EmfmError(f"{out_dir} exists; pass --overwrite to replace it")
-    encoder = create_encoder(**model)
-    weights = {k.removeprefix("encoder."): v for k, v in state["state_dict"].items() if k.startswith("encoder.")}
-    encoder.load_state_dict(weights)
+    encoder = build_encoder(model, str(checkpoint))
+    fill(encoder, {k.removeprefix("encoder."): v for k, v in state["state_dict"].items() if k.startswith("encoder.")},
+         str(checkpoint))
     data = {k: v for k, v in (state.get("PatchDataModule") or {}).items() if k != "batches_served"}
     config = {
         "format": FORMAT,
@@ -68,28 +63,9 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bo
     save_file(tensors, partial / WEIGHTS, metadata={"format": FORMAT})
     (partial / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     (partial / CARD).write_text(model_card(config, encoder))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    remove(out_dir)
     partial.rename(out_dir)
     return out_dir
-
-
-def load_encoder(path: str | Path, as_timm: bool = True) -> nn.Module:
-    """A ready encoder in eval mode from an ``emfm export`` directory.
-
-    2-D timm encoders come back as the timm model itself (``as_timm=False``: emfm's
-    :class:`~emfm.models.encoders.Encoder`, which segmentation heads use); 3-D ones as the Encoder.
-    """
-    path = Path(path)
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise EmfmError(f"{path}: not an emfm export (expected {CONFIG} and {WEIGHTS}; make one with `emfm export`)")
-    config = json.loads((path / CONFIG).read_text())
-    if config.get("format") != FORMAT:
-        raise EmfmError(f"{path / CONFIG}: format {config.get('format')!r}, expected {FORMAT!r}")
-    encoder = create_encoder(**config["model"])
-    exported_module(encoder).load_state_dict(load_file(path / WEIGHTS))
-    module = encoder.timm_model if as_timm and encoder.timm_model is not None else encoder
-    return module.eval()
 
 
 def model_card(config: dict[str, Any], encoder: Encoder) -> str:

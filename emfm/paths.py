@@ -1,4 +1,4 @@
-"""The one rule every command that deletes or replaces a path follows: never an input.
+"""The rules every command that deletes or replaces a path follows: never an input, whatever is there.
 
 An output that is the input, holds it (a parent folder) or lies inside it (a store within the
 input store) would be deleted, replaced or mixed into before the input is read, so it is refused
@@ -7,6 +7,7 @@ before anything is touched, whatever ``overwrite`` says.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,3 +30,12 @@ def refuse_overlap(key: str, output: str | Path, inputs: Mapping[str, str | Path
         if relation:
             raise EmfmError(f"{key}={output} {relation} the {name} {given}; emfm never deletes or writes into "
                             f"its inputs: choose another {key}")
+
+
+def remove(path: str | Path) -> None:
+    """Delete what is at ``path`` to replace it: a folder (a store) with its contents, a file or a link."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -5,6 +5,7 @@ Each command is a plain function of its config, called by the CLI and by the tes
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from emfm.errors import EmfmError
-from emfm.training import read_checkpoint
+from emfm.checkpoints import hyper_parameters, read_checkpoint
+from emfm.errors import EmfmError, first_line
+
+log = logging.getLogger(__name__)
 
 
 def on_cuda(accelerator: str) -> bool:
@@ -95,11 +98,18 @@ def fit(cfg: DictConfig, module_cfg: DictConfig) -> dict[str, float]:
     record_config(cfg, run_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
-    except SIGTERMException:
-        return {}  # SaveOnPreemption wrote last.ckpt and said so
+    except SIGTERMException:  # SaveOnPreemption wrote last.ckpt and said so
+        log.info("stopped by SIGTERM at step %d; continue with resume=auto", trainer.global_step)
+        return {}
+    except OSError as e:      # a checkpoint, metrics or pictures that cannot be written: a full disk, permissions
+        if e.filename and run_dir.resolve() not in Path(e.filename).resolve().parents:
+            raise                 # not the run directory's: the CLI names the file
+        raise EmfmError(f"hydra.run.dir={run_dir}: cannot write {e.filename or 'into it'} "
+                        f"({e.strerror or first_line(e)}); the last checkpoint saved is kept") from None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
-        report_outputs(run_dir, trainer)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+        report_outputs(run_dir, trainer, metrics)
+    return metrics
 
 
 def pretrain(cfg: DictConfig) -> dict[str, float]:
@@ -182,7 +192,7 @@ def resume_checkpoint(resume: str | None, run_dir: Path, module: pl.LightningMod
             f"resume={resume}: no checkpoint at {path}; pass the run's directory as hydra.run.dir "
             f"(or resume=PATH/TO/last.ckpt), or drop resume= to start a new run"
         )
-    hparams = read_checkpoint(path).get("hyper_parameters", {})
+    hparams = hyper_parameters(read_checkpoint(path, "resume"), f"resume={path}")
     for key in ("encoder", "methods", "head", "target"):  # what fixes the architecture
         if key in module.hparams and hparams.get(key) != module.hparams[key]:
             raise EmfmError(
@@ -192,8 +202,8 @@ def resume_checkpoint(resume: str | None, run_dir: Path, module: pl.LightningMod
     return str(path)
 
 
-def report_outputs(run_dir: Path, trainer: pl.Trainer) -> None:
-    """Tell the user where the results are."""
+def report_outputs(run_dir: Path, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Tell the user (and the run's log file) where the results are, and the last metrics."""
     lines = [f"run dir:         {run_dir}"]
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:
@@ -203,4 +213,6 @@ def report_outputs(run_dir: Path, trainer: pl.Trainer) -> None:
     for pattern, label in [("reconstructions", "reconstructions"), ("csv/metrics.csv", "metrics")]:
         if (run_dir / pattern).exists():
             lines.append(f"{label + ':':<17}{run_dir / pattern}")
-    print("\n".join(lines))
+    lines.append(f"{'last metrics:':<17}" + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    for line in lines:
+        log.info(line)

@@ -1,5 +1,5 @@
 """Trainer pieces shared by every command: the optimiser and its schedule, atomic checkpoints, a clean
-stop on preemption, metrics appended across resumes, checkpoints read without running code."""
+stop on preemption, metrics appended across resumes, a run stopped when its loss stops being finite."""
 
 from __future__ import annotations
 
@@ -145,14 +145,6 @@ class AppendingWriter(ExperimentWriter):
             writer.writeheader()
             writer.writerows(rows)
         self._fs.mv(partial, self.metrics_file_path)
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents, loaded without running code (``weights_only=True``)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for "not a checkpoint"
-        raise EmfmError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})".split("\n")[0]) from None
 
 
 # Parameters that are positions/tokens rather than weights: AdamW must not decay them.

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import torch
 
-from emfm.explore.cluster import BACKENDS, Clusterer, Projection, sample_store
+from emfm.explore.cluster import BACKENDS, Clusterer
+from emfm.explore.features import Projection, sample_store
 
 
 def inertia(x: np.ndarray, centers: np.ndarray) -> float:

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_module
 from emfm import run
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
-from emfm.evaluation.evaluate import load_segmenter
+from emfm.finetune.segmentation import load_segmenter
 from emfm.inference import tile_corners
 
 MODEL = ["model=vit2d", "model.name=vit_tiny_patch16_224", "model.patch_size=16", "data.patch_shape=[128,128]"]

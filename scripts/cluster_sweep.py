@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from emfm import run
-from emfm.training import read_checkpoint
+from emfm.checkpoints import read_checkpoint
 
 
 def random_twin(checkpoint: Path, out: Path) -> Path:

@@ -131,13 +131,18 @@ def test_chosen_clusters_become_sparse_labels_that_finetune_trains_on(synth_zarr
 
 
 def test_bad_cluster_inputs_are_named(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(EmfmError, match="k=50 is larger than the 40 sampled feature vectors"):
+    with pytest.raises(EmfmError, match="k=50 is larger than sample=40"):
         cluster(tmp_path, vit_checkpoint, synth_zarr, "k=50", "sample=40", "pca=null", "pictures=null")
+    assert not (tmp_path / "c.zarr").exists()                    # refused before anything was created
+    corner = ["roi=[0:1,0:16,0:16]", "pca=null", "pictures=null"]  # 2 x 2 feature cells: known only once computed
+    with pytest.raises(EmfmError, match="k=5 is larger than the 4 sampled feature vectors"):
+        cluster(tmp_path, vit_checkpoint, synth_zarr, "k=5", *corner)
+    with pytest.raises(EmfmError, match="not a complete emfm cluster map"):
+        clusters_to_labels(tmp_path / "c.zarr", {0: 1}, tmp_path / "s.zarr")        # the k=5 run never finished
+    assert cluster(tmp_path, vit_checkpoint, synth_zarr, "k=3", *corner)["k"] == 3   # the corrected rerun takes over
     small = write_ome_zarr(np.zeros((16, 64, 64), np.uint8), tmp_path / "small.zarr", is_label=True)
     with pytest.raises(EmfmError, match=r"labels=.*small.zarr: shape \[16, 64, 64\], but the input has \[16, 96, 96\]"):
         cluster(tmp_path / "b", vit_checkpoint, synth_zarr, f"labels={small}", "pictures=null")
     other = write_ome_zarr(np.zeros((16, 64, 64), np.uint8), tmp_path / "other.zarr")
     with pytest.raises(EmfmError, match=r"features=.*computed on a volume of shape \[16, 96, 96\].*has shape \[16, 64, 64\]"):
         cluster(tmp_path / "c", vit_checkpoint, other, f"features={tmp_path / 'c.zarr' / 'features'}", "pictures=null")
-    with pytest.raises(EmfmError, match="not a complete emfm cluster map"):
-        clusters_to_labels(tmp_path / "c.zarr", {0: 1}, tmp_path / "s.zarr")        # the k=50 run never finished

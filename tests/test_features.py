@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import zarr
 
+from emfm.checkpoints import load_encoder
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.explore.features import dense_features, load_encoder
+from emfm.explore.features import dense_features
 from tests.conftest import compose_run, pretrained, tiny
 
 
@@ -27,7 +28,7 @@ def test_store_has_the_grid_and_equals_the_whole_region(synth_zarr: Path, vit_ch
     region = (slice(2, 7), slice(5, 90), slice(0, 61)) if roi else (slice(0, 16), slice(0, 96), slice(0, 96))
     shape = [r.stop - r.start for r in region]
     grid = [shape[0], -(-shape[1] // stride), -(-shape[2] // stride)]
-    encoder = load_encoder(str(vit_checkpoint))
+    encoder = load_encoder(vit_checkpoint, as_timm=False)
     assert data.dtype == np.float16 and list(data.shape) == [encoder.feature_channels[-1], *grid]
     assert summary["blocks"] >= 4
     assert "_progress" not in store and store.attrs["emfm"]["complete"]
@@ -43,7 +44,7 @@ def test_store_has_the_grid_and_equals_the_whole_region(synth_zarr: Path, vit_ch
 
 def test_cnn_features_at_a_chosen_scale(synth_zarr: Path, tmp_path: Path) -> None:
     checkpoint = pretrained(tmp_path / "cnn", synth_zarr, 2, tiny("cnn3d", "mim"))
-    encoder = load_encoder(str(checkpoint))
+    encoder = load_encoder(checkpoint, as_timm=False)
     features(tmp_path, checkpoint, synth_zarr, tmp_path / "f.zarr", "layer=1")
     data = zarr.open_array(str(tmp_path / "f.zarr/0"), mode="r")
     stride = encoder.feature_strides[1]
@@ -61,7 +62,7 @@ def test_pca_projection_reuse_and_refusal(synth_zarr: Path, vit_checkpoint: Path
     assert first["computed"] == first["blocks"]
     again = features(tmp_path, vit_checkpoint, synth_zarr, out, "pca=3", "sample=500")
     assert again["computed"] == 0                                  # same settings: the store is reused
-    with pytest.raises(EmfmError, match="features of other settings"):
+    with pytest.raises(EmfmError, match="already holds a different, complete feature store"):
         features(tmp_path, vit_checkpoint, synth_zarr, out, "stride=4")
     replaced = features(tmp_path, vit_checkpoint, synth_zarr, out, "stride=4", "overwrite=true")
     assert replaced["computed"] == replaced["blocks"] and zarr.open_array(str(out / "0")).shape[-1] == 24

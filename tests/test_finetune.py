@@ -20,9 +20,9 @@ from emfm.data.labeled import (
 )
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.evaluation.evaluate import load_segmenter
 from emfm.export import export_encoder
 from emfm.finetune.callbacks import panels
+from emfm.finetune.segmentation import load_segmenter
 from tests.conftest import TINY_MODELS, overflowing, tiny
 
 TINY_FINETUNE = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",

@@ -16,8 +16,8 @@ from scipy import ndimage
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.evaluation.evaluate import load_segmenter
 from emfm.evaluation.metrics import rand_scores
+from emfm.finetune.segmentation import load_segmenter
 from tests.conftest import TINY_MODELS, compose_run, finetuned
 
 

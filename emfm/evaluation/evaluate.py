@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,24 +29,11 @@ from emfm.finetune.instances import (
     from_membranes,
     size_filter,
 )
-from emfm.finetune.segmentation import SegmentationModule, overlap_counts
-from emfm.training import read_checkpoint
+from emfm.finetune.segmentation import SegmentationModule, load_segmenter, overlap_counts
+
+log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-def load_segmenter(checkpoint: str | Path) -> SegmentationModule:
-    """A fine-tuned model in eval mode on CPU; other checkpoints are refused with the reason."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise EmfmError(f"checkpoint={checkpoint}: no such file")
-    hparams = read_checkpoint(path).get("hyper_parameters") or {}
-    if "head" not in hparams or "target" not in hparams:
-        raise EmfmError(f"checkpoint={checkpoint}: no segmentation head in it (a pretraining checkpoint?); "
-                        f"fine-tune one with `emfm finetune`")
-    # init=scratch: the weights come from this checkpoint, not from the one it was initialised with.
-    module = SegmentationModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, init="scratch")
-    return module.eval()
 
 
 def predicted_instances(probs: np.ndarray, target: Mapping[str, Any], threshold: float, min_size: int) -> np.ndarray | None:
@@ -137,4 +125,4 @@ def write_report(report: Mapping[str, Any], out_dir: Path) -> None:
         with partial.open("w", newline="") as f:
             write(f)
         os.replace(partial, out_dir / name)
-    print(f"wrote {out_dir / 'report.json'} and {out_dir / 'report.csv'}")
+    log.info("wrote %s and %s", out_dir / "report.json", out_dir / "report.csv")

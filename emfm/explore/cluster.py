@@ -12,16 +12,17 @@ and so is the same clustering of raw intensity and local statistics: what the fe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 from scipy import ndimage
 from tqdm.auto import tqdm
 
@@ -31,82 +32,23 @@ from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
 from emfm.explore.features import (
     FEATURES,
     PCA,
+    FeatureRequest,
+    Projection,
     check_store,
     extract_features,
-    open_store,
+    sample_store,
     stored_pca,
 )
 from emfm.paths import refuse_overlap
-from emfm.predict.blocks import BlockGrid, parse_roi
-from emfm.predict.predict import create_array, ome_attrs
+from emfm.predict.blocks import BlockGrid, Executor, parse_roi
+from emfm.predict.store import create_array, finish, ome_attrs, read_attrs, write
+
+log = logging.getLogger(__name__)
 
 METHODS = ("kmeans", "gmm")
 BACKENDS = ("sklearn", "minibatch", "faiss")
 CLUSTERS, BASELINE = "0", "intensity_baseline"
 HALO = 12   # voxels of context for the baseline's local statistics (3 sigma)
-
-
-def sample_store(path: str, array: str, n: int, seed: int, max_blocks: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` feature vectors (n, F) float32 and their cell coordinates (n, ndim), from up to
-    ``max_blocks`` random chunks of ``path/array`` (reading whole chunks, never scattered cells)."""
-    data = zarr.open_array(f"{path}/{array}", mode="r")
-    grid = BlockGrid(tuple(data.shape[1:]), tuple(data.chunks[1:]))
-    rng = np.random.default_rng(seed)
-    blocks = list(grid)
-    chosen = sorted(rng.permutation(len(blocks))[:max_blocks])
-    per_block = -(-n // len(chosen))
-    vectors, coords = [], []
-    for i in chosen:
-        region = grid.region(blocks[i])
-        block = np.asarray(data[(slice(None), *region)], dtype=np.float32)        # (F, *cells)
-        flat = block.reshape(block.shape[0], -1)                                      # (F, cells)
-        pick = rng.choice(flat.shape[1], size=min(per_block, flat.shape[1]), replace=False)
-        vectors.append(flat[:, pick].T)
-        local = np.stack(np.unravel_index(pick, block.shape[1:]), 1)
-        coords.append(local + [r.start for r in region])
-    vectors, coords = np.concatenate(vectors), np.concatenate(coords)
-    keep = rng.permutation(len(vectors))[:n]
-    return vectors[keep], coords[keep]
-
-
-@dataclass
-class Projection:
-    """Principal components of features fitted on a sample: ``(x - mean) @ components.T``."""
-
-    mean: np.ndarray          # (F,)
-    components: np.ndarray    # (K, F)
-    explained: float          # fraction of the sample's variance kept
-
-    @classmethod
-    def fit(cls, vectors: np.ndarray, k: int) -> Projection:
-        from sklearn.decomposition import PCA as SkPCA
-
-        if not 1 <= k <= min(vectors.shape):
-            raise EmfmError(f"pca={k}: expected 1..{min(vectors.shape)} components for {vectors.shape[0]} sampled "
-                            f"vectors of {vectors.shape[1]} features")
-        pca = SkPCA(n_components=k, random_state=0).fit(vectors)
-        return cls(pca.mean_.astype(np.float32), pca.components_.astype(np.float32),
-                   float(pca.explained_variance_ratio_.sum()))
-
-    def __call__(self, vectors: np.ndarray) -> np.ndarray:
-        return (vectors - self.mean) @ self.components.T
-
-    def write(self, store: str, progress: bool = True) -> None:
-        """Add the projected features to ``store`` as array ``pca`` (K, *grid), chunked like the features."""
-        source = zarr.open_array(f"{store}/{FEATURES}", mode="r")
-        root = zarr.open_group(store, mode="r+")
-        if PCA in root:
-            del root[PCA]
-        k, axes = len(self.components), "c" + "".join(source.metadata.dimension_names[1:])
-        create_array(root, PCA, (k, *source.shape[1:]), (k, *source.chunks[1:]), "float16", axes)
-        target = zarr.open_array(f"{store}/{PCA}", mode="r+")
-        grid = BlockGrid(tuple(source.shape[1:]), tuple(source.chunks[1:]))
-        for index in tqdm(list(grid), desc="pca", unit="block", disable=not progress):
-            region = (slice(None), *grid.region(index))
-            block = np.asarray(source[region], dtype=np.float32)
-            flat = block.reshape(block.shape[0], -1).T                                 # (cells, F)
-            target[region] = self(flat).T.reshape(k, *block.shape[1:]).astype(np.float16)
-        root.attrs["emfm"] = {**root.attrs["emfm"], "pca": {"components": k, "explained_variance": self.explained}}
 
 
 class Clusterer:
@@ -206,7 +148,7 @@ class Labels:
             self.names = {0: "background", **{i + 1: str(n) for i, n in enumerate(spec)}}
         else:
             self.volumes = [Volume(spec)]
-            self.names = {int(k): str(v) for k, v in (open_store(str(spec)).get("classes") or {}).items()}
+            self.names = {int(k): str(v) for k, v in (read_attrs(spec).get("classes") or {}).items()}
         for volume in self.volumes:
             if volume.shape != shape:
                 raise EmfmError(f"labels={volume.path}: shape {list(volume.shape)}, but the input has "
@@ -283,18 +225,78 @@ def baseline_block(volume: Volume, roi: tuple[slice, ...], region: tuple[slice, 
     return intensity_features(image)[(slice(None), *inner)]
 
 
-def prepare_output(cfg: Any, volume: Volume, roi: tuple[slice, ...], settings: dict[str, Any],
-                   inputs: Mapping[str, Any]) -> zarr.Group:
+@dataclass(frozen=True)
+class ClusterRequest(FeatureRequest):
+    """What ``emfm cluster`` is asked: the feature request's keys (``output`` is the cluster map) and these."""
+
+    k: int = 8
+    method: str = "kmeans"
+    backend: str = "sklearn"
+    features: str | None = None                        # an existing feature store; None: <output>/features
+    labels: str | dict[str, str] | None = None         # a class volume, or {name: mask}
+    ignore_label: int | None = None
+    report: str | None = None
+    pictures: str | None = None
+
+    @property
+    def store(self) -> str:
+        return str(Path(self.features).resolve()) if self.features else f"{Path(self.output).resolve()}/features"
+
+    def feature_request(self) -> FeatureRequest:
+        """What computes the feature store."""
+        return FeatureRequest(**{**{f.name: getattr(self, f.name) for f in fields(FeatureRequest)},
+                                 "output": self.store})
+
+
+@dataclass
+class Plan:
+    """A cluster run with its inputs checked, before anything is written."""
+
+    volume: Volume
+    roi: tuple[slice, ...]
+    labels: Labels | None
+    clusterer: Clusterer                 # not fitted yet: its settings are checked
+    settings: dict[str, Any]             # what makes two cluster maps the same
+    inputs: dict[str, Any]               # paths the outputs must stay clear of
+
+
+def plan(request: ClusterRequest) -> Plan:
+    """Check every input and setting before anything is created: a refused run leaves nothing behind."""
+    clusterer = Clusterer(request.method, request.k, request.backend, request.seed)
+    if request.k > request.sample:
+        raise EmfmError(f"k={request.k} is larger than sample={request.sample}: the clustering is fitted on that "
+                        f"many feature vectors; lower k or raise sample")
+    volume = Volume(request.input, request.level)
+    roi = parse_roi(request.roi, volume.shape)
+    labels = Labels(request.labels, volume.shape, request.ignore_label) if request.labels else None
+    store, output = request.store, str(Path(request.output).resolve())
+    settings = {"input": str(volume.path), "input_shape": list(volume.shape), "roi": [[r.start, r.stop] for r in roi],
+                "k": request.k, "method": request.method, "backend": request.backend, "seed": request.seed,
+                "sample": request.sample, "pca": request.pca, "features": store, "labels": request.labels}
+    given = request.labels                           # None, a path or {name: path}
+    inputs = {"input": request.input, "checkpoint": request.checkpoint,
+              **({f"labels {k}": v for k, v in given.items()} if isinstance(given, dict) else {"labels": given}),
+              # the store kept inside the map's own output is not replaced with it
+              "features store": None if store == f"{output}/features" else store}
+    if request.report:
+        refuse_overlap("report", request.report, inputs)
+    if request.features:                             # a given store is checked first
+        check_store(store, volume, roi)
+    return Plan(volume, roi, labels, clusterer, settings, inputs)
+
+
+def prepare_output(request: ClusterRequest, run: Plan) -> zarr.Group:
     """Create the cluster map's group, or take over one of these settings (its finished feature
-    store is reused). Another emfm cluster map is replaced only with overwrite=true; a feature store
-    inside it survives (it is kept or replaced by its own settings). Never one of ``inputs``."""
-    refuse_overlap("output", cfg.output, inputs)
-    out = Path(cfg.output)
+    store is reused) or one a failed run left unfinished. Another complete emfm cluster map is
+    replaced only with overwrite=true; a feature store inside it survives (it is kept or replaced by
+    its own settings). Never one of the run's inputs."""
+    refuse_overlap("output", request.output, run.inputs)
+    out = Path(request.output)
     if out.exists():
-        previous = open_store(str(out))
+        previous = read_attrs(out)
         if previous.get("kind") != "clusters":
             raise EmfmError(f"output={out} already holds something that is not an emfm cluster map; choose another output")
-        if previous.get("clusters") != settings and not cfg.overwrite:
+        if previous.get("clusters") != run.settings and previous.get("complete") and not request.overwrite:
             raise EmfmError(f"output={out} already holds a cluster map of other settings; choose another output "
                             f"or set overwrite=true")
         root = zarr.open_group(str(out), mode="r+")
@@ -302,107 +304,135 @@ def prepare_output(cfg: Any, volume: Volume, roi: tuple[slice, ...], settings: d
             if name in root:
                 del root[name]
     else:
-        root = zarr.open_group(str(out), mode="w-")
+        try:
+            root = zarr.open_group(str(out), mode="w-")
+        except OSError as e:
+            raise EmfmError(f"output={out}: cannot create the cluster map ({e.strerror or e})") from None
+    volume, roi = run.volume, run.roi
     vs = list(volume.voxel_size or (1.0,) * volume.ndim)
     root.attrs.update(ome_attrs("clusters", volume.axes, vs, [r.start * v for r, v in zip(roi, vs)])
-                      | {"emfm": {"kind": "clusters", "clusters": settings, "complete": False}})
+                      | {"emfm": {"kind": "clusters", "clusters": run.settings, "complete": False}})
     return root
+
+
+@dataclass
+class Fit:
+    """The clustering fitted on a sample of the feature store."""
+
+    store: str
+    array: str                         # the store's array clustered: the features or their projection
+    stride: tuple[int, ...]
+    vectors: np.ndarray                # the sample (projected), (n, F)
+    coords: np.ndarray                 # its cells, (n, ndim)
+    projection: Projection | None      # applied here to a given store without the projection asked for
+    clusterer: Clusterer
+
+
+def fit(request: ClusterRequest, run: Plan, executor: Executor) -> Fit:
+    """Features (computed unless given), a sample of them, the projection and the clustering."""
+    store = request.store
+    if not request.features:
+        extract_features(request.feature_request(), executor)
+    meta = read_attrs(store)
+    array = PCA if request.pca and stored_pca(store) == request.pca else FEATURES
+    vectors, coords = sample_store(store, array, request.sample, request.seed)
+    projection = None
+    if array == FEATURES and request.pca:            # a given store without this projection: project here
+        projection = Projection.fit(vectors, request.pca)
+        vectors = projection(vectors)
+    return Fit(store, array, tuple(meta["features"]["stride"]), vectors, coords, projection,
+               run.clusterer.fit(vectors))
+
+
+def write_map(root: zarr.Group, run: Plan, fitted: Fit, request: ClusterRequest) -> tuple[np.ndarray, dict[str, Table]]:
+    """The cluster map (and with labels the intensity baseline's) block by block, on the raw grid; returns the
+    voxels per cluster and the (cluster, class) counts of both maps."""
+    features = zarr.open_array(f"{fitted.store}/{fitted.array}", mode="r")
+    stride, grid, roi, k = fitted.stride, tuple(features.shape[1:]), run.roi, fitted.clusterer.k
+    root_path = str(Path(request.output).resolve())
+    cells = BlockGrid(grid, tuple(features.chunks[1:]))
+    chunks = tuple(b * s for b, s in zip(cells.block, stride))
+    shape = tuple(r.stop - r.start for r in roi)
+    names = (CLUSTERS, BASELINE) if run.labels is not None else (CLUSTERS,)
+    maps = {name: create_array(root, name, shape, chunks, "uint8" if k <= 255 else "uint16", run.volume.axes)
+            for name in names}
+    baseline = fit_baseline(run.volume, roi, k, request.sample, request.seed, cells_to_voxels(cells, stride, roi),
+                            request.method, request.backend) if run.labels is not None else None
+    tables = {"learned": Table(k), "intensity_baseline": Table(k)}
+    sizes = np.zeros(k, dtype=np.int64)
+    for index in tqdm(list(cells), desc="clusters", unit="block", disable=not request.progress):
+        region = cells.region(index)
+        voxels = tuple(slice(c.start * s, min(c.stop * s, r.stop - r.start)) for c, s, r in zip(region, stride, roi))
+        margin = tuple(slice(max(0, c.start - 1), min(n, c.stop + 1)) for c, n in zip(region, grid))
+        block = np.asarray(features[(slice(None), *margin)], dtype=np.float32)           # (F, *cells)
+        flat = block.reshape(block.shape[0], -1).T                                        # (cells, F)
+        flat = fitted.projection(flat) if fitted.projection is not None else flat
+        scores = fitted.clusterer.scores(flat).T.reshape(k, *block.shape[1:])               # (k, *cells)
+        assigned = upsample_linear(scores, margin, voxels, stride, grid).argmax(0).astype(maps[CLUSTERS].dtype)
+        write(root_path, CLUSTERS, voxels, assigned)
+        sizes += np.bincount(assigned.ravel(), minlength=k)
+        if run.labels is not None and baseline is not None:
+            truth = run.labels.read(tuple(slice(r.start + v.start, r.start + v.stop) for r, v in zip(roi, voxels)))
+            tables["learned"].add(assigned, truth)
+            model, mean, std = baseline
+            flat = (baseline_block(run.volume, roi, voxels).reshape(3, -1).T - mean) / std
+            base = model.predict(flat).reshape(assigned.shape).astype(assigned.dtype)
+            write(root_path, BASELINE, voxels, base)
+            tables["intensity_baseline"].add(base, truth)
+    return sizes, tables
+
+
+def report_run(request: ClusterRequest, run: Plan, fitted: Fit, root: zarr.Group, sizes: np.ndarray,
+               tables: dict[str, Table], seconds: float) -> dict[str, Any]:
+    """The run's report (cluster sizes, scores against the labels, pictures), written to ``report`` if asked."""
+    clusterer = fitted.clusterer
+    report: dict[str, Any] = {"input": str(run.volume.path), "output": str(Path(request.output).resolve()),
+                              "features": fitted.store, "k": clusterer.k, "method": request.method,
+                              "stride": list(fitted.stride), "array": fitted.array,
+                              "cluster_fraction": (sizes / max(sizes.sum(), 1)).round(4).tolist()}
+    if fitted.projection is not None:
+        report["pca"] = {"components": len(fitted.projection.components),
+                         "explained_variance": round(fitted.projection.explained, 4)}
+    if run.labels is not None:
+        report["learned"] = tables["learned"].score(run.labels.names)
+        report["intensity_baseline"] = tables["intensity_baseline"].score(run.labels.names)
+    if request.pictures:
+        from emfm.explore.pictures import cluster_pictures
+
+        report["pictures"] = cluster_pictures(run.volume, run.roi, root, fitted.vectors, fitted.coords, clusterer,
+                                              fitted.stride, run.labels, Path(request.pictures), request.seed)
+    report["seconds"] = round(seconds, 1)
+    if request.report:
+        write_report(report, request.report)
+    return report
 
 
 def write_report(report: Mapping[str, Any], path: str) -> None:
     """JSON written to a temporary file and moved into place (never half a report)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
     partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, path)
+    os.replace(partial, target)
 
 
-def cluster(cfg: Any) -> dict[str, Any]:
+def cluster(cfg: DictConfig) -> dict[str, Any]:
     """The ``emfm cluster`` command: features -> sample -> fit -> cluster map (+ scores, pictures)."""
     start = time.perf_counter()
-    volume = Volume(cfg.input, cfg.get("level", 0))
-    roi = parse_roi(cfg.get("roi"), volume.shape)
-    labels = Labels(cfg.labels, volume.shape, cfg.get("ignore_label")) if cfg.get("labels") else None
-    output = str(Path(cfg.output).resolve())
-    store = str(Path(cfg.features).resolve()) if cfg.get("features") else f"{output}/features"
-    settings = {"input": str(volume.path), "input_shape": list(volume.shape), "roi": [[r.start, r.stop] for r in roi],
-                "k": int(cfg.k), "method": cfg.method, "backend": cfg.backend, "seed": int(cfg.seed),
-                "sample": int(cfg.sample), "pca": cfg.get("pca"), "features": store,
-                "labels": OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.get("labels")) else cfg.get("labels")}
-    given = settings["labels"]                       # None, a path or {name: path}
-    inputs = {"input": cfg.input, "checkpoint": cfg.get("checkpoint"),
-              **({f"labels {k}": v for k, v in given.items()} if isinstance(given, dict) else {"labels": given}),
-              # the store kept inside the map's own output is not replaced with it
-              "features store": None if store == f"{output}/features" else store}
-    if cfg.get("report"):
-        refuse_overlap("report", cfg.report, inputs)
-    meta = check_store(store, volume, roi) if cfg.get("features") else None   # a given store is checked first
-    root = prepare_output(cfg, volume, roi, settings, inputs)
-    if meta is None:
-        extract_features(cfg, store)
-        meta = open_store(store)
-    array = PCA if cfg.get("pca") and stored_pca(store) == int(cfg.pca) else FEATURES
-    vectors, coords = sample_store(store, array, int(cfg.sample), int(cfg.seed))
-    projection = None
-    if array == FEATURES and cfg.get("pca"):            # a given store without this projection: project here
-        projection = Projection.fit(vectors, int(cfg.pca))
-        vectors = projection(vectors)
-    clusterer = Clusterer(cfg.method, int(cfg.k), cfg.backend, int(cfg.seed)).fit(vectors)
-    features = zarr.open_array(f"{store}/{array}", mode="r")
-    stride, grid = tuple(meta["features"]["stride"]), tuple(features.shape[1:])
-    cells = BlockGrid(grid, tuple(features.chunks[1:]))
-    chunks = tuple(b * k for b, k in zip(cells.block, stride))
-    shape = tuple(r.stop - r.start for r in roi)
-    for name in (CLUSTERS, BASELINE) if labels is not None else (CLUSTERS,):
-        create_array(root, name, shape, chunks, "uint8" if cfg.k <= 255 else "uint16", volume.axes)
-    baseline = fit_baseline(volume, roi, int(cfg.k), int(cfg.sample), int(cfg.seed), cells_to_voxels(cells, stride, roi),
-                            cfg.method, cfg.backend) if labels is not None else None
-    tables = {"learned": Table(int(cfg.k)), "intensity_baseline": Table(int(cfg.k))}
-    sizes = np.zeros(int(cfg.k), dtype=np.int64)
-    for index in tqdm(list(cells), desc="clusters", unit="block", disable=not cfg.progress):
-        region = cells.region(index)
-        voxels = tuple(slice(c.start * k, min(c.stop * k, r.stop - r.start)) for c, k, r in zip(region, stride, roi))
-        margin = tuple(slice(max(0, c.start - 1), min(n, c.stop + 1)) for c, n in zip(region, grid))
-        block = np.asarray(features[(slice(None), *margin)], dtype=np.float32)           # (F, *cells)
-        flat = block.reshape(block.shape[0], -1).T                                        # (cells, F)
-        flat = projection(flat) if projection is not None else flat
-        scores = clusterer.scores(flat).T.reshape(clusterer.k, *block.shape[1:])           # (k, *cells)
-        assigned = upsample_linear(scores, margin, voxels, stride, grid).argmax(0).astype(root[CLUSTERS].dtype)
-        root[CLUSTERS][voxels] = assigned
-        sizes += np.bincount(assigned.ravel(), minlength=clusterer.k)
-        if labels is not None:
-            truth = labels.read(tuple(slice(r.start + v.start, r.start + v.stop) for r, v in zip(roi, voxels)))
-            tables["learned"].add(assigned, truth)
-            model, mean, std = baseline
-            feats = baseline_block(volume, roi, voxels)
-            flat = (feats.reshape(3, -1).T - mean) / std
-            base = model.predict(flat).reshape(assigned.shape).astype(assigned.dtype)
-            root[BASELINE][voxels] = base
-            tables["intensity_baseline"].add(base, truth)
-    root.attrs["emfm"] = {**root.attrs["emfm"], "complete": True,
-                          "centers": clusterer.centers.tolist() if clusterer.centers is not None else None}
-    report: dict[str, Any] = {"input": str(volume.path), "output": output, "features": store, "k": clusterer.k,
-                              "method": cfg.method, "stride": list(stride), "array": array,
-                              "cluster_fraction": (sizes / max(sizes.sum(), 1)).round(4).tolist()}
-    if projection is not None:
-        report["pca"] = {"components": len(projection.components), "explained_variance": round(projection.explained, 4)}
-    if labels is not None:
-        report["learned"] = tables["learned"].score(labels.names)
-        report["intensity_baseline"] = tables["intensity_baseline"].score(labels.names)
-    if cfg.get("pictures"):
-        from emfm.explore.pictures import cluster_pictures
-
-        report["pictures"] = cluster_pictures(volume, roi, root, vectors, coords, clusterer, stride, labels,
-                                              Path(cfg.pictures), int(cfg.seed))
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    if cfg.get("report"):
-        write_report(report, cfg.report)
-    print(f"wrote {output}: {clusterer.k} clusters" + (f", report {cfg.report}" if cfg.get("report") else ""))
-    if labels is not None:
+    request, executor = ClusterRequest.from_config(cfg), Executor(cfg.executor, **cfg.dask)
+    run = plan(request)
+    root = prepare_output(request, run)
+    fitted = fit(request, run, executor)
+    sizes, tables = write_map(root, run, fitted, request)
+    centers = fitted.clusterer.centers
+    finish(str(Path(request.output).resolve()), centers=None if centers is None else centers.tolist())
+    report = report_run(request, run, fitted, root, sizes, tables, time.perf_counter() - start)
+    log.info("wrote %s: %d clusters%s", report["output"], fitted.clusterer.k,
+             f", report {request.report}" if request.report else "")
+    if run.labels is not None:
         for arm in ("learned", "intensity_baseline"):
             ious = ", ".join(f"{n} {v:.3f}" for n, v in report[arm]["iou"].items())
-            print(f"  {arm}: IoU {ious}; ARI {report[arm]['ari']:.3f}")
+            log.info("  %s: IoU %s; ARI %.3f", arm, ious, report[arm]["ari"])
     return report
 
 
@@ -415,7 +445,7 @@ class SeedLabels:
     """Chosen clusters as classes over the whole raw grid, ``ignore`` elsewhere; read in slabs by the writer."""
 
     def __init__(self, clusters: str, mapping: Mapping[int, int], slices: list[int] | None, ignore: int) -> None:
-        meta = open_store(clusters)
+        meta = read_attrs(clusters)
         if meta.get("kind") != "clusters" or not meta.get("complete"):
             raise EmfmError(f"{clusters}: not a complete emfm cluster map (make one with `emfm cluster`)")
         settings = meta["clusters"]

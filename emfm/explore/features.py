@@ -10,10 +10,9 @@ projection fitted on a sample can be stored beside the full features (``pca=K``)
 from __future__ import annotations
 
 import functools
-import json
+import logging
 import math
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +20,60 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
+from emfm.checkpoints import load_encoder
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.finetune.segmentation import pretrained_encoder
 from emfm.inference import covering_tiles, sliding_window
-from emfm.models.encoders import Encoder, create_encoder
-from emfm.paths import refuse_overlap
-from emfm.predict.blocks import (
-    Block,
-    BlockGrid,
+from emfm.models.encoders import Encoder
+from emfm.predict.blocks import Block, BlockGrid, Executor, executor_client, parse_roi, run_blocks
+from emfm.predict.store import (
     Progress,
-    executor_client,
-    parse_roi,
-    run_blocks,
-)
-from emfm.predict.predict import (
-    PROGRESS,
-    checkpoint_digest,
+    claim,
+    create,
     create_array,
+    fingerprint,
     finish,
     ome_attrs,
+    read_attrs,
     write,
 )
 
+log = logging.getLogger(__name__)
+
 FEATURES, PCA = "0", "pca"
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """What ``emfm features`` (and ``emfm cluster``, for its feature store) is asked to compute."""
+
+    checkpoint: str
+    input: str
+    output: str
+    level: int = 0
+    roi: Any = None               # [z0:z1,y0:y1,x0:x1]; None = the whole volume
+    layer: int = -1               # which of the encoder's feature maps
+    stride: Any = None            # voxels per feature cell (int or per axis); None = the map's own
+    block_shape: Any = None       # feature cells per block; None = 4 encoder tiles per axis
+    overlap: float = 0.25
+    blend: str = "linear"
+    batch_size: int = 8
+    pca: int | None = None        # also store the features projected on this many principal components
+    sample: int = 20000           # feature vectors sampled to fit the projection
+    seed: int = 0
+    threads: int | None = None    # torch threads of a local run
+    overwrite: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, **given: Any) -> FeatureRequest:
+        """The request's keys of a composed ``features`` (or ``cluster``) config, ``given`` ones replaced."""
+        values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
+        plain = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
+        return cls(**{**plain, **given})
 
 
 @dataclass(frozen=True)
@@ -81,19 +109,12 @@ class FeatureJob:
         return tuple(max(t, n * k) for t, n, k in zip(self.tile, self.grid.shape, self.stride))
 
 
-def load_encoder(checkpoint: str, threads: int | None = None) -> Encoder:
-    """The encoder of a pretraining or fine-tuning checkpoint or an export directory, in eval mode."""
-    if threads:
-        torch.set_num_threads(threads)
-    config, weights = pretrained_encoder(checkpoint)
-    encoder = create_encoder(**config)
-    encoder.load_state_dict(weights)
-    return encoder.eval()
-
-
 @functools.lru_cache(maxsize=1)
 def _encoder(checkpoint: str, threads: int | None) -> Encoder:
-    return load_encoder(checkpoint, threads)        # once per process (one per Dask worker)
+    """The job's encoder, loaded once per process (one per Dask worker), on ``threads`` torch threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    return load_encoder(checkpoint, as_timm=False)
 
 
 def feature_function(encoder: Encoder, layer: int, tile: tuple[int, ...], stride: tuple[int, ...]) -> Any:
@@ -136,8 +157,8 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     fn = feature_function(encoder, job.layer, job.tile, job.stride)
     feats = sliding_window(fn, image, job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride)
     inner = tuple(slice(c.start - s.start // k, c.stop - s.start // k) for c, s, k in zip(cells, span, job.stride))
-    write(job, FEATURES, (slice(None), *cells), feats[(slice(None), *inner)].numpy().astype(np.float16))
-    Progress(zarr.open_group(f"{job.output}/{PROGRESS}", mode="a"), "features", job.grid).mark(index)
+    write(job.output, FEATURES, (slice(None), *cells), feats[(slice(None), *inner)].numpy().astype(np.float16))
+    Progress(job.output, "features", job.grid).mark(index)
     return index
 
 
@@ -182,76 +203,40 @@ def _per_axis(value: Any, n: int, key: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def make_job(cfg: Any, output: str) -> tuple[FeatureJob, Encoder, Volume]:
+def make_job(request: FeatureRequest, encoder: Encoder, volume: Volume, threads: int | None) -> FeatureJob:
     """Check the settings against the encoder and the volume, and build the job."""
-    encoder = load_encoder(cfg.checkpoint)
-    volume = Volume(cfg.input, cfg.get("level", 0))
     patch = tuple(encoder.input_shape)
     if len(patch) == 3 and volume.ndim == 2:
-        raise EmfmError(f"input={cfg.input}: a 2-D image, but the encoder is 3-D (patch {list(patch)})")
-    tile, stride = tiling(encoder, volume.ndim, cfg.layer, cfg.get("stride"))
-    region = parse_roi(cfg.get("roi"), volume.shape)
+        raise EmfmError(f"input={volume.path}: a 2-D image, but the encoder is 3-D (patch {list(patch)})")
+    tile, stride = tiling(encoder, volume.ndim, request.layer, request.stride)
+    region = parse_roi(request.roi, volume.shape)
     shape = tuple(r.stop - r.start for r in region)
     cells = tuple(math.ceil(s / k) for s, k in zip(shape, stride))
     default = tuple(min(c, 4 * t // k) for c, t, k in zip(cells, tile, stride))
-    block = _per_axis(cfg.block_shape, len(cells), "block_shape") if cfg.get("block_shape") else default
-    job = FeatureJob(checkpoint=str(Path(cfg.checkpoint).resolve()), input=str(Path(cfg.input).resolve()),
-                     output=output, level=int(cfg.get("level", 0)),
-                     roi=tuple((r.start, r.stop) for r in region), tile=tile, stride=stride,
-                     layer=int(cfg.layer) % len(encoder.feature_strides), block=block, overlap=float(cfg.overlap), blend=str(cfg.blend),
-                     batch_size=int(cfg.batch_size),
-                     threads=cfg.dask.threads_per_worker if cfg.executor == "dask" else cfg.get("threads"))
-    return job, encoder, volume
+    block = _per_axis(request.block_shape, len(cells), "block_shape") if request.block_shape else default
+    if request.batch_size < 1:
+        raise EmfmError(f"batch_size={request.batch_size}: expected at least 1 tile per forward pass")
+    return FeatureJob(checkpoint=str(Path(request.checkpoint).resolve()), input=str(volume.path.resolve()),
+                      output=str(Path(request.output).resolve()), level=volume.level,
+                      roi=tuple((r.start, r.stop) for r in region), tile=tile, stride=stride,
+                      layer=request.layer % len(encoder.feature_strides), block=block, overlap=float(request.overlap),
+                      blend=str(request.blend), batch_size=int(request.batch_size), threads=threads)
 
 
-def stamp(job: FeatureJob, volume: Volume) -> dict[str, Any]:
-    """What makes two feature stores the same (resume or reuse only such a store)."""
-    settings = {k: v for k, v in asdict(job).items() if k not in ("output", "threads", "batch_size", "block")}
-    return json.loads(json.dumps({**settings, "input_shape": list(volume.shape),
-                                  "checkpoint_sha256": checkpoint_digest(job.checkpoint)}))
-
-
-def open_store(path: str) -> dict[str, Any]:
-    """The ``emfm`` attributes of a feature store (``{}`` if ``path`` is none)."""
-    try:
-        return dict(zarr.open_group(path, mode="r").attrs).get("emfm", {})
-    except (OSError, ValueError):
-        return {}
-
-
-def prepare_store(job: FeatureJob, meta: dict[str, Any], channels: int, volume: Volume, overwrite: bool) -> bool:
-    """Create the store, or check that the existing one continues (or is) this job; True if it is complete.
-
-    A store of the same settings is always kept (resumed or reused); ``overwrite`` replaces a different one.
-    """
-    refuse_overlap("output", job.output, {"input": job.input, "checkpoint": job.checkpoint})
-    out = Path(job.output)
-    if out.exists():
-        previous = open_store(job.output)
-        if previous.get("features") == meta:
-            return bool(previous.get("complete"))
-        if not overwrite:
-            what = ("features of other settings" if "features" in previous else "something that is not an emfm feature store")
-            raise EmfmError(f"output={out} already holds {what}; choose another output or set overwrite=true")
-        shutil.rmtree(out)
+def create_store(job: FeatureJob, stamp: dict[str, Any], channels: int, volume: Volume) -> None:
+    """The new feature store: ``0`` (F, *cells) float16, placed on the volume by its OME scale and translation."""
     vs = list(volume.voxel_size or (1.0,) * volume.ndim)
     # A cell's centre sits (stride - 1) / 2 voxels after its first voxel.
     origin = [(a + (k - 1) / 2) * v for (a, _), k, v in zip(job.roi, job.stride, vs)]
-    try:
-        root = zarr.open_group(str(out), mode="w-")
-        root.attrs.update(ome_attrs("features", "c" + volume.axes, [1.0, *(k * v for k, v in zip(job.stride, vs))],
-                                    [0.0, *origin])
-                          | {"emfm": {"kind": "features", "features": meta, "complete": False}})
-        create_array(root, FEATURES, (channels, *job.grid.shape), (channels, *job.block), "float16", "c" + volume.axes)
-        root.create_group(PROGRESS)
-    except OSError as e:
-        raise EmfmError(f"output={out}: cannot create the feature store ({e.strerror or e})") from None
-    return False
+    root = create(job.output, ome_attrs("features", "c" + volume.axes, [1.0, *(k * v for k, v in zip(job.stride, vs))],
+                                        [0.0, *origin])
+                  | {"emfm": {"kind": "features", "features": stamp, "complete": False}}, "feature store")
+    create_array(root, FEATURES, (channels, *job.grid.shape), (channels, *job.block), "float16", "c" + volume.axes)
 
 
 def check_store(path: str, volume: Volume, roi: tuple[slice, ...] | None = None) -> dict[str, Any]:
     """The metadata of a complete feature store computed on ``volume`` (and ``roi``), or a clear error."""
-    meta = open_store(path)
+    meta = read_attrs(path)
     if meta.get("kind") != "features" or not meta.get("complete"):
         raise EmfmError(f"features={path}: not a complete emfm feature store (make one with `emfm features`)")
     settings = meta["features"]
@@ -264,39 +249,107 @@ def check_store(path: str, volume: Volume, roi: tuple[slice, ...] | None = None)
     return meta
 
 
-def extract_features(cfg: Any, output: str | None = None) -> dict[str, Any]:
-    """Compute (or finish) a feature store; returns a summary with its path."""
+def extract_features(request: FeatureRequest, executor: Executor) -> dict[str, Any]:
+    """Compute (or finish) a feature store; returns a summary with its path.
+
+    A store of the same settings is always kept (resumed or reused); ``overwrite`` replaces a different one.
+    """
     input_volume.cache_clear()
     _encoder.cache_clear()
-    output = str(Path(output or cfg.output).resolve())
-    job, encoder, volume = make_job(cfg, output)
+    encoder = load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
+    volume = Volume(request.input, request.level)
+    job = make_job(request, encoder, volume, executor.threads(request.threads))
     channels = encoder.feature_channels[job.layer]
-    complete = prepare_store(job, stamp(job, volume), channels, volume, cfg.overwrite)
-    summary: dict[str, Any] = {"output": output, "grid": list(job.grid.shape), "channels": channels,
+    stamp = fingerprint(job, ("threads", "batch_size", "block"), input_shape=list(volume.shape))
+    complete = claim(job.output, "features", stamp, request.overwrite,
+                     inputs={"input": job.input, "checkpoint": job.checkpoint}, describe="feature store")
+    if complete is None:
+        create_store(job, stamp, channels, volume)
+    summary: dict[str, Any] = {"output": job.output, "grid": list(job.grid.shape), "channels": channels,
                                "stride": list(job.stride), "blocks": len(job.grid), "computed": 0}
     if not complete:
-        with executor_client(cfg) as client:
-            pending = Progress(zarr.open_group(f"{output}/{PROGRESS}", mode="a"), "features", job.grid).pending(job.grid)
+        with executor_client(executor) as client:
+            pending = Progress(job.output, "features", job.grid).pending()
             summary["computed"] = len(pending)
-            summary["seconds"] = run_blocks(feature_block, pending, job, executor=cfg.executor, client=client,
-                                            desc="features", progress=cfg.progress)
-        finish(job)
-    if cfg.get("pca") and stored_pca(output) != int(cfg.pca):
-        from emfm.explore.cluster import Projection, sample_store
-
-        vectors, _ = sample_store(output, FEATURES, int(cfg.sample), int(cfg.seed))
-        Projection.fit(vectors, int(cfg.pca)).write(output, progress=cfg.progress)
+            summary["seconds"] = run_blocks(feature_block, pending, job, client=client, desc="features",
+                                            progress=request.progress)
+        finish(job.output)
+    if request.pca and stored_pca(job.output) != request.pca:
+        vectors, _ = sample_store(job.output, FEATURES, request.sample, request.seed)
+        Projection.fit(vectors, request.pca).write(job.output, progress=request.progress)
     return summary
 
 
 def stored_pca(store: str) -> int | None:
     """Components of the projection stored with the features, if any."""
-    return (open_store(store).get("pca") or {}).get("components")
+    return (read_attrs(store).get("pca") or {}).get("components")
 
 
-def features(cfg: Any) -> dict[str, Any]:
+def sample_store(path: str, array: str, n: int, seed: int, max_blocks: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` feature vectors (n, F) float32 and their cell coordinates (n, ndim), from up to
+    ``max_blocks`` random chunks of ``path/array`` (reading whole chunks, never scattered cells)."""
+    data = zarr.open_array(f"{path}/{array}", mode="r")
+    grid = BlockGrid(tuple(data.shape[1:]), tuple(data.chunks[1:]))
+    rng = np.random.default_rng(seed)
+    blocks = list(grid)
+    chosen = sorted(rng.permutation(len(blocks))[:max_blocks])
+    per_block = -(-n // len(chosen))
+    vectors, coords = [], []
+    for i in chosen:
+        region = grid.region(blocks[i])
+        block = np.asarray(data[(slice(None), *region)], dtype=np.float32)        # (F, *cells)
+        flat = block.reshape(block.shape[0], -1)                                      # (F, cells)
+        pick = rng.choice(flat.shape[1], size=min(per_block, flat.shape[1]), replace=False)
+        vectors.append(flat[:, pick].T)
+        local = np.stack(np.unravel_index(pick, block.shape[1:]), 1)
+        coords.append(local + [r.start for r in region])
+    sampled, where = np.concatenate(vectors), np.concatenate(coords)
+    keep = rng.permutation(len(sampled))[:n]
+    return sampled[keep], where[keep]
+
+
+@dataclass
+class Projection:
+    """Principal components of features fitted on a sample: ``(x - mean) @ components.T``."""
+
+    mean: np.ndarray          # (F,)
+    components: np.ndarray    # (K, F)
+    explained: float          # fraction of the sample's variance kept
+
+    @classmethod
+    def fit(cls, vectors: np.ndarray, k: int) -> Projection:
+        from sklearn.decomposition import PCA as SkPCA
+
+        if not 1 <= k <= min(vectors.shape):
+            raise EmfmError(f"pca={k}: expected 1..{min(vectors.shape)} components for {vectors.shape[0]} sampled "
+                            f"vectors of {vectors.shape[1]} features")
+        pca = SkPCA(n_components=k, random_state=0).fit(vectors)
+        return cls(pca.mean_.astype(np.float32), pca.components_.astype(np.float32),
+                   float(pca.explained_variance_ratio_.sum()))
+
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        return (vectors - self.mean) @ self.components.T
+
+    def write(self, store: str, progress: bool = True) -> None:
+        """Add the projected features to ``store`` as array ``pca`` (K, *grid), chunked like the features."""
+        source = zarr.open_array(f"{store}/{FEATURES}", mode="r")
+        root = zarr.open_group(store, mode="r+")
+        if PCA in root:
+            del root[PCA]
+        k, axes = len(self.components), "c" + "".join(source.metadata.dimension_names[1:])
+        target = create_array(root, PCA, (k, *source.shape[1:]), (k, *source.chunks[1:]), "float16", axes)
+        grid = BlockGrid(tuple(source.shape[1:]), tuple(source.chunks[1:]))
+        for index in tqdm(list(grid), desc="pca", unit="block", disable=not progress):
+            region = (slice(None), *grid.region(index))
+            block = np.asarray(source[region], dtype=np.float32)
+            flat = block.reshape(block.shape[0], -1).T                                 # (cells, F)
+            target[region] = self(flat).T.reshape(k, *block.shape[1:]).astype(np.float16)
+        root.attrs["emfm"] = {**root.attrs["emfm"], "pca": {"components": k, "explained_variance": self.explained}}
+
+
+def features(cfg: DictConfig) -> dict[str, Any]:
     """The ``emfm features`` command."""
-    summary = extract_features(cfg)
-    print(f"wrote {summary['output']}: {summary['channels']} channels on a {summary['grid']} grid "
-          f"(stride {summary['stride']}), {summary['computed']} of {summary['blocks']} blocks computed")
+    summary = extract_features(FeatureRequest.from_config(cfg), Executor(cfg.executor, **cfg.dask))
+    log.info("wrote %s: %d channels on a %s grid (stride %s), %d of %d blocks computed", summary["output"],
+             summary["channels"], summary["grid"], summary["stride"], summary["computed"], summary["blocks"])
     return summary

@@ -7,9 +7,7 @@ come from config. Validation predicts whole held-out slices with the same slidin
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,70 +15,19 @@ import lightning.pytorch as pl
 import torch
 from timm.layers import resample_abs_pos_embed
 
+from emfm.checkpoints import fill, read_network, read_segmenter
 from emfm.data.augment import Augment
 from emfm.data.targets import IGNORE, make_target
 from emfm.errors import EmfmError
-from emfm.export import CONFIG, load_encoder
 from emfm.finetune.losses import SegmentationLoss
 from emfm.finetune.semi import create_semi
 from emfm.inference import sliding_window
-from emfm.models.encoders import Encoder, create_encoder
+from emfm.models.encoders import create_encoder
 from emfm.models.heads import SegmentationModel, create_head, head_settings
-from emfm.training import adamw_warmup_cosine, param_groups, read_checkpoint
+from emfm.training import adamw_warmup_cosine, param_groups
 
 # Settings that must agree between a pretrained encoder and the one fine-tuned (the input shape may differ).
 ARCHITECTURE = ("family", "name", "patch_size", "in_chans", "channels", "blocks", "strides", "stem_stride", "depth")
-
-
-def pretrained_encoder(init: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(encoder config, encoder state dict) from an emfm checkpoint (.ckpt) or an ``emfm export`` directory."""
-    model, weights, _ = pretrained_network(init)
-    return model, weights
-
-
-def pretrained_network(init: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], PretrainedHead | None]:
-    """(encoder config, encoder state dict, decoder if the source has one) of ``init``.
-
-    A decoder comes from a fine-tuning checkpoint (its head) or from whole-network pretraining
-    (``objective=restore``, whose head is the decoder fine-tuning uses); an export holds none.
-    """
-    path = Path(init)
-    if path.is_dir():
-        if not (path / CONFIG).is_file():
-            raise EmfmError(f"init={init}: directory without {CONFIG}; expected an `emfm export` directory")
-        config = json.loads((path / CONFIG).read_text())
-        return dict(config["model"]), load_encoder(path, as_timm=False).state_dict(), None
-    if not path.is_file():
-        raise EmfmError(f"init={init}: no such checkpoint or export directory (or use init=scratch)")
-    state = read_checkpoint(path)
-    hparams = state.get("hyper_parameters") or {}
-    model = hparams.get("encoder")
-    if not isinstance(model, Mapping) or "state_dict" not in state:
-        raise EmfmError(f"init={init}: not an emfm checkpoint (no encoder config in its hyper_parameters)")
-    weights = state["state_dict"]
-    encoder = {k.removeprefix(p): v for k, v in weights.items() for p in ENCODER_PREFIXES if k.startswith(p)}
-    head = None
-    if isinstance(hparams.get("head"), Mapping):  # fine-tuning checkpoint
-        head = PretrainedHead(dict(hparams["head"]), _under(weights, "model.head."))
-    elif isinstance((hparams.get("methods") or {}).get("restore"), Mapping):  # whole-network pretraining
-        config = hparams["methods"]["restore"].get("head") or {"name": "auto"}
-        head = PretrainedHead(dict(config), _under(weights, "methods.restore.head."))
-    return dict(model), encoder, head
-
-
-ENCODER_PREFIXES = ("model.encoder.", "encoder.")  # fine-tuning or pretraining checkpoint
-
-
-@dataclass
-class PretrainedHead:
-    """A decoder from a checkpoint: its ``head`` config and weights (the output layer ``out.*`` included)."""
-
-    config: dict[str, Any]
-    weights: dict[str, torch.Tensor]
-
-
-def _under(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def load_pretrained(model: SegmentationModel, config: Mapping[str, Any], head: Mapping[str, Any], init: str) -> None:
@@ -89,7 +36,8 @@ def load_pretrained(model: SegmentationModel, config: Mapping[str, Any], head: M
     The encoder always; the decoder too when ``init`` has one, all but its output layer, which
     belongs to the pretraining task (or another target) and starts fresh.
     """
-    source, weights, decoder = pretrained_network(init)
+    network = read_network(init, "init")
+    source, weights, decoder = network.encoder, network.weights, network.head
     for key in ARCHITECTURE:
         if source.get(key) != config.get(key):
             raise EmfmError(f"init={init}: encoder has {key}={source.get(key)!r} but this run builds "
@@ -100,7 +48,7 @@ def load_pretrained(model: SegmentationModel, config: Mapping[str, Any], head: M
         if key.endswith("pos_embed") and key in own and value.shape != own[key].shape:
             prefix = getattr(encoder, "num_prefix_tokens", 0)
             weights[key] = resample_abs_pos_embed(value, list(encoder.grid_size), num_prefix_tokens=prefix)
-    encoder.load_state_dict(weights)
+    fill(encoder, weights, f"init={init}")
     if decoder is not None:
         theirs, ours = head_settings(decoder.config, encoder), head_settings(head, encoder)
         if theirs != ours:
@@ -252,3 +200,15 @@ class SegmentationModule(pl.LightningModule):
             param_list += param_groups(self.semi.named_parameters(), hp.weight_decay)
         return adamw_warmup_cosine(param_list, self.trainer.max_steps, hp.lr, hp.betas, hp.warmup_steps,
                                    hp.min_lr_ratio)
+
+
+def load_segmenter(checkpoint: str | Path, key: str = "checkpoint") -> SegmentationModule:
+    """A fine-tuned model in eval mode on CPU; other checkpoints are refused with the reason."""
+    hparams, weights = read_segmenter(checkpoint, key)
+    try:  # init=scratch: the weights come from this checkpoint, not from the one it was initialised with
+        module = SegmentationModule(**{**hparams, "init": "scratch"})
+    except TypeError as err:
+        raise EmfmError(f"{key}={checkpoint}: its hyper_parameters do not build a segmentation model ({err})") \
+            from None
+    fill(module, weights, f"{key}={checkpoint}")
+    return module.eval()

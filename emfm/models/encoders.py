@@ -6,6 +6,7 @@ family plugs in by registering a factory here.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -364,10 +365,18 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
 }
 
 
+# timm.create_model's own options choose files and weights to load, not an architecture: a model config
+# read from a checkpoint or an export someone sent never makes timm load a file it names.
+TIMM_LOADING = frozenset(inspect.signature(timm.create_model).parameters) - {"model_name", "kwargs"}
+
+
 def create_encoder(family: str, **kwargs: Any) -> Encoder:
     """Build an encoder from a ``model`` config: ``create_encoder(**cfg.model)``."""
     if family not in ENCODERS:
         raise EmfmError(f"unknown encoder family {family!r}; expected one of {sorted(ENCODERS)}")
+    if loading := sorted(TIMM_LOADING & set(kwargs)):
+        raise EmfmError(f"model.{loading[0]}: not an encoder setting emfm writes (it makes timm load weights); "
+                        f"remove it")
     try:
         return ENCODERS[family](**kwargs)
     except RuntimeError as err:  # timm's message for an unknown model name

@@ -1,9 +1,9 @@
-"""Blocks of an output volume, the record of which are finished, and the executors that run them.
+"""Blocks of an output volume and the executors that run them, here or on a Dask cluster.
 
 A blockwise job writes each output block (aligned to the output chunks, so no two blocks share a
-chunk file) and then marks it done in a one-chunk-per-block boolean array; zarr's local store
-writes every chunk atomically. A rerun skips the marked blocks, so a crash costs at most the
-blocks that were in flight, and the result equals an uninterrupted run.
+chunk file) and then marks it done in its store (:class:`~emfm.predict.store.Progress`). A rerun
+skips the marked blocks, so a crash costs at most the blocks that were in flight, and the result
+equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 
 from emfm.errors import EmfmError
@@ -69,68 +68,74 @@ def parse_roi(roi: Any, shape: Sequence[int], key: str = "roi") -> tuple[slice, 
             start, stop = int(start or 0), int(stop or size)
         except (TypeError, ValueError):
             raise EmfmError(f"{key}={roi}: range {part!r} of axis {axis} is not start:stop") from None
+        if start >= stop:
+            raise EmfmError(f"{key}={roi}: range {start}:{stop} of axis {axis} is "
+                            f"{'reversed' if start > stop else 'empty'}; expected start:stop with start < stop")
         if not 0 <= start < stop <= size:
             raise EmfmError(f"{key}={roi}: range {start}:{stop} of axis {axis} is outside the volume (0:{size})")
         region.append(slice(start, stop))
     return tuple(region)
 
 
-class Progress:
-    """Which blocks of a phase are finished: ``group[phase][index]`` is True once the block is written."""
+@dataclass(frozen=True)
+class Executor:
+    """Where block tasks run: ``local`` (this process, in order) or ``dask`` (the scheduler at ``address``, or
+    a LocalCluster of ``n_workers`` processes started here)."""
 
-    def __init__(self, group: zarr.Group, phase: str, grid: BlockGrid) -> None:
-        if phase in group:
-            self.done = group[phase]
-        else:
-            self.done = group.create_array(phase, shape=grid.grid, chunks=(1,) * len(grid.grid), dtype=bool,
-                                           fill_value=False, compressors=None)
+    kind: str = "local"
+    address: str | None = None
+    n_workers: int = 2
+    threads_per_worker: int = 1
 
-    def pending(self, grid: BlockGrid) -> list[Block]:
-        finished = np.asarray(self.done[...])
-        return [index for index in grid if not finished[index]]
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise EmfmError(f"executor={self.kind}: expected one of {', '.join(EXECUTORS)}")
+        if self.kind == "dask" and (self.n_workers < 1 or self.threads_per_worker < 1):
+            raise EmfmError(f"dask.n_workers={self.n_workers}, dask.threads_per_worker={self.threads_per_worker}: "
+                            f"expected at least 1 each")
 
-    def mark(self, index: Block) -> None:
-        self.done[index] = True
+    def threads(self, local: int | None) -> int | None:
+        """torch threads of each task process: a Dask worker's threads, or ``local`` here (None: torch's default)."""
+        return self.threads_per_worker if self.kind == "dask" else local
 
 
-def run_blocks(task: Callable[..., Block], blocks: Sequence[Block], *args: Any, executor: str = "local",
-               client: Any = None, desc: str = "blocks", progress: bool = True) -> float:
-    """Run ``task(*args, block)`` for every block, locally in order or as Dask tasks; returns the seconds.
+def run_blocks(task: Callable[..., Block], blocks: Sequence[Block], *args: Any, client: Any = None,
+               desc: str = "blocks", progress: bool = True) -> float:
+    """Run ``task(*args, block)`` for every block, here in order or as tasks of a Dask ``client``; returns
+    the seconds.
 
     The task writes its block and marks it done itself, so whatever finished survives a crash.
     """
     start = time.perf_counter()
     bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress, smoothing=0.1)
     with bar:
-        for _ in _completed(task, blocks, args, executor, client):
+        for _ in _completed(task, blocks, args, client):
             bar.update()
     return time.perf_counter() - start
 
 
-def _completed(task: Callable[..., Block], blocks: Sequence[Block], args: tuple, executor: str,
+def _completed(task: Callable[..., Block], blocks: Sequence[Block], args: tuple[Any, ...],
                client: Any) -> Iterable[Block]:
-    if executor == "local":
+    if client is None:
         return (task(*args, block) for block in blocks)
-    if executor == "dask":
-        from dask.distributed import as_completed
+    from dask.distributed import as_completed
 
-        shared = [client.scatter(a, broadcast=True) if isinstance(a, np.ndarray) else a for a in args]
-        run = uuid.uuid4().hex[:8]      # keys unique to this run on a long-lived scheduler
-        futures = [client.submit(task, *shared, block, pure=False, key=f"{task.__name__}-{run}-{'-'.join(map(str, block))}")
-                   for block in blocks]
-        return (future.result() for future in as_completed(futures))
-    raise EmfmError(f"executor={executor}: expected one of {', '.join(EXECUTORS)}")
+    shared = [client.scatter(a, broadcast=True) if isinstance(a, np.ndarray) else a for a in args]
+    run = uuid.uuid4().hex[:8]      # keys unique to this run on a long-lived scheduler
+    futures = [client.submit(task, *shared, block, pure=False, key=f"{task.__name__}-{run}-{'-'.join(map(str, block))}")
+               for block in blocks]
+    return (future.result() for future in as_completed(futures))
 
 
 @contextmanager
-def executor_client(cfg: Any) -> Iterator[Any]:
-    """The Dask client of ``cfg.executor=dask`` (None for local); afterwards a LocalCluster started here
+def executor_client(executor: Executor) -> Iterator[Any]:
+    """The Dask client of a ``dask`` executor (None for local); afterwards a LocalCluster started here
     is closed, and this process is left as it was: torch's thread count (tasks may set it) and the
     environment, into which Dask's nanny writes ``OMP_NUM_THREADS=1`` & co. for the workers it starts
     (later subprocesses of this process would otherwise run torch on one thread, and compute other bits)."""
     threads, environ = torch.get_num_threads(), dict(os.environ)
-    client = dask_client(cfg.dask.address, cfg.dask.n_workers, cfg.dask.threads_per_worker) \
-        if cfg.executor == "dask" else None
+    client = dask_client(executor.address, executor.n_workers, executor.threads_per_worker) \
+        if executor.kind == "dask" else None
     try:
         yield client
     finally:

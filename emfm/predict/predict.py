@@ -10,37 +10,39 @@ independent blocks, which is what makes the job resumable and distributable.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import zarr
-from zarr.codecs import ZstdCodec
+from omegaconf import DictConfig
 
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.evaluation.evaluate import load_segmenter
+from emfm.finetune.segmentation import SegmentationModule, load_segmenter
 from emfm.inference import covering_tiles, sliding_window
-from emfm.paths import refuse_overlap
-from emfm.predict.blocks import (
-    Block,
-    BlockGrid,
+from emfm.predict import stitch
+from emfm.predict.blocks import Block, BlockGrid, Executor, executor_client, parse_roi, run_blocks
+from emfm.predict.store import (
+    DTYPES,
+    WORK,
     Progress,
-    executor_client,
-    parse_roi,
-    run_blocks,
+    claim,
+    create,
+    create_array,
+    encode,
+    fingerprint,
+    finish,
+    ome_attrs,
+    write,
 )
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float16", "uint8")
-PROGRESS, WORK = "_progress", "_work"    # removed when the prediction is complete
+Probabilities = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,10 @@ class Job:
         return len(self.tile) == 3 and self.tile[0] == 1
 
 
-_CACHE: dict[tuple[str, int | None], Any] = {}
+_CACHE: dict[tuple[str, int | None], Probabilities] = {}
 
 
-def model_function(job: Job, module: Any = None) -> Any:
+def model_function(job: Job, module: SegmentationModule | None = None) -> Probabilities:
     """The probability function of the job's checkpoint, loaded once per process (one model per Dask worker).
 
     ``module``: the checkpoint already loaded in this process, to use instead of loading it again.
@@ -83,13 +85,13 @@ def model_function(job: Job, module: Any = None) -> Any:
     if module is not None or key not in _CACHE:
         if job.threads:
             torch.set_num_threads(job.threads)
-        module = module if module is not None else load_segmenter(job.checkpoint)
+        model = module if module is not None else load_segmenter(job.checkpoint)
 
         def segment(x: torch.Tensor) -> torch.Tensor:
-            out = module.activate(module.model(x))
+            out = model.activate(model.model(x))
             if job.tta:                             # mean over the in-plane flips
                 for dims in ((-1,), (-2,), (-2, -1)):
-                    out = out + module.activate(module.model(x.flip(dims))).flip(dims)
+                    out = out + model.activate(model.model(x.flip(dims))).flip(dims)
                 out = out / 4
             return out
 
@@ -114,164 +116,94 @@ def predict_block(job: Job, index: Block) -> Block:
     image = torch.from_numpy(volume.normalize(raw))[None]
     probs = sliding_window(model_function(job), image, job.tile, job.overlap, job.batch_size, corners, job.blend)
     inner = tuple(slice(r.start - s.start, r.stop - s.start) for r, s in zip(region, span))
-    data = encode(probs[(slice(None), *inner)].numpy(), job.dtype)
-    write(job, "0", (slice(None), *region), data)
-    Progress(open_output(job), "predict", job.grid).mark(index)
+    write(job.output, "0", (slice(None), *region), encode(probs[(slice(None), *inner)].numpy(), job.dtype))
+    Progress(job.output, "predict", job.grid).mark(index)
     return index
 
 
-def encode(probs: np.ndarray, dtype: str) -> np.ndarray:
-    """float16 as is, or uint8 with 255 = probability 1."""
-    if dtype == "uint8":
-        return np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
-    return probs.astype(np.float16)
-
-
-def decode(data: np.ndarray) -> np.ndarray:
-    return data.astype(np.float32) / 255 if data.dtype == np.uint8 else data.astype(np.float32)
-
-
-def open_output(job: Job, path: str = PROGRESS) -> zarr.Group:
-    return zarr.open_group(f"{job.output}/{path}", mode="a")
-
-
-def write(job: Job, path: str, key: tuple[slice, ...], data: np.ndarray) -> None:
-    """Write into an array of the output; a full or read-only disk is named, finished blocks stay valid."""
-    try:
-        zarr.open_array(f"{job.output}/{path}", mode="r+")[key] = data
-    except OSError as e:
-        raise EmfmError(f"output={job.output}: cannot write {path} {key} ({e.strerror or e}); finished blocks "
-                        f"are kept, rerun the same command to continue") from None
-
-
-def checkpoint_digest(path: str) -> str:
-    """sha256 of a checkpoint file, or of every file of an export directory."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
-    for file in files:
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def make_job(cfg: Any) -> tuple[Job, Any, Volume]:
-    """Check the inputs against each other and build the job (the model is loaded here once to read its shape)."""
-    module = load_segmenter(cfg.checkpoint)
-    volume = Volume(cfg.input, cfg.get("level", 0))
+def make_job(module: SegmentationModule, volume: Volume, *, checkpoint: str, output: str, roi: Any,
+             block_shape: Any, overlap: float, blend: str, tta: bool, batch_size: int, dtype: str,
+             threads: int | None) -> Job:
+    """Check the settings against the model and the volume, and build the job."""
     patch = tuple(module.model.encoder.input_shape)
     if len(patch) == 3 and volume.ndim == 2:
-        raise EmfmError(f"input={cfg.input}: a 2-D image, but the checkpoint's model is 3-D (patch {list(patch)}); "
+        raise EmfmError(f"input={volume.path}: a 2-D image, but the checkpoint's model is 3-D (patch {list(patch)}); "
                         f"use a 2-D model or a 3-D volume")
     tile = (1, *patch) if volume.ndim == 3 and len(patch) == 2 else patch
-    region = parse_roi(cfg.get("roi"), volume.shape)
+    region = parse_roi(roi, volume.shape)
     shape = tuple(r.stop - r.start for r in region)
-    block = tuple(cfg.block_shape) if cfg.get("block_shape") else tuple(min(s, 4 * t) for s, t in zip(shape, tile))
+    block = tuple(block_shape) if block_shape else tuple(min(s, 4 * t) for s, t in zip(shape, tile))
     if len(block) != len(shape) or min(block) < 1:
         raise EmfmError(f"block_shape={list(block)}: expected {len(shape)} positive sizes for a {volume.ndim}-D volume")
-    if cfg.dtype not in DTYPES:
-        raise EmfmError(f"dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
-    job = Job(checkpoint=str(Path(cfg.checkpoint).resolve()), input=str(Path(cfg.input).resolve()),
-              output=str(Path(cfg.output).resolve()), level=int(cfg.get("level", 0)),
-              roi=tuple((r.start, r.stop) for r in region), tile=tuple(int(t) for t in tile),
-              block=tuple(int(b) for b in block), overlap=float(cfg.overlap), blend=str(cfg.blend), tta=bool(cfg.tta),
-              batch_size=int(cfg.batch_size), dtype=str(cfg.dtype),
-              threads=cfg.dask.threads_per_worker if cfg.executor == "dask" else cfg.get("threads"))
-    return job, module, volume
+    if dtype not in DTYPES:
+        raise EmfmError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}")
+    if batch_size < 1:
+        raise EmfmError(f"batch_size={batch_size}: expected at least 1 tile per forward pass")
+    return Job(checkpoint=str(Path(checkpoint).resolve()), input=str(volume.path.resolve()),
+               output=str(Path(output).resolve()), level=volume.level, roi=tuple((r.start, r.stop) for r in region),
+               tile=tuple(int(t) for t in tile), block=tuple(int(b) for b in block), overlap=float(overlap),
+               blend=str(blend), tta=bool(tta), batch_size=int(batch_size), dtype=str(dtype), threads=threads)
 
 
-def fingerprint(job: Job, instances: dict[str, Any] | None) -> dict[str, Any]:
-    """What makes two predictions the same: resume only into an output with the same fingerprint."""
-    settings = {k: v for k, v in asdict(job).items() if k not in ("output", "threads", "batch_size")}
-    return json.loads(json.dumps({**settings, "checkpoint_sha256": checkpoint_digest(job.checkpoint),
-                                  "instances": instances}))
+def create_output(job: Job, stamp: dict[str, Any], channels: int, volume: Volume, instances: bool) -> None:
+    """The new output store: probabilities ``0`` (c, *region) and, for instances, ``labels/instances`` and the
+    seeds of the first pass."""
+    spatial = volume.axes
+    vs = list(volume.voxel_size or (1.0,) * volume.ndim)
+    origin = [a * v for (a, _), v in zip(job.roi, vs)]
+    root = create(job.output, ome_attrs("probabilities", "c" + spatial, [1.0, *vs], [0.0, *origin])
+                  | {"emfm": {"kind": "prediction", "predict": stamp, "complete": False}}, "output")
+    create_array(root, "0", (channels, *job.grid.shape), (channels, *job.block), job.dtype, "c" + spatial)
+    if instances:
+        labels = root.create_group("labels")
+        labels.attrs.update({"ome": {"version": "0.5", "labels": ["instances"]}})
+        group = labels.create_group("instances")
+        attrs = ome_attrs("instances", spatial, vs, origin)
+        attrs["ome"]["image-label"] = {"source": {"image": "../../"}}
+        group.attrs.update(attrs)
+        create_array(group, "0", job.grid.shape, job.block, "uint64", spatial)
+        create_array(root.create_group(WORK), "seeds", job.grid.shape, job.block, "uint64", spatial)
 
 
-def prepare_output(job: Job, stamp: dict[str, Any], channels: int, volume: Volume, overwrite: bool) -> bool:
-    """Create the output store, or check that the existing one continues this prediction; True if complete."""
-    refuse_overlap("output", job.output, {"input": job.input, "checkpoint": job.checkpoint})
-    out = Path(job.output)
-    if out.exists():
-        try:
-            previous = dict(zarr.open_group(str(out), mode="r").attrs).get("emfm", {})
-        except (OSError, ValueError):      # not a zarr group: zarr's errors derive from these
-            previous = {}
-        same = previous.get("predict") == stamp
-        if same and not overwrite:
-            return bool(previous.get("complete"))
-        if not overwrite:
-            what = ("a different, complete prediction" if previous.get("complete") else
-                    "a different, unfinished prediction" if "predict" in previous else "something that is not an emfm prediction")
-            raise EmfmError(f"output={out} already holds {what}; choose another output or set overwrite=true")
-        shutil.rmtree(out)
-    try:
-        root = zarr.open_group(str(out), mode="w-")
-        spatial = volume.axes
-        vs = list(volume.voxel_size or (1.0,) * volume.ndim)
-        root.attrs.update(ome_attrs("probabilities", "c" + spatial, [1.0, *vs], [0.0, *(a * v for (a, _), v in zip(job.roi, vs))])
-                          | {"emfm": {"kind": "prediction", "predict": stamp, "complete": False}})
-        create_array(root, "0", (channels, *job.grid.shape), (channels, *job.block), job.dtype, "c" + spatial)
-        root.create_group(PROGRESS)
-        if stamp["instances"] is not None:
-            labels = root.create_group("labels")
-            labels.attrs.update({"ome": {"version": "0.5", "labels": ["instances"]}})
-            group = labels.create_group("instances")
-            attrs = ome_attrs("instances", spatial, vs, [a * v for (a, _), v in zip(job.roi, vs)])
-            attrs["ome"]["image-label"] = {"source": {"image": "../../"}}
-            group.attrs.update(attrs)
-            create_array(group, "0", job.grid.shape, job.block, "uint64", spatial)
-            create_array(root.create_group(WORK), "seeds", job.grid.shape, job.block, "uint64", spatial)
-    except OSError as e:
-        raise EmfmError(f"output={out}: cannot create the output ({e.strerror or e})") from None
-    return False
-
-
-def ome_attrs(name: str, axes: str, scale: list[float], translation: list[float]) -> dict[str, Any]:
-    kinds = [{"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space", "unit": "nanometer"}
-             for a in axes]
-    transforms = [{"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]
-    return {"ome": {"version": "0.5", "multiscales": [
-        {"name": name, "axes": kinds, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}}
-
-
-def create_array(group: zarr.Group, name: str, shape: tuple, chunks: tuple, dtype: str, axes: str) -> None:
-    group.create_array(name, shape=shape, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)), dtype=dtype,
-                       fill_value=0, compressors=ZstdCodec(level=3), dimension_names=tuple(axes))
-
-
-def finish(job: Job) -> None:
-    """Mark the output complete and drop the bookkeeping (done last, so an incomplete store never looks complete)."""
-    root = zarr.open_group(job.output, mode="r+")
-    emfm = dict(root.attrs["emfm"])
-    root.attrs["emfm"] = {**emfm, "complete": True}
-    for name in (PROGRESS, WORK):
-        shutil.rmtree(Path(job.output) / name, ignore_errors=True)
-
-
-def predict(cfg: Any) -> dict[str, Any]:
+def predict(cfg: DictConfig) -> dict[str, Any]:
     """The ``emfm predict`` command: probabilities (and optionally instances) of a volume into OME-Zarr."""
-    from emfm.predict import stitch
-
+    executor = Executor(cfg.executor, **cfg.dask)
     input_volume.cache_clear()                      # the input may have been rewritten since a previous call
-    job, module, volume = make_job(cfg)
-    instances = stitch.settings(cfg, dict(module.hparams.target)) if cfg.instances else None
-    complete = prepare_output(job, fingerprint(job, instances), module.target.channels, volume, cfg.overwrite)
+    module = load_segmenter(cfg.checkpoint)
+    volume = Volume(cfg.input, cfg.level)
+    job = make_job(module, volume, checkpoint=cfg.checkpoint, output=cfg.output, roi=cfg.roi,
+                   block_shape=cfg.block_shape, overlap=cfg.overlap, blend=cfg.blend, tta=cfg.tta,
+                   batch_size=cfg.batch_size, dtype=cfg.dtype, threads=executor.threads(cfg.threads))
+    instances = stitch.settings(module.hparams.target["kind"], cfg.threshold, cfg.instance_halo) \
+        if cfg.instances else None
+    return run_prediction(job, module, volume, instances, executor, overwrite=cfg.overwrite, progress=cfg.progress)
+
+
+def run_prediction(job: Job, module: SegmentationModule, volume: Volume, instances: stitch.Settings | None,
+                   executor: Executor, overwrite: bool, progress: bool) -> dict[str, Any]:
+    """Create (or continue) the output of ``job``, predict its pending blocks, then stitch the instances."""
+    stamp = fingerprint(job, ("threads", "batch_size"), instances=None if instances is None else instances.stamp())
+    complete = claim(job.output, "predict", stamp, overwrite, inputs={"input": job.input, "checkpoint": job.checkpoint},
+                     describe="prediction", replace_same=True)
+    if complete is None:
+        create_output(job, stamp, module.target.channels, volume, instances is not None)
     summary: dict[str, Any] = {"output": job.output, "blocks": len(job.grid), "seconds": {}}
     if complete:
         log.info("%s is already a complete prediction with these settings; nothing to do", job.output)
         return {**summary, "computed": 0}
-    with executor_client(cfg) as client:
+    with executor_client(executor) as client:
         if client is None:
             model_function(job, module)             # this process predicts: no second load
-        pending = Progress(open_output(job), "predict", job.grid).pending(job.grid)
+        pending = Progress(job.output, "predict", job.grid).pending()
         summary["computed"] = len(pending)
-        summary["seconds"]["predict"] = run_blocks(predict_block, pending, job, executor=cfg.executor, client=client,
-                                                   desc="predict", progress=cfg.progress)
+        summary["seconds"]["predict"] = run_blocks(predict_block, pending, job, client=client, desc="predict",
+                                                   progress=progress)
         if instances is not None:
-            summary["seconds"].update(stitch.instances(job, instances, cfg.executor, client, cfg.progress))
-    finish(job)
+            stitching = stitch.InstanceJob(job.output, job.grid, job.per_slice, instances)
+            summary["seconds"].update(stitch.instances(stitching, client, progress))
+    finish(job.output)
     voxels = np.prod(job.grid.shape) * len(pending) / max(len(job.grid), 1)
     summary["voxels_per_second"] = float(voxels / max(summary["seconds"]["predict"], 1e-9))
-    print(f"wrote {job.output}: {len(pending)} of {len(job.grid)} blocks computed, "
-          f"{summary['voxels_per_second']:.0f} voxels/s")
+    log.info("wrote %s: %d of %d blocks computed, %.0f voxels/s", job.output, len(pending), len(job.grid),
+             summary["voxels_per_second"])
     return summary

@@ -13,7 +13,7 @@ A 2-D model's objects are per z-slice (no contact across slices), a 3-D model's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -24,21 +24,45 @@ from scipy.sparse.csgraph import connected_components
 from skimage.segmentation import watershed
 
 from emfm.errors import EmfmError
-from emfm.predict.blocks import Block, Progress, run_blocks
-from emfm.predict.predict import WORK, Job, decode, open_output, write
+from emfm.predict.blocks import Block, BlockGrid, run_blocks
+from emfm.predict.store import WORK, Progress, decode, write
 
 KINDS = ("membrane", "boundary", "foreground", "affinity")
 
 
-def settings(cfg: Any, target: Mapping[str, Any]) -> dict[str, Any]:
-    """The instance options of ``cfg`` for the checkpoint's target, checked."""
-    if target["kind"] not in KINDS:
-        raise EmfmError(f"instances=true: a {target['kind']!r} target has no instances; "
-                        f"needs one of {', '.join(KINDS)}")
-    halo = int(cfg.instance_halo)
-    if halo < 0:
+@dataclass(frozen=True)
+class Settings:
+    """How instances are made from the probabilities of a ``kind`` target."""
+
+    kind: str
+    threshold: float     # probability threshold of the object interior
+    halo: int            # voxels of context read around each block when growing seeds
+
+    def stamp(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def settings(kind: str, threshold: float, halo: int) -> Settings:
+    """The instance settings for a checkpoint's target ``kind``, checked."""
+    if kind not in KINDS:
+        raise EmfmError(f"instances=true: a {kind!r} target has no instances; needs one of {', '.join(KINDS)}")
+    if int(halo) < 0:
         raise EmfmError(f"instance_halo={halo}: expected a number of voxels >= 0")
-    return {"kind": target["kind"], "threshold": float(cfg.threshold), "halo": halo}
+    return Settings(kind, float(threshold), int(halo))
+
+
+@dataclass(frozen=True)
+class InstanceJob:
+    """What a stitching task needs (small and picklable): the prediction store, its blocks and the settings."""
+
+    output: str
+    grid: BlockGrid
+    per_slice: bool           # a 2-D model over a 3-D volume: objects live in single z-slices
+    settings: Settings
+
+    @property
+    def block(self) -> tuple[int, ...]:
+        return self.grid.block
 
 
 def maps(probs: np.ndarray, kind: str, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -55,7 +79,7 @@ def maps(probs: np.ndarray, kind: str, threshold: float) -> tuple[np.ndarray, np
     return mean > threshold, 1 - mean, None
 
 
-def structure(job: Job) -> np.ndarray:
+def structure(job: InstanceJob) -> np.ndarray:
     """Face connectivity; none across z-slices for a 2-D model."""
     faces = ndimage.generate_binary_structure(len(job.grid.shape), 1)
     if job.per_slice:
@@ -63,20 +87,20 @@ def structure(job: Job) -> np.ndarray:
     return faces
 
 
-def seeds_block(job: Job, options: dict[str, Any], index: Block) -> Block:
+def seeds_block(job: InstanceJob, index: Block) -> Block:
     """Label the interior components of one block with ids no other block uses."""
     region = job.grid.region(index)
     probs = decode(np.asarray(zarr_array(job, "0")[(slice(None), *region)]))
-    interior = maps(probs, options["kind"], options["threshold"])[0]
+    interior = maps(probs, job.settings.kind, job.settings.threshold)[0]
     labels, _ = ndimage.label(interior, structure(job))
     offset = np.uint64(int(np.ravel_multi_index(index, job.grid.grid)) * int(np.prod(job.block)))
     seeds = np.where(labels > 0, labels.astype(np.uint64) + offset, np.uint64(0))
-    write(job, f"{WORK}/seeds", region, seeds)
-    Progress(open_output(job), "seeds", job.grid).mark(index)
+    write(job.output, f"{WORK}/seeds", region, seeds)
+    Progress(job.output, "seeds", job.grid).mark(index)
     return index
 
 
-def merge_table(job: Job) -> tuple[np.ndarray, np.ndarray]:
+def merge_table(job: InstanceJob) -> tuple[np.ndarray, np.ndarray]:
     """(ids, roots): for every seed touching another block's seed, the id of its merged component."""
     seeds = zarr_array(job, f"{WORK}/seeds")
     first, second = [], []
@@ -112,12 +136,12 @@ def relabel(seeds: np.ndarray, ids: np.ndarray, roots: np.ndarray) -> np.ndarray
     return np.where(ids[at] == seeds, roots[at], seeds)
 
 
-def grow_block(job: Job, options: dict[str, Any], ids: np.ndarray, roots: np.ndarray, index: Block) -> Block:
+def grow_block(job: InstanceJob, ids: np.ndarray, roots: np.ndarray, index: Block) -> Block:
     """Flood the block's (global) seeds over the relief, read with a halo, and write the block's part."""
-    halo = [0 if job.per_slice and axis == 0 else options["halo"] for axis in range(len(job.block))]
+    halo = [0 if job.per_slice and axis == 0 else job.settings.halo for axis in range(len(job.block))]
     region, outer = job.grid.region(index), job.grid.region(index, halo)
     probs = decode(np.asarray(zarr_array(job, "0")[(slice(None), *outer)]))
-    _, relief, mask = maps(probs, options["kind"], options["threshold"])
+    _, relief, mask = maps(probs, job.settings.kind, job.settings.threshold)
     seeds = relabel(np.asarray(zarr_array(job, f"{WORK}/seeds")[outer]), ids, roots)
     if job.per_slice:
         grown = np.stack([watershed(relief[z], seeds[z], mask=None if mask is None else mask[z])
@@ -125,23 +149,22 @@ def grow_block(job: Job, options: dict[str, Any], ids: np.ndarray, roots: np.nda
     else:
         grown = watershed(relief, seeds, mask=mask)
     inner = tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, outer))
-    write(job, "labels/instances/0", region, grown[inner].astype(np.uint64))
-    Progress(open_output(job), "instances", job.grid).mark(index)
+    write(job.output, "labels/instances/0", region, grown[inner].astype(np.uint64))
+    Progress(job.output, "instances", job.grid).mark(index)
     return index
 
 
-def zarr_array(job: Job, path: str) -> Any:
+def zarr_array(job: InstanceJob, path: str) -> Any:
     return zarr.open_array(f"{job.output}/{path}", mode="r")
 
 
-def instances(job: Job, options: dict[str, Any], executor: str, client: Any, progress: bool) -> dict[str, float]:
-    """Both passes over the finished probability map; returns seconds per pass."""
+def instances(job: InstanceJob, client: Any, progress: bool) -> dict[str, float]:
+    """Both passes over the finished probability map (here, or on the Dask ``client``); returns seconds per pass."""
     seconds = {}
-    pending = Progress(open_output(job), "seeds", job.grid).pending(job.grid)
-    seconds["seeds"] = run_blocks(seeds_block, pending, job, options, executor=executor, client=client,
-                                  desc="seeds", progress=progress)
+    pending = Progress(job.output, "seeds", job.grid).pending()
+    seconds["seeds"] = run_blocks(seeds_block, pending, job, client=client, desc="seeds", progress=progress)
     ids, roots = merge_table(job)
-    pending = Progress(open_output(job), "instances", job.grid).pending(job.grid)
-    seconds["instances"] = run_blocks(grow_block, pending, job, options, ids, roots, executor=executor,
-                                      client=client, desc="instances", progress=progress)
+    pending = Progress(job.output, "instances", job.grid).pending()
+    seconds["instances"] = run_blocks(grow_block, pending, job, ids, roots, client=client, desc="instances",
+                                      progress=progress)
     return seconds

@@ -1,0 +1,216 @@
+"""Every checkpoint kind emfm reads, read here and nowhere else, without running code.
+
+Three kinds: a pretraining checkpoint (``emfm pretrain``: the encoder and the objectives' heads), a
+fine-tuning checkpoint (``emfm finetune``: encoder and segmentation head) and an export folder
+(``emfm export``: ``encoder.safetensors`` and ``config.json``). Lightning checkpoints are loaded with
+``torch.load(weights_only=True)``, exports with safetensors. Every file gets the same checks, so a
+damaged file or one of another kind is named in one line, whichever command was given it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import torch
+from torch import nn
+
+from emfm.errors import EmfmError, first_line
+from emfm.models.encoders import Encoder, create_encoder
+
+WEIGHTS, CONFIG, CARD = "encoder.safetensors", "config.json", "README.md"    # an export folder
+FORMAT = "emfm-encoder/1"
+ENCODER_PREFIXES = ("model.encoder.", "encoder.")     # fine-tuning, pretraining checkpoint
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass
+class PretrainedHead:
+    """A decoder from a checkpoint: its ``head`` config and weights (the output layer ``out.*`` included)."""
+
+    config: dict[str, Any]
+    weights: Weights
+
+
+@dataclass
+class Network:
+    """What a checkpoint or an export offers to build on: the encoder's config and weights, and a decoder.
+
+    The decoder comes from a fine-tuning checkpoint (its head) or from whole-network pretraining
+    (``objective=restore``, whose head is the decoder fine-tuning uses); an export holds none.
+    """
+
+    encoder: dict[str, Any]
+    weights: Weights
+    head: PretrainedHead | None = None
+
+
+def named(path: str | Path, key: str | None) -> str:
+    """How an error names the file: as the config key that gave it (``init=...``), or as the path."""
+    return f"{key}={path}" if key else str(path)
+
+
+def read_checkpoint(path: str | Path, key: str | None = None) -> dict[str, Any]:
+    """The contents of a Lightning checkpoint file, loaded without running code (``weights_only=True``)."""
+    where, path = named(path, key), Path(path)
+    if not path.is_file():
+        raise EmfmError(f"{where}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for "not a checkpoint"
+        raise EmfmError(first_line(f"{where}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})")) \
+            from None
+    if not isinstance(state, dict):
+        raise EmfmError(f"{where}: holds a {type(state).__name__}, not a checkpoint (a dict); expected a .ckpt "
+                        f"written by emfm")
+    return state
+
+
+def hyper_parameters(state: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A checkpoint's ``hyper_parameters``, checked to be a mapping (``{}`` if it has none)."""
+    hparams = state.get("hyper_parameters") or {}
+    if not isinstance(hparams, Mapping):
+        raise EmfmError(f"{where}: hyper_parameters is a {type(hparams).__name__}, not a mapping; not an emfm "
+                        f"checkpoint")
+    return dict(hparams)
+
+
+def state_dict(state: Mapping[str, Any], where: str) -> Weights:
+    """A checkpoint's ``state_dict``, checked to map names to tensors."""
+    weights = state.get("state_dict")
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise EmfmError(f"{where}: no state_dict of tensors in it; not an emfm checkpoint")
+    return dict(weights)
+
+
+def encoder_config(model: Any, where: str) -> dict[str, Any]:
+    """A ``model`` config read from a file: a mapping naming an encoder family."""
+    if not isinstance(model, Mapping) or not isinstance(model.get("family"), str):
+        raise EmfmError(f"{where}: no encoder config (a mapping with a 'family'); not an emfm checkpoint")
+    return dict(model)
+
+
+def read_pretraining(path: str | Path, key: str | None = None) -> dict[str, Any]:
+    """A pretraining (or fine-tuning) checkpoint with its encoder config and weights checked."""
+    state = read_checkpoint(path, key)
+    where = named(path, key)
+    hparams = hyper_parameters(state, where)
+    if not isinstance(hparams.get("encoder"), Mapping) or "state_dict" not in state:
+        raise EmfmError(f"{where}: not an emfm pretraining checkpoint (no encoder config in hyper_parameters)")
+    encoder_config(hparams["encoder"], where)
+    state_dict(state, where)
+    return state
+
+
+def read_network(path: str | Path, key: str | None = None) -> Network:
+    """The encoder (and decoder, if any) of any emfm checkpoint file or export folder."""
+    where = named(path, key)
+    if Path(path).is_dir():
+        config, encoder = read_export(path, key)
+        return Network(config, encoder.state_dict())
+    if not Path(path).is_file():
+        raise EmfmError(f"{where}: no such checkpoint or export directory")
+    state = read_pretraining(path, key)
+    hparams, weights = hyper_parameters(state, where), state_dict(state, where)
+    encoder = {k.removeprefix(p): v for k, v in weights.items() for p in ENCODER_PREFIXES if k.startswith(p)}
+    head = None
+    if isinstance(hparams.get("head"), Mapping):  # fine-tuning checkpoint
+        head = PretrainedHead(dict(hparams["head"]), _under(weights, "model.head."))
+    elif isinstance((hparams.get("methods") or {}).get("restore"), Mapping):  # whole-network pretraining
+        config = hparams["methods"]["restore"].get("head") or {"name": "auto"}
+        head = PretrainedHead(dict(config), _under(weights, "methods.restore.head."))
+    return Network(encoder_config(hparams["encoder"], where), encoder, head)
+
+
+def _under(weights: Mapping[str, torch.Tensor], prefix: str) -> Weights:
+    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def read_segmenter(path: str | Path, key: str | None = "checkpoint") -> tuple[dict[str, Any], Weights]:
+    """(hyper-parameters, weights) of a fine-tuning checkpoint; other kinds are refused with the reason."""
+    where = named(path, key)
+    state = read_checkpoint(path, key)
+    hparams = hyper_parameters(state, where)
+    if "head" not in hparams or "target" not in hparams:
+        raise EmfmError(f"{where}: no segmentation head in it (a pretraining checkpoint?); fine-tune one with "
+                        f"`emfm finetune`")
+    return hparams, state_dict(state, where)
+
+
+def exported_module(encoder: Encoder) -> nn.Module:
+    """What an export's weights file holds: the timm model of a 2-D timm encoder, else the encoder itself."""
+    return encoder.timm_model if encoder.timm_model is not None else encoder
+
+
+def read_export(path: str | Path, key: str | None = None) -> tuple[dict[str, Any], Encoder]:
+    """(model config, encoder with its weights) of an ``emfm export`` folder."""
+    folder = Path(path)
+    config_file, weights_file = folder / CONFIG, folder / WEIGHTS
+    if not config_file.is_file() or not weights_file.is_file():
+        raise EmfmError(f"{named(path, key)}: not an emfm export (expected {CONFIG} and {WEIGHTS}; make one with "
+                        f"`emfm export`)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise EmfmError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise EmfmError(f"{config_file}: holds a {type(config).__name__}, expected the JSON object `emfm export` writes")
+    if config.get("format") != FORMAT:
+        raise EmfmError(f"{config_file}: format {config.get('format')!r}, expected {FORMAT!r}")
+    model = encoder_config(config.get("model"), f"{config_file}: model")
+    encoder = build_encoder(model, str(config_file))
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(weights_file)
+    except Exception as err:  # safetensors raises its own error type, OSError, ...
+        raise EmfmError(first_line(f"{weights_file}: not a readable safetensors file ({err})")) from None
+    fill(exported_module(encoder), tensors, str(weights_file))
+    return model, encoder
+
+
+def build_encoder(model: Mapping[str, Any], where: str) -> Encoder:
+    """An encoder from a model config read from a file; a config that builds none is named with the file."""
+    try:
+        return create_encoder(**model)
+    except EmfmError as err:
+        raise EmfmError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:  # keys or values the encoder does not take
+        raise EmfmError(first_line(f"{where}: model {dict(model)} builds no encoder ({err})")) from None
+
+
+def fill(module: nn.Module, weights: Mapping[str, torch.Tensor], where: str) -> None:
+    """Load ``weights`` into ``module``; weights of another architecture are named with their file."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        raise EmfmError(first_line(f"{where}: the weights do not fit the encoder ({err})")) from None
+
+
+@overload
+def load_encoder(path: str | Path, as_timm: Literal[False], key: str | None = None) -> Encoder: ...
+
+
+@overload
+def load_encoder(path: str | Path, as_timm: bool = True, key: str | None = None) -> nn.Module: ...
+
+
+def load_encoder(path: str | Path, as_timm: bool = True, key: str | None = None) -> nn.Module:
+    """A ready encoder in eval mode from an ``emfm export`` folder or any emfm checkpoint.
+
+    2-D timm encoders come back as the timm model itself (``as_timm=False``: emfm's
+    :class:`~emfm.models.encoders.Encoder`, which features and segmentation heads use); 3-D ones as
+    the Encoder.
+    """
+    if Path(path).is_dir():
+        _, encoder = read_export(path, key)
+    else:
+        network = read_network(path, key)
+        encoder = build_encoder(network.encoder, named(path, key))
+        fill(encoder, network.weights, named(path, key))
+    module = encoder.timm_model if as_timm and encoder.timm_model is not None else encoder
+    return module.eval()

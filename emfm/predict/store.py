@@ -1,0 +1,163 @@
+"""The output stores of blockwise commands (``emfm predict``, ``emfm features``, ``emfm cluster``).
+
+A store is an OME-Zarr group whose ``emfm`` attributes say what it holds (``kind``), the fingerprint
+of the job that writes it (settings and checkpoint digest) and whether it is ``complete``. While a
+job runs, ``_progress`` records the finished blocks (one chunk per block; zarr's local store writes
+every chunk atomically), so a rerun of the same job continues it and a store of another job is
+never mixed into. ``finish`` marks the store complete last, so an unfinished store never looks
+complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from emfm.errors import EmfmError
+from emfm.paths import refuse_overlap, remove
+from emfm.predict.blocks import Block, BlockGrid
+
+PROGRESS, WORK = "_progress", "_work"    # removed when the store is complete
+DTYPES = ("float16", "uint8")            # how probabilities are stored
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 of a checkpoint file, or of every file of an export directory."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(job: Any, leave_out: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    """What makes two stores the same, as stored in their attributes: the settings of ``job`` (a dataclass
+    with ``checkpoint`` and ``output``), without where it is written and ``leave_out`` (how fast), with the
+    checkpoint's digest and ``extra``."""
+    settings = {k: v for k, v in asdict(job).items() if k not in ("output", *leave_out)}
+    return json.loads(json.dumps({**settings, "checkpoint_sha256": checkpoint_digest(job.checkpoint), **extra}))
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """The ``emfm`` attributes of the store at ``path``; ``{}`` if it is none (or they are malformed)."""
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs).get("emfm")
+    except (OSError, ValueError):      # not a zarr group: zarr's errors derive from these
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def claim(output: str | Path, key: str, stamp: Mapping[str, Any], overwrite: bool, *,
+          inputs: Mapping[str, str | Path | None], describe: str, replace_same: bool = False) -> bool | None:
+    """Make ``output`` ready for the job of fingerprint ``stamp`` (stored under attribute ``key``).
+
+    Returns whether an existing store of this job is complete (it is continued or reused as it is),
+    or ``None`` once the path is free for :func:`create`. A store of another job (or anything else)
+    is replaced only with ``overwrite`` (``replace_same``: also one of this job); never one of
+    ``inputs``. ``describe`` names the kind of store in messages ("prediction").
+    """
+    refuse_overlap("output", output, inputs)
+    out = Path(output)
+    if not (out.exists() or out.is_symlink()):
+        return None
+    previous = read_attrs(out)
+    if previous.get(key) == stamp and not (overwrite and replace_same):
+        return bool(previous.get("complete"))
+    if not overwrite:
+        what = (f"something that is not an emfm {describe}" if key not in previous else
+                f"a different, {'complete' if previous.get('complete') else 'unfinished'} {describe}")
+        raise EmfmError(f"output={out} already holds {what}; choose another output or set overwrite=true")
+    remove(out)
+    return None
+
+
+def create(output: str | Path, attrs: Mapping[str, Any], describe: str) -> zarr.Group:
+    """A new store at ``output`` with ``attrs`` and an empty progress record."""
+    try:
+        root = zarr.open_group(str(output), mode="w-")
+        root.attrs.update(dict(attrs))
+        root.create_group(PROGRESS)
+    except OSError as e:
+        raise EmfmError(f"output={output}: cannot create the {describe} ({e.strerror or e})") from None
+    return root
+
+
+def ome_attrs(name: str, axes: str, scale: list[float], translation: list[float]) -> dict[str, Any]:
+    """OME-Zarr 0.5 attributes of a one-level image with ``axes`` (``c`` a channel axis, others in nm)."""
+    kinds = [{"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space", "unit": "nanometer"}
+             for a in axes]
+    transforms = [{"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]
+    return {"ome": {"version": "0.5", "multiscales": [
+        {"name": name, "axes": kinds, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}}
+
+
+def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
+                 axes: str) -> zarr.Array:
+    """A zstd-compressed zero-filled array of the store, its chunks clipped to its shape."""
+    try:
+        return group.create_array(name, shape=shape, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
+                                  dtype=dtype, fill_value=0, compressors=ZstdCodec(level=3),
+                                  dimension_names=tuple(axes))
+    except OSError as e:
+        raise EmfmError(f"output={group.store}: cannot create {name} ({e.strerror or e})") from None
+
+
+def write(output: str, path: str, key: tuple[slice, ...], data: np.ndarray) -> None:
+    """Write into an array of the store; a full or read-only disk is named, finished blocks stay valid."""
+    try:
+        zarr.open_array(f"{output}/{path}", mode="r+")[key] = data
+    except OSError as e:
+        raise EmfmError(f"output={output}: cannot write {path} {key} ({e.strerror or e}); finished blocks "
+                        f"are kept, rerun the same command to continue") from None
+
+
+class Progress:
+    """Which blocks of a phase are finished: ``_progress/<phase>[index]`` is True once the block is written."""
+
+    def __init__(self, output: str, phase: str, grid: BlockGrid) -> None:
+        group = zarr.open_group(f"{output}/{PROGRESS}", mode="a")
+        if phase in group:
+            self.done = group[phase]
+        else:
+            self.done = group.create_array(phase, shape=grid.grid, chunks=(1,) * len(grid.grid), dtype=bool,
+                                           fill_value=False, compressors=None)
+        self.grid = grid
+
+    def pending(self) -> list[Block]:
+        finished = np.asarray(self.done[...])
+        return [index for index in self.grid if not finished[index]]
+
+    def mark(self, index: Block) -> None:
+        self.done[index] = True
+
+
+def finish(output: str, **attrs: Any) -> None:
+    """Mark the store complete (with ``attrs``) and drop the bookkeeping: done last, so an incomplete store never
+    looks complete."""
+    root = zarr.open_group(output, mode="r+")
+    root.attrs["emfm"] = {**dict(root.attrs["emfm"]), **attrs, "complete": True}
+    for name in (PROGRESS, WORK):
+        shutil.rmtree(Path(output) / name, ignore_errors=True)
+
+
+def encode(probs: np.ndarray, dtype: str) -> np.ndarray:
+    """Probabilities as stored: float16 as they are, or uint8 with 255 = probability 1."""
+    if dtype == "uint8":
+        return np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
+    return probs.astype(np.float16)
+
+
+def decode(data: np.ndarray) -> np.ndarray:
+    """Stored probabilities as float32."""
+    return data.astype(np.float32) / 255 if data.dtype == np.uint8 else data.astype(np.float32)
