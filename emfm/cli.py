@@ -12,9 +12,8 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
-from emfm.errors import EmfmError
+from emfm.errors import EmfmError, first_line
 
 HYDRA_COMMANDS = {
     "pretrain": "self-supervised pretraining of an encoder on unlabeled volumes",
@@ -47,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         hydra = "\n".join(f"  {verb:<9} {text} (Hydra overrides)" for verb, text in HYDRA_COMMANDS.items())
         print(USAGE.format(hydra=hydra))
         return
+    if args[0] in ("-V", "--version"):
+        from emfm import __version__
+
+        print(f"emfm {__version__}")
+        return
     commands: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth, "export": export,
                                                          "seeds": seeds}
     if os.environ.get(VERB_ENV) and args[0] not in {*HYDRA_COMMANDS, *commands}:
@@ -63,19 +67,25 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 @contextmanager
 def user_errors(verb: str) -> Iterator[None]:
-    """Turn an :class:`EmfmError` into ``emfm VERB: error: ...`` and exit status 2."""
+    """Turn an :class:`EmfmError` into ``emfm VERB: error: ...`` and exit status 2; so too an error of the
+    file system (a path that cannot be created or written, a full disk), which names its path."""
     try:
         yield
-    except EmfmError as err:
+    except (EmfmError, OSError) as err:
         if os.environ.get("EMFM_DEBUG"):
             raise
+        if isinstance(err, OSError):
+            where = f"{err.filename}: " if err.filename else ""
+            err = EmfmError(f"{where}{err.strerror or first_line(err)}")
         print(f"emfm {verb}: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
 def run_hydra(verb: str, overrides: list[str]) -> None:
     import hydra
-    from omegaconf import DictConfig
+    from hydra.errors import HydraException
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from emfm import run
 
@@ -84,11 +94,19 @@ def run_hydra(verb: str, overrides: list[str]) -> None:
     @hydra.main(config_path="pkg://emfm.configs", config_name=verb, version_base="1.3")
     def app(cfg: DictConfig) -> None:
         with user_errors(verb):
+            if missing := sorted(OmegaConf.missing_keys(cfg)):
+                raise EmfmError(f"missing required {'key' if len(missing) == 1 else 'keys'} {', '.join(missing)}: "
+                                f"emfm {verb} {' '.join(f'{key}=...' for key in missing)}")
             task(cfg)
 
     os.environ[VERB_ENV] = verb
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors (run dir, config) for us to print
     sys.argv = [sys.argv[0], *overrides]
-    app()
+    with user_errors(verb):
+        try:
+            app()
+        except (HydraException, OmegaConfBaseException) as err:
+            raise EmfmError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
 
 
 def ingest(argv: list[str]) -> None:
@@ -122,10 +140,11 @@ def synth(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
-    from emfm.data.synthetic import make_synthetic_em, save_synthetic
+    from emfm.data.synthetic import check_output, make_synthetic_em, save_synthetic
 
+    out = check_output(args.out)
     volume = make_synthetic_em(tuple(args.shape), anisotropy=args.anisotropy, seed=args.seed)
-    print(f"wrote {save_synthetic(volume, Path(args.out), overwrite=args.overwrite)}")
+    print(f"wrote {save_synthetic(volume, out, overwrite=args.overwrite)}")
 
 
 def export(argv: list[str]) -> None:

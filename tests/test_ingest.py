@@ -323,12 +323,12 @@ class _Counting:
 def test_failed_write_leaves_nothing_and_overwrite_keeps_old_until_done(tmp_path):
     a = _rand((24, 40, 40))
     out = tmp_path / "at.zarr"
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(EmfmError, match=r"^_Counting: cannot read slices 16:24 \(RuntimeError: disk on fire\)$"):
         write_ome_zarr(_Counting(a, fail_at=16), out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
     write_ome_zarr(a, out)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(EmfmError, match="disk on fire"):
         write_ome_zarr(_Counting(a + 1, fail_at=16), out, overwrite=True)
     np.testing.assert_array_equal(Volume(out).read(), a)          # old output intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["at.zarr"]

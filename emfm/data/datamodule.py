@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,9 +13,32 @@ from torch.utils.data import DataLoader
 
 from emfm.data.patches import FixedPatches, PatchSampler, RandomPatches
 from emfm.data.volume import Volume
+from emfm.errors import EmfmError
 
 # Voxel sizes within this ratio of each other count as isotropic (3-D rotations allowed).
 ISOTROPY_TOLERANCE = 1.5
+MAX_WORKERS = 4
+
+
+def default_workers() -> int:
+    """DataLoader workers when ``data.num_workers`` is null: up to 4, leaving a core of this machine (its share of
+    them under affinity or a cgroup cpuset) to the training process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_WORKERS, cores - 1))
+
+
+def volume_list(volumes: str | Sequence[str], key: str) -> list[str]:
+    """Paths given as a list; one path without brackets would be read as a list of its characters."""
+    if isinstance(volumes, str):
+        raise EmfmError(f"{key}={volumes}: expected a list of volumes, e.g. {key}=[{volumes}]")
+    return [str(v) for v in volumes]
+
+
+def check_positive(**values: int) -> None:
+    """Counts that must be at least 1, named by their ``data.`` key."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise EmfmError(f"data.{key}={value}: expected a whole number of at least 1")
 
 
 class PatchDataModule(pl.LightningDataModule):
@@ -29,7 +53,7 @@ class PatchDataModule(pl.LightningDataModule):
         weights: relative sampling frequency per volume.
         level: multiscale level to read (0 = full resolution).
         batch_size: patches per batch and process.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (None: :func:`default_workers`).
         patches_per_epoch: training patches per epoch and process (sets the progress bar total).
         val_patches: size of the fixed validation set.
         min_std, min_foreground, pad_value: blank-patch filter, see :class:`PatchSampler`.
@@ -43,7 +67,7 @@ class PatchDataModule(pl.LightningDataModule):
         weights: Sequence[float] | None = None,
         level: int = 0,
         batch_size: int = 32,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         patches_per_epoch: int = 8192,
         val_patches: int = 64,
         min_std: float = 0.02,
@@ -52,9 +76,13 @@ class PatchDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.volume_paths, self.level = list(volumes), level
+        check_positive(batch_size=batch_size, patches_per_epoch=patches_per_epoch, val_patches=val_patches)
+        if num_workers is not None and num_workers < 0:
+            raise EmfmError(f"data.num_workers={num_workers}: expected 0 (load in the training process) or more")
+        self.volume_paths, self.level = volume_list(volumes, "data.volumes"), level
         self.patch_shape, self.weights = list(patch_shape), weights
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.batch_size, self.seed = batch_size, seed
+        self.num_workers = default_workers() if num_workers is None else num_workers
         self.patches_per_epoch, self.val_patches = patches_per_epoch, val_patches
         self.blank_filter = {"min_std": min_std, "min_foreground": min_foreground, "pad_value": pad_value}
         self.sampler: PatchSampler | None = None

@@ -6,11 +6,12 @@ writing into a temporary sibling that is renamed into place only once everything
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,8 +24,8 @@ from zarr.codecs import ZstdCodec
 
 from emfm.data.sources import Source, open_source, source_path
 from emfm.data.volume import Volume
-from emfm.errors import EmfmError
-from emfm.paths import refuse_overlap
+from emfm.errors import EmfmError, first_line
+from emfm.paths import refuse_overlap, remove
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,16 @@ def _image_attrs(fmt: int, title: str, axes: str, unit: str, plan: list[_Level],
     return {**ome, **emfm}
 
 
+def _read_slab(src: Any, a: int, b: int, name: str) -> np.ndarray:
+    """Slices ``a:b`` of a source; damaged data is named (readers raise their own types for it)."""
+    try:
+        return np.asarray(src[a:b])
+    except EmfmError:
+        raise
+    except Exception as err:
+        raise EmfmError(f"{name}: cannot read slices {a}:{b} ({type(err).__name__}: {first_line(err)})") from None
+
+
 def _write_image(group: Any, title: str, src: Any, name: str, plan: list[_Level], chunks: tuple, axes: str, unit: str,
                  is_label: bool, fmt: int, bar: Any, image_label: bool = False) -> None:
     """Level 0 from the source in chunk-aligned slabs, then each level from the zarr level above."""
@@ -130,7 +141,7 @@ def _write_image(group: Any, title: str, src: Any, name: str, plan: list[_Level]
     full = plan[0].shape
     for a in range(0, full[0], arrays[0].chunks[0]):
         b = min(a + arrays[0].chunks[0], full[0])
-        slab = np.asarray(src[a:b])
+        slab = _read_slab(src, a, b, name)
         if slab.shape != (b - a,) + full[1:]:
             raise EmfmError(f"{name}: reading [{a}:{b}] gave shape {slab.shape}, expected {(b - a,) + full[1:]}")
         arrays[0][a:b] = _prepare_slab(slab, a, name, is_label, dtype)
@@ -182,11 +193,33 @@ def _check_labels(labels: Mapping[str, Any] | None, shape: tuple[int, ...]) -> d
     return out
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def _discard(path: Path) -> None:
+    """Remove a temporary after a failure, keeping the error that caused it."""
+    with contextlib.suppress(OSError):
+        remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # another user's process
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove what writers into ``out`` killed midway (kill -9, power loss) left: ``.tmp-<pid>`` stores of
+    processes that are gone. An ``.old-<pid>`` output they had moved aside is put back if nothing replaced it."""
+    for path in sorted(out.parent.glob(f"{glob.escape(out.name)}.*-*")):
+        kind, _, pid = path.name[len(out.name) + 1:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not (out.exists() or out.is_symlink()):
+            os.replace(path, out)
+        else:
+            remove(path)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -194,7 +227,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     old = None
     if out.exists() or out.is_symlink():
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        _remove(old)
+        remove(old)
         os.replace(out, old)
     try:
         os.replace(tmp, out)
@@ -203,7 +236,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
             os.replace(old, out)
         raise
     if old is not None:
-        _remove(old)
+        remove(old)
 
 
 def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
@@ -219,6 +252,7 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
     out = Path(out)
     label_files = {f"labels {k}": source_path(v) for k, v in (labels or {}).items() if isinstance(v, (str, Path))}
     refuse_overlap("output", out, {**(inputs or {}), **label_files})
+    _clean_stale(out)
     name = str(getattr(source, "name", None) or type(source).__name__)
     shape = tuple(int(s) for s in source.shape)
     if len(shape) not in (2, 3):
@@ -242,10 +276,10 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
     images = [(None, source, name, is_label)]
     images += [(k, v, str(getattr(v, "name", None) or f"labels/{k}"), True) for k, v in label_srcs.items()]
     n_slabs = len(images) * sum(-(-lv.shape[0] // min(chunks[0], lv.shape[0])) for lv in plan)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    _remove(tmp)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove(tmp)
         root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
         with tqdm(total=n_slabs, disable=not progress, desc=f"writing {out.name}", unit="slab") as bar:
             for key, src, src_name, lab in images:
@@ -259,8 +293,11 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
         if not is_label:
             Volume(tmp).normalization()    # computed once here and cached in attrs for every reader
         _swap_into_place(tmp, out)
+    except OSError as e:          # reading the sources raises EmfmError: this is the output's disk
+        _discard(tmp)
+        raise EmfmError(f"cannot write {out} ({e.strerror or e}); nothing was replaced") from None
     except BaseException:
-        _remove(tmp)
+        _discard(tmp)
         raise
     return out
 

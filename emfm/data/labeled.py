@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from emfm.data.datamodule import PatchDataModule
+from emfm.data.datamodule import PatchDataModule, volume_list
 from emfm.data.patches import RandomPatches
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
@@ -194,14 +194,14 @@ class LabeledDataModule(PatchDataModule):
         unlabeled_batch_size: int = 0,
         level: int = 0,
         batch_size: int = 8,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         patches_per_epoch: int = 1024,
         min_std: float = 0.02,
         min_foreground: float = 0.5,
         pad_value: float | None = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__([raw, *unlabeled], patch_shape, level=level, batch_size=batch_size, num_workers=num_workers,
+        super().__init__([raw, *volume_list(unlabeled, "data.unlabeled")], patch_shape, level=level, batch_size=batch_size, num_workers=num_workers,
                          patches_per_epoch=patches_per_epoch, min_std=min_std, min_foreground=min_foreground,
                          pad_value=pad_value, seed=seed)
         self.raw_path, self.label_path, self.ignore_label = raw, labels, ignore_label

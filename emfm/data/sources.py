@@ -5,15 +5,17 @@ than memory are never loaded whole.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from emfm.errors import EmfmError
+from emfm.errors import EmfmError, first_line
 
 SLICE_EXTS = (".tif", ".tiff", ".png")
 MRC_EXTS = (".mrc", ".map", ".rec")
@@ -151,9 +153,15 @@ def _imagej_voxel_size(tif: Any) -> tuple[float, float, float] | None:
 def _open_tiff(path: Path) -> Source:
     import tifffile
     try:
-        tif = tifffile.TiffFile(path)
+        with _quiet("tifffile"):     # its warnings on a damaged file would precede our one-line error
+            tif = tifffile.TiffFile(path)
+            end = _truncated_at(tif)
     except Exception as e:
-        raise EmfmError(f"{path}: cannot read as TIFF ({e})") from None
+        raise EmfmError(f"{path}: cannot read as TIFF ({first_line(e)})") from None
+    if end:
+        tif.close()
+        raise EmfmError(f"{path}: truncated: the file has {path.stat().st_size} bytes, its pages need {end} "
+                        f"(an interrupted copy or download?)")
     try:
         lead, plane_shape, dtype = _tiff_layout(tif, str(path))
     except EmfmError:
@@ -171,10 +179,38 @@ def _open_tiff(path: Path) -> Source:
             raise EmfmError(f"{path}: pages do not match the series shape; cannot read lazily") from None
 
     def read_plane(i: int) -> np.ndarray:
-        return _grey(tif.asarray(key=i, series=0), f"{path} page {i}")
+        try:
+            page = tif.asarray(key=i, series=0)
+        except Exception as err:  # each codec raises its own type for damaged data
+            raise EmfmError(f"{path} page {i}: cannot decode the image data ({type(err).__name__}: "
+                            f"{first_line(err)})") from None
+        return _grey(page, f"{path} page {i}")
 
     return Source(str(path), (n,) + plane_shape, dtype, _stack_reader(n, plane_shape, dtype, read_plane),
                   _imagej_voxel_size(tif), handle=tif)
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence a library's log for a moment (tifffile logs damage as errors, then raises or not)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _truncated_at(tif: Any) -> int | None:
+    """The bytes a TIFF's pages need if the file is shorter (cut short), else None."""
+    size, series = tif.filehandle.size, tif.series[0]
+    ends = [o + c for page in tif.pages if page is not None
+            for o, c in zip(getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ()))]
+    if series.dataoffset is not None:       # one contiguous block (ImageJ hyperstacks, tifffile's shaped files)
+        ends.append(series.dataoffset + series.nbytes)
+    end = max(ends, default=0)
+    return end if end > size else None
 
 
 def _slice_header(f: Path) -> tuple[tuple[int, int], np.dtype]:

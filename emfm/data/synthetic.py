@@ -273,10 +273,18 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip((image - low) * (255 / max(high - low, 1e-6)), 0, 255).astype(np.uint8)
 
 
+def check_output(out: str | Path) -> Path:
+    """The output path of :func:`save_synthetic`, checked before anything is generated: it writes by suffix."""
+    out = Path(out)
+    if out.suffix.lower() not in (".zarr", ".tif", ".tiff"):
+        raise EmfmError(f"--out {out}: expected a .zarr path (OME-Zarr with the labels) or a .tif one (raw only)")
+    return out
+
+
 def save_synthetic(volume: SyntheticEM, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write a synthetic volume: ``.zarr`` as OME-Zarr with its ground truth under ``labels/``,
     ``.tif`` as a multi-page ImageJ TIFF of the raw data only (the kind of file users ingest)."""
-    out = Path(out)
+    out = check_output(out)
     if out.suffix.lower() in (".tif", ".tiff"):
         if out.exists() and not overwrite:
             raise EmfmError(f"{out} exists; pass --overwrite")

@@ -33,14 +33,46 @@ def _open_node(path: Path, mode: str = "r") -> Any:
         raise EmfmError(f"{path}: no zarr array or OME-Zarr image found") from None
 
 
-def _multiscales(attrs: dict) -> list | None:
-    return (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+def _malformed(path: Path, key: str, value: Any, expected: str) -> EmfmError:
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return EmfmError(f"{path}: malformed attributes: {key} is {shown}, expected {expected}")
 
 
-def _scale(transforms: list | None, n: int) -> list[float]:
-    for t in transforms or []:
-        if t.get("type") == "scale" and len(t.get("scale", [])) == n:
-            return [float(v) for v in t["scale"]]
+def _mapping(value: Any, path: Path, key: str) -> dict[str, Any]:
+    """An attribute that must be a JSON object (absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _malformed(path, key, value, "an object")
+    return value
+
+
+def _objects(value: Any, path: Path, key: str) -> list[dict[str, Any]]:
+    """An attribute that must be a list of JSON objects (absent: empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise _malformed(path, key, value, "a list of objects")
+    return value
+
+
+def _axes(value: Any, path: Path) -> tuple[list[str], list[str | None]]:
+    """(names, types) of OME axes: objects with a ``name`` (0.4+), or plain names (0.3)."""
+    if not isinstance(value, list) or not all(isinstance(a, str) or isinstance(a, dict) and isinstance(
+            a.get("name"), str) for a in value):
+        raise _malformed(path, "multiscales[0].axes", value, "a list of axes, each an object with a 'name'")
+    return ([a["name"] if isinstance(a, dict) else a for a in value],
+            [a.get("type") if isinstance(a, dict) else None for a in value])
+
+
+def _scale(transforms: Any, n: int, path: Path, key: str) -> list[float]:
+    """The scale of a list of OME coordinate transformations (1 per axis if it has none)."""
+    for t in _objects(transforms, path, key):
+        scale = t.get("scale")
+        if t.get("type") == "scale" and isinstance(scale, list) and len(scale) == n:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in scale):
+                raise _malformed(path, f"{key} scale", scale, f"{n} positive numbers")
+            return [float(v) for v in scale]
     return [1.0] * n
 
 
@@ -51,31 +83,33 @@ class Volume:
         self.path, self.level = Path(path), int(level)
         node = _open_node(self.path)
         attrs = dict(node.attrs)
+        ome = _mapping(attrs.get("ome"), self.path, "ome")
+        emfm = _mapping(attrs.get("emfm"), self.path, "emfm")
         if isinstance(node, zarr.Array):
             self._level_paths = [str(self.path)]
             names = node.metadata.dimension_names if node.metadata.zarr_format == 3 else None
             names = list(names) if names and all(names) else _default_names(node.ndim)
             types, scale = [None] * node.ndim, None
         else:
-            ms = _multiscales(attrs)
+            ms = _objects(ome.get("multiscales") or attrs.get("multiscales"), self.path, "multiscales")
             if not ms:
                 inside = ", ".join(sorted(node.keys())[:10]) or "nothing"
                 raise EmfmError(f"{self.path}: no zarr array or OME-Zarr image found (group without "
                                 f"multiscales, holding: {inside})")
-            ms, datasets = ms[0], ms[0].get("datasets") or []
-            if not all(isinstance(d, dict) and isinstance(d.get("path"), str) for d in datasets):
+            ms, datasets = ms[0], _objects(ms[0].get("datasets"), self.path, "multiscales[0].datasets")
+            if not datasets or not all(isinstance(d.get("path"), str) for d in datasets):
                 raise EmfmError(f"{self.path}: malformed OME multiscales: each dataset needs a 'path'")
             self._level_paths = [str(self.path / d["path"]) for d in datasets]
             if not 0 <= self.level < len(datasets):
                 raise EmfmError(f"{self.path}: level {level} not available; levels: "
                                 f"{', '.join(map(str, range(len(datasets))))}")
             node = _open_node(Path(self._level_paths[self.level]))
-            ax = ms.get("axes") or _default_names(node.ndim)
-            names = [a["name"] if isinstance(a, dict) else a for a in ax]
-            types = [a.get("type") if isinstance(a, dict) else None for a in ax]
-            top = _scale(ms.get("coordinateTransformations"), len(names))
-            scale = [a * b for a, b in zip(_scale(datasets[self.level].get("coordinateTransformations"),
-                                                  len(names)), top)]
+            names, types = _axes(ms.get("axes") or _default_names(node.ndim), self.path)
+            top = _scale(ms.get("coordinateTransformations"), len(names), self.path,
+                         "multiscales[0].coordinateTransformations")
+            own = _scale(datasets[self.level].get("coordinateTransformations"), len(names), self.path,
+                         f"multiscales[0].datasets[{self.level}].coordinateTransformations")
+            scale = [a * b for a, b in zip(own, top)]
         if not 0 <= self.level < len(self._level_paths):
             raise EmfmError(f"{self.path}: level {level} not available; levels: 0")
         if len(names) != node.ndim:
@@ -95,9 +129,7 @@ class Volume:
         self.dtype = np.dtype(node.dtype)
         self.voxel_size = None if scale is None else tuple(scale[i] for i in self._keep)
         self.levels = len(self._level_paths)
-        ome = attrs.get("ome") or {}
-        self.is_label = (attrs.get("emfm") or {}).get("kind") == "labels" or "image-label" in attrs \
-            or "image-label" in ome
+        self.is_label = emfm.get("kind") == "labels" or "image-label" in attrs or "image-label" in ome
         self._norm: tuple[float, float] | None = None
         self._array: Any = node   # dropped when pickled or forked; reopened lazily
         self._pid = os.getpid()
