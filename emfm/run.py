@@ -181,16 +181,23 @@ def record_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def resume_checkpoint(resume: str | None, run_dir: Path, module: pl.LightningModule) -> str | None:
-    """The checkpoint ``resume=`` asks for (``auto``: this run directory's last.ckpt), checked to fit."""
+    """The checkpoint ``resume=`` asks for, checked to fit the run.
+
+    ``auto``: this run directory's last.ckpt if there is one, else none (a new run starts), so one
+    command serves a first launch and every requeue of a job. A path must hold a checkpoint.
+    """
     if not resume:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if resume == "auto" else Path(resume)
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
+    if resume == "auto" and not path.is_file():
+        log.info("resume=auto: no checkpoint at %s yet; starting the run", path)
+        return None
     if not path.is_file():
         raise EmfmError(
-            f"resume={resume}: no checkpoint at {path}; pass the run's directory as hydra.run.dir "
-            f"(or resume=PATH/TO/last.ckpt), or drop resume= to start a new run"
+            f"resume={resume}: no checkpoint at {path}; give a run directory or a .ckpt, or resume=auto "
+            f"to continue the run in hydra.run.dir"
         )
     hparams = hyper_parameters(read_checkpoint(path, "resume"), f"resume={path}")
     for key in ("encoder", "methods", "head", "target"):  # what fixes the architecture

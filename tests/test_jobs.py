@@ -15,11 +15,17 @@ from tests.conftest import file_hashes, overflowing, tiny
 MAX_STEPS = 60
 
 
-def start(run_dir: Path, volume: Path, *extra: str) -> subprocess.Popen:
+def start(run_dir: Path, volume: Path, *extra: str, multirun: bool = False) -> subprocess.Popen:
     args = [*tiny("vit2d", "mae"), f"data.volumes=[{volume}]", f"trainer.max_steps={MAX_STEPS}",
             "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen([sys.executable, "-m", "emfm", "pretrain", *args],
+    return subprocess.Popen([sys.executable, "-m", "emfm", "pretrain", *(["-m"] if multirun else []), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def launch(run_dir: Path, volume: Path) -> subprocess.Popen:
+    """The README's SLURM recipe with Hydra's basic launcher: a one-job multirun in ``run_dir/0``, ``resume=auto``
+    from the first launch on, so that a requeue is the same command."""
+    return start(run_dir, volume, "resume=auto", multirun=True)
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, path: Path, timeout: float = 120) -> None:
@@ -42,28 +48,31 @@ def logged_losses(run_dir: Path) -> list[tuple[int, str]]:
         return [(int(row["step"]), row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint_and_keeps_its_metrics(synth_zarr: Path, tmp_path: Path) -> None:
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    proc = start(tmp_path, synth_zarr)
+def test_a_killed_job_resumes_from_its_last_checkpoint_and_keeps_its_metrics(synth_zarr: Path, tmp_path: Path) -> None:
+    job = tmp_path / "0"                                       # job 0 of the multirun in hydra.run.dir
+    last = job / "checkpoints" / "last.ckpt"
+    proc = launch(tmp_path, synth_zarr)                        # the first launch starts the run
     wait_for_checkpoint(proc, last)
     proc.kill()  # SIGKILL: no chance to clean up
     proc.communicate()
     step, served, scheduled = checkpoint_state(last)
     assert 0 < step < MAX_STEPS and served == step == scheduled
     assert not list(last.parent.glob(".*.partial"))  # atomic writes leave no debris
-    before, events = logged_losses(tmp_path), set((tmp_path / "tensorboard").glob("events.*"))
+    before, events = logged_losses(job), set((job / "tensorboard").glob("events.*"))
     assert [s for s, _ in before][:step] == list(range(step)) and events
 
-    resumed = start(tmp_path, synth_zarr, "resume=auto")
+    resumed = launch(tmp_path, synth_zarr)                     # the requeue: the same command continues it
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
     assert "Restoring states from the checkpoint path" in err + out
     assert checkpoint_state(last) == (MAX_STEPS, MAX_STEPS, MAX_STEPS)  # optimiser steps, patch stream, LR schedule
-    rows = logged_losses(tmp_path)
+    rows = logged_losses(job)
     assert rows[:len(before)] == before                    # every row of the killed run is still there, first
     after = [s for s, _ in rows[len(before):]]             # then the resumed run, from its checkpoint on
     assert after == list(range(step, MAX_STEPS))
-    assert events < set((tmp_path / "tensorboard").glob("events.*"))   # TensorBoard adds a file, deletes none
+    assert events < set((job / "tensorboard").glob("events.*"))   # TensorBoard adds a file, deletes none
+    log = (job / "pretrain.log").read_text()                # the run's summary is in its log file
+    assert f"last checkpoint: {last}" in log and "last metrics:" in log and "train/loss" in log
 
 
 def test_sigterm_saves_and_exits_cleanly(synth_zarr: Path, tmp_path: Path) -> None:
@@ -88,7 +97,8 @@ def refused(run_dir: Path, volume: Path, *extra: str) -> str:
 
 def test_a_used_run_dir_is_continued_only_explicitly_and_a_refusal_keeps_its_config(synth_zarr: Path,
                                                                                   tmp_path: Path) -> None:
-    assert "resume=auto: no checkpoint at" in refused(tmp_path / "new", synth_zarr, "resume=auto")
+    nowhere = tmp_path / "nowhere" / "last.ckpt"
+    assert f"resume={nowhere}: no checkpoint at {nowhere}" in refused(tmp_path / "new", synth_zarr, f"resume={nowhere}")
     assert not (tmp_path / "new" / ".hydra").exists()              # nothing recorded for a run that never started
     run_dir = tmp_path / "a"
     done = start(run_dir, synth_zarr, "trainer.max_steps=2")

@@ -2,6 +2,7 @@
 
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from lightning.pytorch.plugins.environments import (
     SLURMEnvironment,
     TorchElasticEnvironment,
@@ -24,13 +25,18 @@ def test_trainer_detects_the_cluster(compose_config, monkeypatch, env: dict, exp
     assert isinstance(trainer._accelerator_connector.cluster_environment, expected)
 
 
-def test_submitit_slurm_launcher_composes() -> None:
+def test_the_readme_slurm_recipe_composes_with_its_run_dir() -> None:
     overrides = ["data.volumes=[v.zarr]", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2",
                  "hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=8",
-                 "hydra.launcher.tasks_per_node=8", "hydra.launcher.timeout_min=1440", "hydra.launcher.partition=gpu"]
+                 "hydra.launcher.tasks_per_node=8", "hydra.launcher.timeout_min=1440", "hydra.launcher.partition=gpu",
+                 "hydra.run.dir=runs/big", "resume=auto"]
     with initialize_config_module("emfm.configs", version_base="1.3"):
         cfg = compose("pretrain", overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
     assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (8, 2)
+    # A multirun writes job N to <sweep dir>/<N>: the sweep dir is the run dir given, so the job is runs/big/0
+    # at every launch and requeue (tests/test_jobs.py runs the recipe with the basic launcher).
+    assert cfg.hydra.sweep.dir == "runs/big" and OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"
+    assert cfg.resume == "auto"
