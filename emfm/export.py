@@ -27,7 +27,7 @@ from emfm.checkpoints import (
 )
 from emfm.errors import EmfmError
 from emfm.models.encoders import Encoder
-from emfm.paths import refuse_overlap, remove
+from emfm.paths import refuse_file, refuse_overlap, remove
 
 
 def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -36,6 +36,7 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bo
     state = read_pretraining(checkpoint)
     hparams, model = state["hyper_parameters"], dict(state["hyper_parameters"]["encoder"])
     refuse_overlap("out_dir", out_dir, {"checkpoint": checkpoint})
+    refuse_file("out_dir", out_dir)
     if out_dir.exists() and not overwrite:
         raise EmfmError(f"{out_dir} exists; pass --overwrite to replace it")
     encoder = build_encoder(model, str(checkpoint))

@@ -32,6 +32,14 @@ def refuse_overlap(key: str, output: str | Path, inputs: Mapping[str, str | Path
                             f"its inputs: choose another {key}")
 
 
+def refuse_file(key: str, output: str | Path) -> None:
+    """An output emfm writes is a folder (a store, an export); a file at its path is someone else's, never
+    replaced, whatever ``overwrite`` says."""
+    if Path(output).is_file():
+        raise EmfmError(f"{key}={output} is a file; emfm writes a folder there and replaces only folders it "
+                        f"wrote: choose another {key}")
+
+
 def remove(path: str | Path) -> None:
     """Delete what is at ``path`` to replace it: a folder (a store) with its contents, a file or a link."""
     path = Path(path)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +98,60 @@ def finetuned(root: Path, volume: Path, model: str, steps: int, *extra: str) -> 
                              f"data.labels={volume}/labels/membranes", f"trainer.max_steps={steps}",
                              f"paths.output_dir={root}", *TINY_FINETUNE_RUN, *extra])
     return root / "checkpoints" / "last.ckpt"
+
+
+# Runs `emfm ARGV` for each case in a process of its own, forked from one interpreter that imported emfm's
+# commands (torch, Lightning, Hydra: seconds) once: the real command line, at the cost of the command alone.
+# A case may cap the size of the files it writes (RLIMIT_FSIZE), which makes writing fail as on a full disk;
+# its output goes through pipes, which the cap does not touch.
+CLI_CASES = """
+import json, os, resource, signal, sys, traceback
+from concurrent.futures import ThreadPoolExecutor
+import emfm.cli, emfm.run
+
+def command(argv, max_file_size):
+    if max_file_size is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
+    try:
+        emfm.cli.main(argv)
+    except SystemExit as exit:
+        if isinstance(exit.code, str):
+            print(exit.code, file=sys.stderr)
+        return exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+results = []
+for argv, max_file_size in json.loads(sys.argv[1]):
+    pipes = [os.pipe(), os.pipe()]
+    pid = os.fork()
+    if pid == 0:
+        for (read, write), fd in zip(pipes, (1, 2)):
+            os.dup2(write, fd)
+            os.close(read)
+        code = command(argv, max_file_size)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    for _, write in pipes:
+        os.close(write)
+    with ThreadPoolExecutor(2) as pool:      # drained together, however much the command writes
+        stdout, stderr = pool.map(lambda fd: os.fdopen(fd, errors="replace").read(), [read for read, _ in pipes])
+    results.append([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), stdout, stderr])
+print(json.dumps(results))
+"""
+
+
+def run_cli(cases: Sequence[tuple[Sequence[str], int | None]]) -> list[subprocess.CompletedProcess]:
+    """``emfm ARGV`` of every ``(argv, max_file_size)`` case, each in its own process; their exit status and output."""
+    spec = [[list(argv), size] for argv, size in cases]
+    done = subprocess.run([sys.executable, "-c", CLI_CASES, json.dumps(spec)], capture_output=True, text=True,
+                          check=True)
+    return [subprocess.CompletedProcess(argv, code, stdout, stderr)
+            for (argv, _), (code, stdout, stderr) in zip(spec, json.loads(done.stdout))]
 
 
 def file_hashes(path: Path) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """The installed `emfm` command, run as a user runs it."""
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,13 @@ def emfm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "emfm", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def test_help_lists_the_commands() -> None:
+def test_help_lists_the_commands_and_version_names_the_release() -> None:
     out = emfm("--help")
     assert out.returncode == 0
     for command in ("pretrain", "ingest", "synth"):
         assert f"\n  {command} " in out.stdout
+    out = emfm("--version")
+    assert out.returncode == 0 and out.stdout == f"emfm {importlib.metadata.version('emfm')}\n"
 
 
 def test_synth_ingest_pretrain(tmp_path: Path) -> None:

@@ -295,7 +295,8 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
         _swap_into_place(tmp, out)
     except OSError as e:          # reading the sources raises EmfmError: this is the output's disk
         _discard(tmp)
-        raise EmfmError(f"cannot write {out} ({e.strerror or e}); nothing was replaced") from None
+        where = f"{e.filename}: " if e.filename and Path(e.filename) not in (out, tmp) else ""
+        raise EmfmError(f"cannot write {out} ({where}{e.strerror or e}); nothing was replaced") from None
     except BaseException:
         _discard(tmp)
         raise

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from emfm.checkpoints import load_encoder
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
@@ -39,6 +40,7 @@ from emfm.explore.features import (
     sample_store,
     stored_pca,
 )
+from emfm.models.encoders import Encoder
 from emfm.paths import refuse_overlap
 from emfm.predict.blocks import BlockGrid, Executor, parse_roi
 from emfm.predict.store import create_array, finish, ome_attrs, read_attrs, write
@@ -258,6 +260,7 @@ class Plan:
     clusterer: Clusterer                 # not fitted yet: its settings are checked
     settings: dict[str, Any]             # what makes two cluster maps the same
     inputs: dict[str, Any]               # paths the outputs must stay clear of
+    encoder: Encoder | None              # the checkpoint's, when the features are to be computed
 
 
 def plan(request: ClusterRequest) -> Plan:
@@ -282,7 +285,8 @@ def plan(request: ClusterRequest) -> Plan:
         refuse_overlap("report", request.report, inputs)
     if request.features:                             # a given store is checked first
         check_store(store, volume, roi)
-    return Plan(volume, roi, labels, clusterer, settings, inputs)
+    encoder = None if request.features else load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
+    return Plan(volume, roi, labels, clusterer, settings, inputs, encoder)
 
 
 def prepare_output(request: ClusterRequest, run: Plan) -> zarr.Group:
@@ -332,7 +336,7 @@ def fit(request: ClusterRequest, run: Plan, executor: Executor) -> Fit:
     """Features (computed unless given), a sample of them, the projection and the clustering."""
     store = request.store
     if not request.features:
-        extract_features(request.feature_request(), executor)
+        extract_features(request.feature_request(), executor, run.encoder)
     meta = read_attrs(store)
     array = PCA if request.pca and stored_pca(store) == request.pca else FEATURES
     vectors, coords = sample_store(store, array, request.sample, request.seed)

@@ -249,14 +249,15 @@ def check_store(path: str, volume: Volume, roi: tuple[slice, ...] | None = None)
     return meta
 
 
-def extract_features(request: FeatureRequest, executor: Executor) -> dict[str, Any]:
+def extract_features(request: FeatureRequest, executor: Executor, encoder: Encoder | None = None) -> dict[str, Any]:
     """Compute (or finish) a feature store; returns a summary with its path.
 
     A store of the same settings is always kept (resumed or reused); ``overwrite`` replaces a different one.
+    ``encoder``: the checkpoint's, already loaded by the caller.
     """
     input_volume.cache_clear()
     _encoder.cache_clear()
-    encoder = load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
+    encoder = encoder or load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
     volume = Volume(request.input, request.level)
     job = make_job(request, encoder, volume, executor.threads(request.threads))
     channels = encoder.feature_channels[job.layer]

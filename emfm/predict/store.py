@@ -23,7 +23,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from emfm.errors import EmfmError
-from emfm.paths import refuse_overlap, remove
+from emfm.paths import refuse_file, refuse_overlap, remove
 from emfm.predict.blocks import Block, BlockGrid
 
 PROGRESS, WORK = "_progress", "_work"    # removed when the store is complete
@@ -68,6 +68,7 @@ def claim(output: str | Path, key: str, stamp: Mapping[str, Any], overwrite: boo
     ``inputs``. ``describe`` names the kind of store in messages ("prediction").
     """
     refuse_overlap("output", output, inputs)
+    refuse_file("output", output)
     out = Path(output)
     if not (out.exists() or out.is_symlink()):
         return None
@@ -118,7 +119,8 @@ def write(output: str, path: str, key: tuple[slice, ...], data: np.ndarray) -> N
     try:
         zarr.open_array(f"{output}/{path}", mode="r+")[key] = data
     except OSError as e:
-        raise EmfmError(f"output={output}: cannot write {path} {key} ({e.strerror or e}); finished blocks "
+        region = ", ".join(":" if s == slice(None) else f"{s.start}:{s.stop}" for s in key)
+        raise EmfmError(f"output={output}: cannot write {path}[{region}] ({e.strerror or e}); finished blocks "
                         f"are kept, rerun the same command to continue") from None
 
 
