@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -13,44 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
 
-# Overrides that shrink the real configs to a tiny ViT-MAE on 32x32 patches (seconds on 2 cores).
-TINY_PRETRAIN = [
-    "model.name=test_vit",
-    "model.patch_size=8",
-    "data.patch_shape=[32,32]",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.patches_per_epoch=64",
-    "data.val_patches=8",
-    "objective.methods.mae.decoder_dim=32",
-    "objective.methods.mae.decoder_depth=1",
-    "objective.methods.mae.decoder_heads=2",
-    "objective.warmup_steps=2",
-    "trainer.accelerator=cpu",
-    "trainer.enable_model_summary=false",
-    "callbacks.progress_bar=null",
-]
-
-
-# The tiny ViT as a model config, for tests that build modules without composing a config.
-TINY_VIT = {"family": "vit2d", "name": "test_vit", "input_shape": [32, 32], "patch_size": 8}
-
-# Tiny versions of every encoder family and objective, for the real configs.
-TINY_MODELS = {
-    "vit2d": ["model.name=test_vit", "model.patch_size=8", "data.patch_shape=[32,32]"],
-    "vit3d": ["model.name=test_vit", "model.patch_size=[4,8,8]", "data.patch_shape=[8,32,32]"],
-    "cnn2d": ["model.name=test_resnet", "data.patch_shape=[64,64]"],
-    "cnn3d": ["model.name=test_resnet3d", "data.patch_shape=[8,64,64]"],
-    # Fine-grid ViTs with their configs' patch sizes, (4, 4) and (2, 8, 8); vit2d above is at patch 8.
-    "vit2d_p4": ["model.name=test_vit", "data.patch_shape=[32,32]"],
-    "vit3d_p8": ["model.name=test_vit", "data.patch_shape=[8,32,32]"],
-}
+# Tests run the real configs with a tiny encoder (configs/model/tiny/) and configs/debug/tiny.yaml (small batches,
+# no workers, no progress bar); these are the few keys left that belong to one command or objective.
 TINY_OBJECTIVES = {
     "mae": ["objective.methods.mae.decoder_dim=32", "objective.methods.mae.decoder_depth=1",
             "objective.methods.mae.decoder_heads=2"],
@@ -62,25 +33,26 @@ TINY_OBJECTIVES = {
     "hybrid": ["objective.methods.masked.decoder_dim=32", "objective.methods.mocov3.proj_dim=16",
                "objective.methods.mocov3.hidden_dim=32"],
 }
-TINY_TRAINING = [
-    "data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "data.val_patches=4",
-    "objective.warmup_steps=2", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
-    "callbacks.progress_bar=null",
-]
 
 
-def tiny(model: str, objective: str) -> list[str]:
-    """Overrides for a seconds-long run of ``model=... objective=...``."""
-    return [f"model={model}", f"objective={objective}", *TINY_MODELS[model], *TINY_OBJECTIVES[objective],
-            *TINY_TRAINING]
+def tiny(model: str = "vit2d", objective: str = "mae", debug: str = "tiny") -> list[str]:
+    """Overrides for a seconds-long pretraining of ``model=tiny/MODEL objective=OBJECTIVE`` (debug=fdr: one batch)."""
+    return [f"model=tiny/{model}", f"objective={objective}", *TINY_OBJECTIVES[objective], f"debug={debug}",
+            "objective.warmup_steps=2", "data.val_patches=4"]
 
 
-# A seconds-long fine-tuning of a tiny model, without validation.
-TINY_FINETUNE_RUN = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",
-                     "module.lr=3e-3", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
-                     "callbacks.progress_bar=null", "logger=none", "data.val_slices=null",
-                     "+trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
-                     "data.labeled_slices=[0,1,2,3]"]
+# The tiny ViT MAE of the session's pretrained encoder (vit_checkpoint), at 8 patches a batch.
+TINY_PRETRAIN = [*tiny(), "data.batch_size=8", "data.val_patches=8"]
+# A seconds-long fine-tuning, with model=tiny/...
+TINY_FINETUNE = ["debug=tiny", "module.warmup_steps=2"]
+
+
+@functools.cache
+def tiny_encoder(model: str) -> dict[str, Any]:
+    """The model config of ``model=tiny/MODEL``, for tests that build an encoder or module directly."""
+    with initialize_config_module("emfm.configs", version_base="1.3"):
+        cfg = compose("pretrain", [f"model=tiny/{model}", "data.volumes=[v.zarr]"])
+    return OmegaConf.to_container(cfg.model, resolve=True)
 
 
 def compose_run(name: str, overrides: list[str]) -> Any:
@@ -94,9 +66,11 @@ def compose_run(name: str, overrides: list[str]) -> Any:
 
 def finetuned(root: Path, volume: Path, model: str, steps: int, *extra: str) -> Path:
     """The last checkpoint of a real ``emfm finetune`` run on the membranes of the synthetic ``volume``."""
-    compose_run("finetune", [f"model={model}", *TINY_MODELS[model], f"data.raw={volume}",
-                             f"data.labels={volume}/labels/membranes", f"trainer.max_steps={steps}",
-                             f"paths.output_dir={root}", *TINY_FINETUNE_RUN, *extra])
+    compose_run("finetune", [f"model=tiny/{model}", *TINY_FINETUNE, "module.lr=3e-3", f"data.raw={volume}",
+                             f"data.labels={volume}/labels/membranes", "data.labeled_slices=[0,1,2,3]",
+                             "data.val_slices=null", "+trainer.limit_val_batches=0", "logger=none",
+                             "callbacks.model_checkpoint.monitor=null", f"trainer.max_steps={steps}",
+                             f"paths.output_dir={root}", *extra])
     return root / "checkpoints" / "last.ckpt"
 
 

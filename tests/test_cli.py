@@ -9,7 +9,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from tests.conftest import TINY_PRETRAIN
+from tests.conftest import TINY_PRETRAIN, tiny
 
 
 def emfm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -58,7 +58,7 @@ def test_unknown_config_key_names_the_key(tmp_path: Path) -> None:
 
 
 def test_multirun_sweeps_an_override(synth_zarr: Path, tmp_path: Path) -> None:
-    out = emfm("pretrain", "-m", *TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "debug=fdr",
+    out = emfm("pretrain", "-m", *tiny(debug="fdr"), f"data.volumes=[{synth_zarr}]",
                "objective.methods.mae.mask_ratio=0.5,0.75", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     ratios = [(tmp_path / str(job) / ".hydra" / "overrides.yaml").read_text() for job in (0, 1)]

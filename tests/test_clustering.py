@@ -16,7 +16,7 @@ from emfm.errors import EmfmError
 from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
 from emfm.explore.cluster import Clusterer, clusters_to_labels, upsample_linear
 from emfm.predict.blocks import BlockGrid
-from tests.conftest import compose_run, file_hashes
+from tests.conftest import TINY_FINETUNE, compose_run, file_hashes
 
 LABELS = "{{membranes:{v}/labels/membranes,mitochondria:{v}/labels/mitochondria}}"
 
@@ -86,12 +86,13 @@ def cluster(tmp_path: Path, checkpoint: Path, volume: Path, *extra: str) -> dict
 
 def test_clusters_of_pretrained_features_score_above_a_floor(synth_zarr: Path, vit_checkpoint: Path,
                                                              tmp_path: Path) -> None:
-    report = cluster(tmp_path, vit_checkpoint, synth_zarr, "k=4", "sample=4000", f"labels={LABELS.format(v=synth_zarr)}",
+    report = cluster(tmp_path, vit_checkpoint, synth_zarr, "k=4", "sample=4000",
+                     f"labels={LABELS.format(v=synth_zarr)}",
                      f"report={tmp_path / 'report.json'}")
     assert json.loads((tmp_path / "report.json").read_text()) == report
     for arm in ("learned", "intensity_baseline"):
         assert set(report[arm]["iou"]) == {"background", "membranes", "mitochondria"}
-        assert -1 <= report[arm]["ari"] <= 1 and report[arm]["voxels"] == 16 * 96 * 96
+        assert report[arm]["ari"] > 0.05 and report[arm]["voxels"] == 16 * 96 * 96     # both well above chance
     # A 60-step tiny MAE: membranes and cytoplasm separate, well above chance (floors are half the measured values).
     assert report["learned"]["iou"]["membranes"] > 0.15 and report["learned"]["iou"]["background"] > 0.3
     assert report["learned"]["ari"] > 0.05
@@ -114,13 +115,11 @@ def test_chosen_clusters_become_sparse_labels_that_finetune_trains_on(synth_zarr
     np.testing.assert_array_equal(inside == 1, clusters[:4] == 0)
     np.testing.assert_array_equal(inside == 2, clusters[:4] == 2)
     assert (inside[clusters[:4] == 1] == 255).all() and (labels[4:] == 255).all() and (labels[:, :8] == 255).all()
-    compose_run("finetune", ["model=vit2d", "model.name=test_vit", "model.patch_size=8", "data.patch_shape=[32,32]",
-                             f"data.raw={synth_zarr}", f"data.labels={seeds}", "data.ignore_label=255",
-                             "data.labeled_slices=[0,1,2,3]", "data.val_slices=null", "target=semantic",
-                             "target.classes=[1,2]", "trainer.max_steps=3", "data.batch_size=2",
-                             "data.num_workers=0", "logger=none", "callbacks.progress_bar=null",
-                             "+trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
-                             "trainer.accelerator=cpu", f"paths.output_dir={tmp_path / 'ft'}"])
+    compose_run("finetune", ["model=tiny/vit2d", *TINY_FINETUNE, f"data.raw={synth_zarr}", f"data.labels={seeds}",
+                             "data.ignore_label=255", "data.labeled_slices=[0,1,2,3]", "data.val_slices=null",
+                             "target=semantic", "target.classes=[1,2]", "trainer.max_steps=3", "data.batch_size=2",
+                             "logger=none", "+trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
+                             f"paths.output_dir={tmp_path / 'ft'}"])
     assert (tmp_path / "ft" / "checkpoints" / "last.ckpt").is_file()
     with pytest.raises(EmfmError, match=r"clusters \[7\] do not exist in .* \(clusters 0..2\)"):
         clusters_to_labels(tmp_path / "c.zarr", {7: 1}, tmp_path / "s.zarr")
@@ -144,5 +143,6 @@ def test_bad_cluster_inputs_are_named(synth_zarr: Path, vit_checkpoint: Path, tm
     with pytest.raises(EmfmError, match=r"labels=.*small.zarr: shape \[16, 64, 64\], but the input has \[16, 96, 96\]"):
         cluster(tmp_path / "b", vit_checkpoint, synth_zarr, f"labels={small}", "pictures=null")
     other = write_ome_zarr(np.zeros((16, 64, 64), np.uint8), tmp_path / "other.zarr")
-    with pytest.raises(EmfmError, match=r"features=.*computed on a volume of shape \[16, 96, 96\].*has shape \[16, 64, 64\]"):
+    wrong = r"features=.*computed on a volume of shape \[16, 96, 96\].*has shape \[16, 64, 64\]"
+    with pytest.raises(EmfmError, match=wrong):
         cluster(tmp_path / "c", vit_checkpoint, other, f"features={tmp_path / 'c.zarr' / 'features'}", "pictures=null")

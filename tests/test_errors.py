@@ -17,7 +17,7 @@ import zarr
 
 from emfm.data.ingest import write_ome_zarr
 from emfm.export import export_encoder
-from tests.conftest import TINY_PRETRAIN, run_cli
+from tests.conftest import TINY_FINETUNE, TINY_PRETRAIN, run_cli
 
 
 def damaged_tiffs(folder: Path) -> tuple[Path, Path]:
@@ -110,7 +110,7 @@ def results(synth_zarr: Path, vit_checkpoint: Path, tmp_path_factory: pytest.Tem
         "predict without arguments": (["predict"], None, "missing required keys checkpoint, input, output"),
         "predict with a non-dict": (["predict", f"checkpoint={not_a_dict}", f"input={synth_zarr}",
                                      f"output={tmp}/p.zarr"], None, f"checkpoint={not_a_dict}: holds a list"),
-        "init= a non-dict": (["finetune", *TINY_PRETRAIN[:3], f"data.raw={synth_zarr}",
+        "init= a non-dict": (["finetune", "model=tiny/vit2d", *TINY_FINETUNE, f"data.raw={synth_zarr}",
                               f"data.labels={synth_zarr}/labels/membranes", "data.labeled_slices=[0]",
                               f"init={not_a_dict}", f"hydra.run.dir={tmp}/ft"], None,
                              f"init={not_a_dict}: holds a list"),

@@ -10,12 +10,11 @@ import timm
 import torch
 
 import emfm
-from emfm import run
 from emfm.errors import EmfmError
 from emfm.export import export_encoder
 from emfm.models.encoders import Encoder
 from emfm.pretrain.base import PretrainModule
-from tests.conftest import tiny
+from tests.conftest import pretrained, tiny
 
 FAMILIES = {"vit2d": "mae", "cnn2d": "mim", "vit3d": "mae", "cnn3d": "mim"}
 
@@ -23,17 +22,8 @@ FAMILIES = {"vit2d": "mae", "cnn2d": "mim", "vit3d": "mae", "cnn3d": "mim"}
 @pytest.fixture(scope="module")
 def checkpoints(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A two-step pretraining checkpoint of every encoder family."""
-    from hydra import compose, initialize_config_module
-
-    out = {}
-    for family, objective in FAMILIES.items():
-        run_dir = tmp_path_factory.mktemp(family)
-        with initialize_config_module("emfm.configs", version_base="1.3"):
-            cfg = compose("pretrain", [f"paths.output_dir={run_dir}", *tiny(family, objective),
-                                       f"data.volumes=[{synth_zarr}]", "trainer.max_steps=2", "logger=none"])
-        run.pretrain(cfg)
-        out[family] = run_dir / "checkpoints" / "last.ckpt"
-    return out
+    return {family: pretrained(tmp_path_factory.mktemp(family), synth_zarr, 2, tiny(family, objective))
+            for family, objective in FAMILIES.items()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

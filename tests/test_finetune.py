@@ -23,10 +23,8 @@ from emfm.errors import EmfmError
 from emfm.export import export_encoder
 from emfm.finetune.callbacks import panels
 from emfm.finetune.segmentation import load_segmenter
-from tests.conftest import TINY_MODELS, overflowing, tiny
+from tests.conftest import TINY_FINETUNE, overflowing, pretrained, tiny
 
-TINY_FINETUNE = ["data.batch_size=4", "data.num_workers=0", "data.patches_per_epoch=64", "module.warmup_steps=2",
-                 "trainer.accelerator=cpu", "trainer.enable_model_summary=false", "callbacks.progress_bar=null"]
 LABELS = {"membrane": "membranes", "boundary": "instances", "affinity": "instances", "semantic": "membranes",
           "foreground": "instances"}
 
@@ -34,7 +32,7 @@ LABELS = {"membrane": "membranes", "boundary": "instances", "affinity": "instanc
 def finetune_args(volume: Path, model: str = "vit2d", target: str = "membrane", steps: int = 3) -> list[str]:
     extra = ["target.offsets=[[-1,0,0],[0,-1,0],[0,0,-1]]"] if target == "affinity" else []
     extra += ["target.classes=[1]"] if target == "semantic" else []
-    return [f"model={model}", *TINY_MODELS[model], f"target={target}", *extra, f"data.raw={volume}",
+    return [f"model=tiny/{model}", f"target={target}", *extra, f"data.raw={volume}",
             f"data.labels={volume}/labels/{LABELS[target]}", "data.labeled_slices=[0,1]", "data.val_slices=[12]",
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", *TINY_FINETUNE]
 
@@ -49,7 +47,7 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
 def test_every_family_fine_tunes_and_validates_on_held_out_slices(
         compose_config, synth_zarr: Path, tmp_path: Path, model: str, target: str) -> None:
     out = run.finetune(compose_config("finetune", finetune_args(synth_zarr, model, target)))
-    assert np.isfinite(out["train/loss"]) and 0 <= out["val/iou"] <= 1 and 0 <= out["val/dice"] <= 1
+    assert out["train/loss"] > 0 and 0 < out["val/iou"] <= out["val/dice"]     # validated, and it finds structure
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     shown = {"membrane": 1, "semantic": 1, "boundary": 2, "affinity": 3}[target]
     with Image.open(tmp_path / "predictions" / f"step_{3:07d}.png") as picture:   # raw | truth | probs
@@ -82,24 +80,18 @@ def test_fine_tuning_learns_membranes(compose_config, synth_zarr: Path, tmp_path
 
 
 @pytest.fixture(scope="module")
-def pretrained(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hydra import compose, initialize_config_module
-
-    run_dir = tmp_path_factory.mktemp("pretrain")
-    with initialize_config_module("emfm.configs", version_base="1.3"):
-        cfg = compose("pretrain", [f"paths.output_dir={run_dir}", *tiny("vit2d", "mae"), f"data.volumes=[{synth_zarr}]",
-                                   "trainer.max_steps=2", "logger=none"])
-    run.pretrain(cfg)
-    return run_dir / "checkpoints" / "last.ckpt"
+def vit_mae(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-step MAE pretraining checkpoint of the tiny ViT."""
+    return pretrained(tmp_path_factory.mktemp("pretrain"), synth_zarr, 2, tiny("vit2d", "mae"))
 
 
 def test_init_from_a_checkpoint_or_an_export_copies_the_encoder(
-        compose_config, synth_zarr: Path, tmp_path: Path, pretrained: Path) -> None:
+        compose_config, synth_zarr: Path, tmp_path: Path, vit_mae: Path) -> None:
     from emfm.pretrain.base import PretrainModule
 
-    source = PretrainModule.load_from_checkpoint(pretrained, weights_only=True).encoder.state_dict()
-    export = export_encoder(pretrained, tmp_path / "export")
-    for init in (pretrained, export):
+    source = PretrainModule.load_from_checkpoint(vit_mae, weights_only=True).encoder.state_dict()
+    export = export_encoder(vit_mae, tmp_path / "export")
+    for init in (vit_mae, export):
         cfg = compose_config("finetune", [*finetune_args(synth_zarr), f"init={init}"])
         module = run.build(cfg.module)
         for key, value in module.model.encoder.state_dict().items():
@@ -112,13 +104,7 @@ def test_init_from_a_checkpoint_or_an_export_copies_the_encoder(
 def test_init_from_whole_network_pretraining_copies_encoder_and_decoder(
         compose_config, synth_zarr: Path, tmp_path: Path) -> None:
     """objective=restore pretrains the head fine-tuning uses: all of it but the output layer carries over."""
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("emfm.configs", version_base="1.3"):
-        cfg = compose("pretrain", [f"paths.output_dir={tmp_path / 'pt'}", *tiny("cnn2d", "restore"), "head=unet",
-                                   f"data.volumes=[{synth_zarr}]", "trainer.max_steps=2", "logger=none"])
-    run.pretrain(cfg)
-    checkpoint = tmp_path / "pt" / "checkpoints" / "last.ckpt"
+    checkpoint = pretrained(tmp_path / "pt", synth_zarr, 2, [*tiny("cnn2d", "restore"), "head=unet"])
     weights = torch.load(checkpoint, weights_only=True)["state_dict"]
     args = [*finetune_args(synth_zarr, "cnn2d"), f"init={checkpoint}", "head=unet", "head.channels=8"]
     model = run.build(compose_config("finetune", args).module).model
@@ -128,13 +114,14 @@ def test_init_from_whole_network_pretraining_copies_encoder_and_decoder(
     assert {k for k in decoder if not k.startswith("out.")} and all(
         torch.equal(v, weights[f"methods.restore.head.{k}"]) for k, v in decoder.items() if not k.startswith("out."))
     assert not torch.equal(decoder["out.weight"], weights["methods.restore.head.out.weight"])
-    with pytest.raises(EmfmError, match="its decoder is head .*'channels': 8.* but this run builds head .*'channels': 16"):
+    other = "its decoder is head .*'channels': 8.* but this run builds head .*'channels': 16"
+    with pytest.raises(EmfmError, match=other):
         run.build(compose_config("finetune", [*args, "head.channels=16"]).module)
 
 
 def test_init_from_another_architecture_or_a_missing_file_is_refused(
-        compose_config, synth_zarr: Path, pretrained: Path) -> None:
-    cfg = compose_config("finetune", [*finetune_args(synth_zarr, "cnn2d"), f"init={pretrained}"])
+        compose_config, synth_zarr: Path, vit_mae: Path) -> None:
+    cfg = compose_config("finetune", [*finetune_args(synth_zarr, "cnn2d"), f"init={vit_mae}"])
     with pytest.raises(EmfmError, match="encoder has family='vit2d' but this run builds model.family='cnn2d'"):
         run.build(cfg.module)
     cfg = compose_config("finetune", [*finetune_args(synth_zarr), "init=/nowhere/x.ckpt"])
@@ -159,7 +146,7 @@ def test_semi_supervised_training_uses_unlabeled_patches(compose_config, synth_z
                                       "semi.unlabeled_batch_size=2", "trainer.log_every_n_steps=1"])
     run.finetune(cfg)
     rows = [r for r in metrics(tmp_path) if "train/semi/loss" in r]
-    assert len(rows) == 3 and all(np.isfinite(float(r["train/semi/loss"])) for r in rows)
+    assert len(rows) == 3 and any(float(r["train/semi/loss"]) > 0 for r in rows)   # the unlabeled term trains
 
 
 def test_mean_teacher_follows_the_model_by_its_momentum(compose_config, synth_zarr: Path) -> None:
@@ -184,7 +171,8 @@ def test_layer_decay_and_frozen_encoder_in_the_learning_rates(compose_config, sy
     setup = module.configure_optimizers()
     optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     groups = len(module.model.encoder.layer_groups())
-    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(cfg.module.lr * 0.1 * 0.5 ** groups)  # patch embedding
+    patch_embedding = cfg.module.lr * 0.1 * 0.5 ** groups
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(patch_embedding)
     assert optimizer.param_groups[-1]["initial_lr"] == pytest.approx(cfg.module.lr)  # head
     assert optimizer.param_groups[0]["lr"] == 0 and optimizer.param_groups[-1]["lr"] > 0
     for _ in range(5):
@@ -194,7 +182,7 @@ def test_layer_decay_and_frozen_encoder_in_the_learning_rates(compose_config, sy
 
 
 def test_evaluate_writes_json_and_csv_reports(compose_config, synth_zarr: Path, tmp_path: Path,
-                                              pretrained: Path) -> None:
+                                              vit_mae: Path) -> None:
     run.finetune(compose_config("finetune", finetune_args(synth_zarr, steps=2)))
     out = tmp_path / "eval"
     cfg = compose_config("evaluate", [f"checkpoint={tmp_path}/checkpoints/last.ckpt", f"raw={synth_zarr}",
@@ -203,14 +191,15 @@ def test_evaluate_writes_json_and_csv_reports(compose_config, synth_zarr: Path, 
     report = run.evaluate(cfg)
     saved = json.loads((out / "report.json").read_text())
     assert saved["slices"] == [12, 13] and saved["threshold"] in (0.4, 0.6) and saved["instance_regions"] == "2 of 2"
-    for key in ("iou", "dice", "vrand", "vinfo", "vi_split", "vi_merge", "mean_ap"):
-        assert 0 <= saved[key] <= (float("inf") if key.startswith("vi_") else 1), key
     assert set(saved["per_threshold"]) == {"0.4", "0.6"} and saved["iou"] == report["iou"]
+    best = saved["per_threshold"][str(saved["threshold"])]           # the threshold of the best mean V_rand
+    assert saved["vrand"] == best["vrand"] == max(m["vrand"] for m in saved["per_threshold"].values())
+    assert saved["vi"] == pytest.approx(saved["vi_split"] + saved["vi_merge"]) and saved["dice"] >= saved["iou"] > 0
     with (out / "report.csv").open() as f:
         rows = dict(csv.reader(f))
     assert float(rows["vrand"]) == pytest.approx(saved["vrand"])
     with pytest.raises(EmfmError, match="no segmentation head"):
-        load_segmenter(pretrained)
+        load_segmenter(vit_mae)
 
 
 def test_labeled_patches_keep_labels_only_on_their_slices(synth_zarr: Path) -> None:

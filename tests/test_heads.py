@@ -13,14 +13,10 @@ from emfm.models.heads import (
     create_head,
     upsampling_schedule,
 )
+from tests.conftest import tiny_encoder
 
-# The tiny encoders of tests/conftest.py's TINY_MODELS; 3-D ones anisotropic.
-TINY = {
-    "vit2d": {"input_shape": [32, 32], "name": "test_vit", "patch_size": 8},
-    "vit3d": {"input_shape": [8, 32, 32], "name": "test_vit", "patch_size": [4, 8, 8]},
-    "cnn2d": {"input_shape": [64, 64], "name": "test_resnet"},
-    "cnn3d": {"input_shape": [8, 64, 64], "name": "test_resnet3d"},
-}
+# The tiny encoders of configs/model/tiny/ (3-D ones anisotropic), without their family.
+TINY = {family: {k: v for k, v in tiny_encoder(family).items() if k != "family"} for family in ENCODERS}
 SMALL = {"auto": {"channels": 4}, "unetr": {"channels": 4}, "unet": {"channels": 4}, "linear": {}}
 
 
@@ -124,7 +120,7 @@ def test_upsampling_schedule_does_z_first_and_odd_factors_at_once() -> None:
 @pytest.mark.parametrize("depths,levels", [(4, [1, 2]), (2, [2]), (3, [1, 2])])
 def test_unetr_spreads_skips_over_the_stages(depths: int, levels: list) -> None:
     """Patch 8: three stages, two skip levels; shallow maps finest, surplus maps share a level."""
-    encoder = create_encoder("vit2d", **TINY["vit2d"], feature_depths=depths)
+    encoder = create_encoder("vit2d", **{**TINY["vit2d"], "feature_depths": depths})
     head = create_head("unetr", encoder, 1, channels=4)
     assert sorted(set(head.skip_levels)) == levels
     assert head.skip_levels == sorted(head.skip_levels)

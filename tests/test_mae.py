@@ -6,7 +6,7 @@ from emfm.models.encoders import create_encoder
 from emfm.pretrain.base import PretrainModule
 from emfm.pretrain.mae import MAE
 from emfm.pretrain.masking import masked_mse, patchify, random_masking, unpatchify
-from tests.conftest import TINY_VIT
+from tests.conftest import tiny_encoder
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.6, 0.75])
@@ -43,8 +43,8 @@ def test_loss_only_counts_hidden_patches() -> None:
 
 def test_mae_step_reduces_loss_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
-    module = PretrainModule(TINY_VIT, {"mae": {"mask_ratio": 0.75, "decoder_dim": 32, "decoder_depth": 1,
-                                               "decoder_heads": 2}})
+    module = PretrainModule(tiny_encoder("vit2d"), {"mae": {"mask_ratio": 0.75, "decoder_dim": 32, "decoder_depth": 1,
+                                                            "decoder_heads": 2}})
     images = torch.randn(4, 1, 32, 32).cumsum(-1) / 8  # smooth-ish structure to learn
     optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3)
     losses = []
@@ -58,7 +58,7 @@ def test_mae_step_reduces_loss_on_a_fixed_batch() -> None:
 
 
 def test_visualize_keeps_visible_patches() -> None:
-    encoder = create_encoder(**TINY_VIT)
+    encoder = create_encoder(**tiny_encoder("vit2d"))
     mae = MAE(encoder, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     images = torch.rand(2, 1, 32, 32)
     panels = mae.visualize(encoder, images)

@@ -22,7 +22,7 @@ from emfm.pretrain.masking import tube_masking
 from emfm.pretrain.mim import MIM
 from emfm.pretrain.mocov3 import MoCoV3
 from emfm.pretrain.restore import Corruption
-from tests.conftest import TINY_VIT, tiny
+from tests.conftest import tiny, tiny_encoder
 
 MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}
 COMBINATIONS = [(model, objective) for model in MASKED
@@ -41,25 +41,25 @@ def test_a_few_steps_train_the_encoder(compose_config, synth_zarr: Path, model: 
     before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert torch.isfinite(trainer.callback_metrics["val/loss"])
-    changed = [k for k, v in module.encoder.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert trainer.callback_metrics["train/loss"] > 0 and trainer.callback_metrics["val/loss"] > 0
+    changed = [k for k, v in module.encoder.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, before[k])]
     weights = [k for k, v in before.items() if v.is_floating_point() and k.endswith("weight")]
     assert set(weights) <= set(changed), f"not trained: {sorted(set(weights) - set(changed))[:5]}"
 
 
 def test_hybrid_sums_weighted_losses_and_picks_the_masked_method() -> None:
-    module = PretrainModule(TINY_VIT, {"masked": {"weight": 2.0, "decoder_dim": 32},
-                                       "simclr": {"weight": 0.5, "proj_dim": 8, "hidden_dim": 16}})
+    module = PretrainModule(tiny_encoder("vit2d"), {"masked": {"weight": 2.0, "decoder_dim": 32},
+                                                    "simclr": {"weight": 0.5, "proj_dim": 8, "hidden_dim": 16}})
     assert list(module.methods) == ["mae", "simclr"]
     out = module.compute_loss(torch.rand(4, 1, 32, 32), torch.Generator().manual_seed(0))
     torch.testing.assert_close(out["loss"], 2.0 * out["mae/loss"] + 0.5 * out["simclr/loss"])
-    cnn = {"family": "cnn2d", "name": "test_resnet", "input_shape": [64, 64]}
+    cnn = tiny_encoder("cnn2d")
     assert list(PretrainModule(cnn, {"masked": {}}).methods) == ["mim"]
 
 
 def test_objectives_that_do_not_fit_are_refused() -> None:
-    cnn = {"family": "cnn2d", "name": "test_resnet", "input_shape": [64, 64]}
+    cnn = tiny_encoder("cnn2d")
     with pytest.raises(EmfmError, match="objective=mae drops tokens and needs a ViT encoder"):
         PretrainModule(cnn, {"mae": {}})
     with pytest.raises(EmfmError, match="objective.methods.byol: unknown method"):
@@ -101,7 +101,7 @@ def test_restoration_hides_whole_cells_and_weighs_what_it_hides() -> None:
 
 def test_restoration_trains_encoder_and_decoder_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
-    module = PretrainModule({"family": "cnn2d", "name": "test_resnet", "input_shape": [64, 64]},
+    module = PretrainModule(tiny_encoder("cnn2d"),
                             {"restore": {"head": {"name": "unet", "channels": 8}, "noise_std": [0.1, 0.1],
                                          "visible_weight": 0.5}})
     images = torch.randn(4, 1, 64, 64).cumsum(-1).cumsum(-2) / 64  # smooth: hidden cells can be guessed
@@ -175,7 +175,7 @@ def test_momentum_encoder_follows_the_online_encoder_slowly() -> None:
 def test_dense_views_know_where_each_pixel_comes_from() -> None:
     """Flips and 90-degree turns permute pixels exactly, so each view equals the input at ``where``;
     without crops every cell has a match, and its negatives are every other cell of the batch."""
-    encoder = create_encoder(**TINY_VIT)
+    encoder = create_encoder(**tiny_encoder("vit2d"))
     densecl = DenseCL(encoder, proj_dim=8, hidden_dim=16, augment={"flip": 0.5, "rot90": 0.5})
     images = torch.rand(3, 1, 32, 32)
     views, where = densecl.located_views(images, torch.Generator().manual_seed(0))
@@ -197,7 +197,7 @@ def test_cells_match_the_nearest_cell_of_the_other_view_within_the_radius() -> N
 def test_densecl_loss_falls_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     augment = {"flip": 0.5, "rot90": 0.5, "crop": {"scale": [0.3, 1.0]}, "intensity": {"p": 0.8}}
-    module = PretrainModule(TINY_VIT, {"densecl": {"proj_dim": 16, "hidden_dim": 32, "augment": augment}})
+    module = PretrainModule(tiny_encoder("vit2d"), {"densecl": {"proj_dim": 16, "hidden_dim": 32, "augment": augment}})
     images = torch.randn(4, 1, 32, 32).cumsum(-1) / 8
     optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3)
     first = None

@@ -18,7 +18,7 @@ from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.metrics import rand_scores
 from emfm.finetune.segmentation import load_segmenter
-from tests.conftest import TINY_MODELS, compose_run, finetuned
+from tests.conftest import compose_run, finetuned, pretrained, tiny
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +156,9 @@ def test_rerun_of_a_complete_prediction_does_nothing_and_other_settings_are_refu
 
 
 def test_bad_inputs_are_named(synth_zarr: Path, model_2d: Path, model_3d: Path, tmp_path: Path) -> None:
-    pretraining = tmp_path / "pre"
-    compose_run("pretrain", [f"paths.output_dir={pretraining}", "model=vit2d", *TINY_MODELS["vit2d"],
-                             f"data.volumes=[{synth_zarr}]", "trainer.max_steps=1", "logger=none",
-                             "data.num_workers=0", "data.batch_size=2", "trainer.accelerator=cpu",
-                             "callbacks.progress_bar=null"])
+    pretraining = pretrained(tmp_path / "pre", synth_zarr, 1, [*tiny(), "data.batch_size=2"])
     with pytest.raises(EmfmError, match=r"no segmentation head"):
-        predict(tmp_path, pretraining / "checkpoints" / "last.ckpt", synth_zarr, tmp_path / "a.zarr")
+        predict(tmp_path, pretraining, synth_zarr, tmp_path / "a.zarr")
     image = tmp_path / "image.zarr"
     write_ome_zarr(Volume(synth_zarr).read()[0], image, axes="yx")
     with pytest.raises(EmfmError, match=r"a 2-D image, but the checkpoint's model is 3-D"):

@@ -5,18 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from omegaconf import OmegaConf
 
 from emfm import run
 from emfm.errors import EmfmError
 from emfm.pretrain.base import PretrainModule
-from tests.conftest import TINY_PRETRAIN
+from tests.conftest import TINY_PRETRAIN, tiny
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 GROUP_OPTIONS = [
-    (group.name, option.stem)
+    (group.name, str(option.relative_to(group).with_suffix("")))
     for group in sorted(CONFIGS.iterdir()) if group.is_dir() and group.name != "hydra"
-    for option in sorted(group.glob("*.yaml")) if not option.stem.startswith("_")
+    for option in sorted([*group.glob("*.yaml"), *group.glob("tiny/*.yaml")]) if not option.stem.startswith("_")
 ]
 # Groups used inside another config rather than at the top level: where they are mounted.
 MOUNTED = {"augment": "augment@objective.methods.mae.augment"}
@@ -27,11 +28,19 @@ COMMAND_KEYS = {"pretrain": ["data.volumes=[v.zarr]"], "finetune": ["data.raw=r.
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
-def test_every_config_composes(compose_config, group: str, option: str) -> None:
+def test_every_config_composes_and_builds(compose_config, group: str, option: str) -> None:
+    """Each option resolves, and its data module, module, trainer (loggers, callbacks) are built from it (with
+    the tiny encoder unless the model is the option tested; volumes are opened only when training starts)."""
     command = "finetune" if {group, f"{group}/{option}"} & FINETUNE_ONLY else "pretrain"
-    cfg = compose_config(command, [f"{MOUNTED.get(group, group)}={option}", *COMMAND_KEYS[command],
+    model = (["objective=mim"] if "cnn" in option else []) if group in ("model", "experiment") else ["model=tiny/vit2d"]
+    cfg = compose_config(command, [f"{MOUNTED.get(group, group)}={option}", *COMMAND_KEYS[command], *model,
                                    *REQUIRED.get(option, [])])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(run.build(cfg.data), LightningDataModule)
+    assert isinstance(run.build(cfg.objective if command == "pretrain" else cfg.module, isotropic=False),
+                      LightningModule)
+    if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():
+        assert isinstance(run.build_trainer(cfg), Trainer)
 
 
 def test_unknown_config_key_is_refused(compose_config) -> None:
@@ -41,10 +50,10 @@ def test_unknown_config_key_is_refused(compose_config) -> None:
         compose_config("pretrain", ["trainer.max_stepz=3"])
 
 
-def test_fast_dev_run(compose_config, synth_zarr: Path) -> None:
-    cfg = compose_config("pretrain", [*TINY_PRETRAIN, f"data.volumes=[{synth_zarr}]", "debug=fdr"])
+def test_fast_dev_run(compose_config, synth_zarr: Path, tmp_path: Path) -> None:
+    cfg = compose_config("pretrain", [*tiny(debug="fdr"), f"data.volumes=[{synth_zarr}]"])
     metrics = run.pretrain(cfg)
-    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert metrics["train/loss"] > 0 and not (tmp_path / "checkpoints").exists()   # one batch, nothing saved
 
 
 def read_losses(path: Path) -> list[float]:
@@ -86,15 +95,13 @@ def test_wandb_logger_runs_offline(compose_config, synth_zarr: Path, tmp_path: P
 
 
 def test_mae_on_a_cnn_is_refused(compose_config, synth_zarr: Path) -> None:
-    tiny_data = [o for o in TINY_PRETRAIN if not o.startswith("model.")]
-    cfg = compose_config("pretrain", [*tiny_data, f"data.volumes=[{synth_zarr}]", "model=cnn2d",
-                                      "model.name=test_resnet", "debug=fdr"])
+    cfg = compose_config("pretrain", [*tiny("cnn2d", "mae", debug="fdr"), f"data.volumes=[{synth_zarr}]"])
     with pytest.raises(EmfmError, match="objective=mae drops tokens and needs a ViT encoder"):
         run.pretrain(cfg)
 
 
 def test_missing_volume_is_reported(compose_config, tmp_path: Path) -> None:
-    cfg = compose_config("pretrain", [*TINY_PRETRAIN, f"data.volumes=[{tmp_path}/nope.zarr]", "debug=fdr"])
+    cfg = compose_config("pretrain", [*tiny(debug="fdr"), f"data.volumes=[{tmp_path}/nope.zarr]"])
     with pytest.raises(EmfmError, match="nope.zarr"):
         run.pretrain(cfg)
 

@@ -12,9 +12,7 @@ from emfm.data.ingest import write_ome_zarr
 from emfm.errors import EmfmError
 from emfm.pretrain.base import PretrainModule
 from emfm.pretrain.probe import DenseProbe, iou_dice, parse_roi
-from tests.conftest import tiny
-
-VIT = {"family": "vit2d", "name": "test_vit", "input_shape": [32, 32], "patch_size": 8}
+from tests.conftest import tiny, tiny_encoder
 
 
 def probe_for(volume: Path) -> DenseProbe:
@@ -37,7 +35,7 @@ def test_probe_is_logged_during_pretraining(compose_config, synth_zarr: Path, tm
 
 def test_probe_scores_informative_features_above_uninformative_ones(synth_zarr: Path) -> None:
     torch.manual_seed(0)
-    module = PretrainModule(VIT, {"mae": {"decoder_dim": 32}})
+    module = PretrainModule(tiny_encoder("vit2d"), {"mae": {"decoder_dim": 32}})
     informative = probe_for(synth_zarr)
     informative.load(module.encoder.input_shape)
     score = informative.probe(module)["probe/iou"]

@@ -12,6 +12,7 @@ from emfm.data import volume as volume_mod
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
+from tests.conftest import tiny
 
 
 def _rand(shape, dtype=np.uint16, seed=0) -> np.ndarray:
@@ -127,11 +128,10 @@ def test_bad_cached_normalization_is_refused_naming_store_and_key(tmp_path, comp
     out = write_ome_zarr(_rand((6, 50, 50)), tmp_path / "n.zarr")
     group = zarr.open_group(str(out), mode="r+")
     group.attrs["emfm"] = {**group.attrs["emfm"], "normalization": {"percentiles": [1.0, 99.5], "values": values}}
-    match = rf"n\.zarr: attribute emfm\.normalization\.values is .*; expected two finite numbers low < high"
+    match = r"n\.zarr: attribute emfm\.normalization\.values is .*; expected two finite numbers low < high"
     with pytest.raises(EmfmError, match=match):
         Volume(out).normalization()
-    cfg = compose_config("pretrain", ["model.name=test_vit", "model.patch_size=8", "data.patch_shape=[32,32]",
-                                      f"data.volumes=[{out}]", "trainer.max_steps=2", "data.num_workers=0"])
+    cfg = compose_config("pretrain", [*tiny(), f"data.volumes=[{out}]", "trainer.max_steps=2"])
     with pytest.raises(EmfmError, match=match):
         run.pretrain(cfg)
     assert not (tmp_path / "checkpoints").exists()
