@@ -17,6 +17,8 @@ demo: env
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
 
 test: env
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 clean-env:

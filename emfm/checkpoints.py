@@ -110,8 +110,8 @@ def read_network(path: str | Path, key: str | None = None) -> Network:
     """The encoder (and decoder, if any) of any emfm checkpoint file or export folder."""
     where = named(path, key)
     if Path(path).is_dir():
-        config, encoder = read_export(path, key)
-        return Network(config, encoder.state_dict())
+        config, exported = read_export(path, key)
+        return Network(config, exported.state_dict())
     if not Path(path).is_file():
         raise EmfmError(f"{where}: no such checkpoint or export directory")
     state = read_pretraining(path, key)
@@ -158,7 +158,8 @@ def read_export(path: str | Path, key: str | None = None) -> tuple[dict[str, Any
     except (UnicodeDecodeError, ValueError) as err:
         raise EmfmError(f"{config_file}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
-        raise EmfmError(f"{config_file}: holds a {type(config).__name__}, expected the JSON object `emfm export` writes")
+        raise EmfmError(f"{config_file}: holds a {type(config).__name__}, expected the JSON object `emfm export` "
+                        f"writes")
     if config.get("format") != FORMAT:
         raise EmfmError(f"{config_file}: format {config.get('format')!r}, expected {FORMAT!r}")
     model = encoder_config(config.get("model"), f"{config_file}: model")

@@ -43,13 +43,14 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bo
     fill(encoder, {k.removeprefix("encoder."): v for k, v in state["state_dict"].items() if k.startswith("encoder.")},
          str(checkpoint))
     data = {k: v for k, v in (state.get("PatchDataModule") or {}).items() if k != "batches_served"}
+    patch = getattr(encoder, "patch_size", None)   # ViTs only
     config = {
         "format": FORMAT,
         "model": model,
         "timm_model": encoder.timm_model is not None,
         "spatial_dims": encoder.spatial_dims,
         "in_chans": encoder.in_chans,
-        "patch_size": list(encoder.patch_size) if hasattr(encoder, "patch_size") else None,
+        "patch_size": None if patch is None else list(patch),
         "embed_dim": encoder.embed_dim,
         "feature_channels": encoder.feature_channels,
         "feature_strides": [list(s) for s in encoder.feature_strides],
@@ -78,7 +79,8 @@ def model_card(config: dict[str, Any], encoder: Encoder) -> str:
         "",
         (f"- Architecture: {model['family']} `{model.get('name', '')}`, input shape {model.get('input_shape')}, "
          f"patch size {config['patch_size']}, {config['in_chans']} input channel(s), "
-         f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, embedding size {config['embed_dim']}."),
+         f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, "
+         f"embedding size {config['embed_dim']}."),
         f"- Feature maps: channels {config['feature_channels']}, strides {config['feature_strides']}.",
         f"- Pretraining: {', '.join(pre['methods'] or [])} for {pre['steps']} steps.",
         (f"- Data ({len(volumes)} volume(s), level {config['data'].get('level')}, patches "

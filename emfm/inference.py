@@ -18,7 +18,8 @@ BLENDS = ("linear", "gaussian")
 
 
 def tile_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[int]:
-    """Start offsets covering ``size`` with tiles of ``tile`` overlapping by about ``overlap``; the last ends at ``size``.
+    """Start offsets covering ``size`` with tiles of ``tile`` overlapping by about ``overlap``; the last ends at
+    ``size``.
 
     ``align``: steps are multiples of it (so are all starts when ``size`` and ``tile`` are), which
     keeps tiles on a coarser output grid (dense features at a stride).
@@ -99,21 +100,24 @@ def sliding_window(
     size = tuple(image.shape[1:])
     corners = tile_corners(size, patch, overlap, stride) if corners is None else [tuple(c) for c in corners]
     if any(c % k for corner in corners for c, k in zip(corner, stride)) or any(p % k for p, k in zip(patch, stride)):
-        raise EmfmError(f"sliding window: tile {list(patch)} and corners must be multiples of the stride {list(stride)}")
+        raise EmfmError(f"sliding window: tile {list(patch)} and corners must be multiples of the stride "
+                        f"{list(stride)}")
     out_patch = tuple(p // k for p, k in zip(patch, stride))
     out_size = tuple(-(-s // k) for s, k in zip(size, stride))
     weight = blend_weights(out_patch, image.device, blend)
-    total = norm = None
+    total: torch.Tensor | None = None
+    norm: torch.Tensor | None = None
     for first in range(0, len(corners), batch_size):
         chunk = corners[first : first + batch_size]
         tiles = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
         out = model(torch.stack([image[(slice(None), *t)] for t in tiles])).float()
-        if total is None:
+        if total is None or norm is None:
             total = torch.zeros(out.shape[1], *out_size, device=image.device)
             norm = torch.zeros(out_size, device=image.device)
         for corner, tile in zip(chunk, out):
             region = tuple(slice(c // k, c // k + p) for c, k, p in zip(corner, stride, out_patch))
             total[(slice(None), *region)] += tile * weight
             norm[region] += weight
+    assert total is not None and norm is not None    # corners is never empty
     result = total / norm
     return result[(slice(None), *(slice(0, -(-s // k)) for s, k in zip(spatial, stride)))]

@@ -15,7 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -77,7 +77,8 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     )
 
 
-def prepare(cfg: DictConfig, module_cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer, str | None]:
+def prepare(cfg: DictConfig,
+            module_cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer, str | None]:
     """Data, module, trainer and the checkpoint to resume from, with every input checked."""
     # RandomPatches gives each worker its own share of __len__ and its own random stream, which is
     # exactly what this Lightning warning asks for.
@@ -213,9 +214,9 @@ def report_outputs(run_dir: Path, trainer: pl.Trainer, metrics: dict[str, float]
     """Tell the user (and the run's log file) where the results are, and the last metrics."""
     lines = [f"run dir:         {run_dir}"]
     checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.best_model_path:
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
         lines.append(f"best checkpoint: {checkpoint.best_model_path}")
-    if checkpoint is not None and checkpoint.last_model_path:
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.last_model_path:
         lines.append(f"last checkpoint: {checkpoint.last_model_path}")
     for pattern, label in [("reconstructions", "reconstructions"), ("csv/metrics.csv", "metrics")]:
         if (run_dir / pattern).exists():

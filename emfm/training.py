@@ -7,7 +7,7 @@ import csv
 import io
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
 from emfm.errors import EmfmError
@@ -104,7 +105,7 @@ class AppendingCSVLogger(CSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
+        if not isinstance(self._experiment, AppendingWriter):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingWriter(log_dir=self.log_dir)
         return self._experiment
@@ -152,14 +153,15 @@ NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr_scale: float = 1.0,
-                 frozen_steps: int = 0) -> list[dict]:
+                 frozen_steps: int = 0) -> list[dict[str, Any]]:
     """AdamW groups of trainable parameters: weights decayed, norms / biases / tokens not.
 
     ``lr_scale`` multiplies the base learning rate (layer-wise decay); ``frozen_steps`` holds the
     group at zero learning rate for that many steps, then warms it up (a frozen encoder that
     stays in the DDP graph).
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in named:
         if param.requires_grad:
             skip = param.ndim <= 1 or name.split(".")[-1] in NO_WEIGHT_DECAY
@@ -178,17 +180,18 @@ def warmup_cosine(step: int, *, warmup: int, total: int, floor: float, frozen: i
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def adamw_warmup_cosine(groups: list[dict], total: int | None, lr: float, betas: Sequence[float],
-                        warmup_steps: int, min_lr_ratio: float) -> dict:
+def adamw_warmup_cosine(groups: list[dict[str, Any]], total: int | None, lr: float, betas: Sequence[float],
+                        warmup_steps: int, min_lr_ratio: float) -> OptimizerLRSchedulerConfig:
     """Lightning's ``configure_optimizers`` answer: AdamW over ``groups``, stepped per optimiser step."""
     if total is None or total <= 0:
         raise EmfmError("trainer.max_steps must be set (> 0): the learning-rate schedule needs it")
-    factors = []
+    factors: list[Callable[[int], float]] = []
     for group in groups:
         group["lr"] = lr * group.pop("lr_scale", 1.0)
         frozen = group.pop("frozen_steps", 0)
         factors.append(partial(warmup_cosine, warmup=min(warmup_steps, total), total=total, floor=min_lr_ratio,
                                frozen=frozen))
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    beta1, beta2 = betas
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -201,7 +201,7 @@ def bare(overrides: list[str], steps: int) -> Run:
     hp = cfg.objective
     optimizer = torch.optim.AdamW(module.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                   weight_decay=hp.weight_decay)
-    images = RandomPatches(datamodule.sampler, cfg.data.batch_size, batches=1).batch(0)  # real patches
+    images = RandomPatches(datamodule.patches(), cfg.data.batch_size, batches=1).batch(0)  # real patches
     clock = Clock()
     for _ in range(WARMUP + steps):
         clock.start()

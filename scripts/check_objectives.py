@@ -24,7 +24,8 @@ from emfm import run
 MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}
 SMALL = {  # sizes that run a few hundred steps in minutes on a CPU
     "vit2d": ["model.name=vit_tiny_patch16_224", "+model.depth=4", "model.patch_size=8", "data.patch_shape=[64,64]"],
-    "vit3d": ["model.name=vit_tiny_patch16_224", "+model.depth=4", "model.patch_size=[4,8,8]", "data.patch_shape=[8,64,64]"],
+    "vit3d": ["model.name=vit_tiny_patch16_224", "+model.depth=4", "model.patch_size=[4,8,8]",
+              "data.patch_shape=[8,64,64]"],
     "cnn2d": ["model.name=resnet10t", "data.patch_shape=[64,64]"],
     "cnn3d": ["model.name=test_resnet3d", "data.patch_shape=[8,64,64]"],
 }
@@ -69,7 +70,8 @@ def main() -> None:
                 f"paths.output_dir={tmp}", f"model={model}", f"objective={objective}", *SMALL[model], *HEADS[objective],
                 f"data.volumes=[{volumes}]", f"data.batch_size={batch}", "data.num_workers=1", "objective.lr=1e-3",
                 "objective.warmup_steps=20", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=5",
-                f"trainer.val_check_interval={args.steps}", "callbacks.progress_bar=null", "callbacks.reconstructions=null",
+                f"trainer.val_check_interval={args.steps}", "callbacks.progress_bar=null",
+                "callbacks.reconstructions=null",
                 "logger=default", "~logger.tensorboard",
             ]
             with initialize_config_module("emfm.configs", version_base="1.3"):

@@ -38,7 +38,8 @@ def _multiscale(out: Path) -> dict:
 def _tiff3d(tmp: Path):
     a = _rand((6, 40, 50), np.uint16)
     p = tmp / "stack.tif"
-    tifffile.imwrite(p, a, imagej=True, resolution=(1 / 4.0, 1 / 4.0), metadata={"spacing": 40, "unit": "nm", "axes": "ZYX"})
+    tifffile.imwrite(p, a, imagej=True, resolution=(1 / 4.0, 1 / 4.0),
+                     metadata={"spacing": 40, "unit": "nm", "axes": "ZYX"})
     return str(p), a, (40.0, 4.0, 4.0)
 
 
@@ -137,7 +138,8 @@ def test_pyramid_shapes_scales_and_mean_values(tmp_path, fmt):
     else:
         assert ms["version"] == "0.4" and "ome" not in _attrs(out)
     assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
-    assert [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]] == [[40, 4, 4], [40, 8, 8], [40, 16, 16]]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    assert scales == [[40, 4, 4], [40, 8, 8], [40, 16, 16]]
     assert [ax["name"] for ax in ms["axes"]] == ["z", "y", "x"]
     assert {ax["unit"] for ax in ms["axes"]} == {"nanometer"}
     assert [Volume(out, k).shape for k in range(3)] == [(12, 130, 140), (12, 65, 70), (12, 33, 35)]

@@ -76,7 +76,8 @@ def test_mask_argument_skips_pixels_and_nothing_known_is_finite() -> None:
     logits, target = torch.randn(1, 2, 4), torch.ones(1, 2, 4)
     mask = torch.tensor([True, True, False, False])
     masked = SegmentationLoss("sigmoid")(logits, target, mask)
-    assert masked["ce"].item() == pytest.approx(SegmentationLoss("sigmoid")(logits[..., :2], target[..., :2])["ce"].item())
+    inside = SegmentationLoss("sigmoid")(logits[..., :2], target[..., :2])
+    assert masked["ce"].item() == pytest.approx(inside["ce"].item())
     none = SegmentationLoss("softmax")(torch.randn(1, 2, 3, 3), torch.full((1, 3, 3), -1))
     assert torch.isfinite(none["loss"]) and none["ce"].item() == 0
 
@@ -123,7 +124,8 @@ def test_errors() -> None:
     with pytest.raises(EmfmError, match="class_weights"):
         SegmentationLoss("softmax", class_weights=[1.0, "x"])
     with pytest.raises(EmfmError, match="class_weights: 2 values for 3"):
-        SegmentationLoss("softmax", class_weights=[1.0, 2.0])(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+        SegmentationLoss("softmax", class_weights=[1.0, 2.0])(torch.zeros(1, 3, 2, 2),
+                                                               torch.zeros(1, 2, 2, dtype=torch.long))
     with pytest.raises(EmfmError, match="int target"):
         SegmentationLoss("softmax")(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2))
     with pytest.raises(EmfmError, match="shape"):

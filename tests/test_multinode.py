@@ -2,11 +2,11 @@
 
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 from lightning.pytorch.plugins.environments import (
     SLURMEnvironment,
     TorchElasticEnvironment,
 )
+from omegaconf import OmegaConf
 
 from emfm import run
 

@@ -86,7 +86,8 @@ def test_cluster_never_writes_into_its_input_labels_or_checkpoint(workspace: dic
         ([f"output={raw / 'clusters.zarr'}"], rf"output=\S+ lies inside the input {quoted(raw)}"),
         ([f"output={labels}", f"labels={labels}"], rf"output=\S+ is the labels {quoted(labels)}"),
         ([f"output={labels}", f"labels={{membranes:{labels}}}"], rf"is the labels membranes {quoted(labels)}"),
-        ([f"output={tmp_path / 'c.zarr'}", f"report={checkpoint}"], rf"report=\S+ is the checkpoint {quoted(checkpoint)}"),
+        ([f"output={tmp_path / 'c.zarr'}", f"report={checkpoint}"],
+         rf"report=\S+ is the checkpoint {quoted(checkpoint)}"),
     ]:
         run_refused("cluster", [*base, *extra], tmp_path, match, raw, labels, checkpoint)
     assert not (tmp_path / "c.zarr").exists()

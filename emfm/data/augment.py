@@ -62,8 +62,10 @@ def _parse(name: str, cfg: Mapping | None) -> dict[str, Any] | None:
     unknown = sorted(set(map(str, cfg)) - set(spec))
     if unknown:
         raise EmfmError(f"augment {name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(spec)}")
-    opts = {key: (_range if isinstance(default, tuple) else _number)(f"{name}.{key}", cfg.get(key, default), *bounds)
-            for key, (default, *bounds) in spec.items()}
+    opts: dict[str, Any] = {}
+    for key, (default, lo, hi, open_lo) in spec.items():
+        parse = _range if isinstance(default, tuple) else _number
+        opts[key] = parse(f"{name}.{key}", cfg.get(key, default), lo, hi, open_lo)
     return opts if opts["p"] > 0 else None
 
 
@@ -90,7 +92,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float, in_pla
     sizes = [min(2 * math.ceil(3 * max_sigma) + 1, 2 * s - 1) for s in x.shape[2:]]
     if in_plane or x.ndim == 4:
         flat = x.flatten(1, -3)
-        return gaussian_blur2d(flat, tuple(sizes[-2:]), sigma[:, None].expand(-1, 2), "reflect").reshape_as(x)
+        return gaussian_blur2d(flat, (sizes[-2], sizes[-1]), sigma[:, None].expand(-1, 2), "reflect").reshape_as(x)
     for axis, k in enumerate(sizes):
         shape = [len(x), 1, 1, 1]
         shape[axis + 1] = k
@@ -142,7 +144,8 @@ class Augment(nn.Module):
         self.plane_axes = tuple(range(spatial_dims)) if isotropic or spatial_dims == 2 else (1, 2)
         self.flip, self.rot90 = _number("flip", flip), _number("rot90", rot90)
         self.crop, self.elastic = _parse("crop", crop), _parse("elastic", elastic)
-        self.intensity, self.noise, self.blur = _parse("intensity", intensity), _parse("noise", noise), _parse("blur", blur)
+        self.intensity, self.noise = _parse("intensity", intensity), _parse("noise", noise)
+        self.blur = _parse("blur", blur)
         self.missing_section = _parse("missing_section", missing_section) if spatial_dims == 3 else None
         self.misaligned_section = _parse("misaligned_section", misaligned_section) if spatial_dims == 3 else None
 
@@ -178,15 +181,16 @@ class Augment(nn.Module):
         def rand() -> torch.Tensor:
             return torch.rand(n, generator=generator, device=dev)
 
-        def uniform(lo: float, hi: float, log: bool = False) -> torch.Tensor:
-            """One value per sample, shaped to broadcast against ``x``."""
+        def uniform(bounds: tuple[float, float], log: bool = False) -> torch.Tensor:
+            """One value per sample in ``bounds``, shaped to broadcast against ``x``."""
+            lo, hi = bounds
             if log:
-                return torch.exp(uniform(math.log(lo), math.log(hi)))
+                return torch.exp(uniform((math.log(lo), math.log(hi))))
             return (lo + (hi - lo) * rand()).to(dt).view(-1, *[1] * len(dims))
 
         if c := self.intensity:
-            fire, shift = rand() < c["p"], uniform(*c["brightness"])
-            scale, gamma = uniform(*c["contrast"], log=True), uniform(*c["gamma"], log=True)
+            fire, shift = rand() < c["p"], uniform(c["brightness"])
+            scale, gamma = uniform(c["contrast"], log=True), uniform(c["gamma"], log=True)
 
             def intensity(xs: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
                 xs = torch.where(xs > 0, xs.clamp(min=0) ** gamma[i], xs)
@@ -195,10 +199,10 @@ class Augment(nn.Module):
 
             x = _on(x, fire, intensity)
         if c := self.blur:
-            fire, sigma, max_sigma = rand() < c["p"], uniform(*c["sigma"]).flatten(), c["sigma"][1]
+            fire, sigma, max_sigma = rand() < c["p"], uniform(c["sigma"]).flatten(), c["sigma"][1]
             x = _on(x, fire, lambda xs, i: gaussian_blur(xs, sigma[i], max_sigma, not self.isotropic))
         if c := self.noise:
-            fire, std = rand() < c["p"], uniform(*c["std"])
+            fire, std = rand() < c["p"], uniform(c["std"])
             x = _on(x, fire, lambda xs, i: xs + std[i] * torch.randn(xs.shape, generator=generator, device=dev,
                                                                      dtype=dt))
         if (c := self.missing_section) and x.shape[2] > 1:
@@ -279,11 +283,11 @@ class Augment(nn.Module):
             # grid_sample wants (x, y[, z]) last: reversing the rows of A and t gives that order directly.
             grid = torch.baddbmm(t[i].flip(-1).to(dt)[:, None], u.view(m, -1, d), A[i].flip(1).mT.to(dt))
             grid = grid.view(m, *size, d)
-            c = xs.shape[1] - labels  # the last `labels` channels are label maps
-            out = F.grid_sample(xs[:, :c], grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            image = xs.shape[1] - labels  # the last `labels` channels are label maps
+            out = F.grid_sample(xs[:, :image], grid, mode="bilinear", padding_mode="reflection", align_corners=False)
             if not labels:
                 return out
-            nearest = F.grid_sample(xs[:, c:], grid, mode="nearest", padding_mode="reflection", align_corners=False)
+            nearest = F.grid_sample(xs[:, image:], grid, mode="nearest", padding_mode="reflection", align_corners=False)
             return torch.cat([out, nearest], 1)
 
         return _on(x, fired, resample)

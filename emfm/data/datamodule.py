@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from emfm.data.patches import FixedPatches, PatchSampler, RandomPatches
+from emfm.data.patches import BatchStream, FixedPatches, PatchSampler, RandomPatches
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 
@@ -84,22 +84,28 @@ class PatchDataModule(pl.LightningDataModule):
         self.batch_size, self.seed = batch_size, seed
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.patches_per_epoch, self.val_patches = patches_per_epoch, val_patches
-        self.blank_filter = {"min_std": min_std, "min_foreground": min_foreground, "pad_value": pad_value}
+        self.min_std, self.min_foreground, self.pad_value = min_std, min_foreground, pad_value
         self.sampler: PatchSampler | None = None
         self.batches_served = 0
-        self.train_stream: RandomPatches | None = None
+        self.train_stream: BatchStream | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        self.patches()
+
+    def patches(self) -> PatchSampler:
+        """The patch sampler over the volumes, opened and checked on first use."""
         if self.sampler is None:
             volumes = [Volume(path, level=self.level) for path in self.volume_paths]
-            self.sampler = PatchSampler(volumes, self.patch_shape, self.weights, **self.blank_filter)
-            self.sampler.check(self.seed)
+            sampler = PatchSampler(volumes, self.patch_shape, self.weights, min_std=self.min_std,
+                                   min_foreground=self.min_foreground, pad_value=self.pad_value)
+            sampler.check(self.seed)
+            self.sampler = sampler
+        return self.sampler
 
     @property
     def isotropic(self) -> bool:
         """Whether every volume's voxels are (nearly) cubes, so z may be rotated into y and x."""
-        self.setup()
-        for volume in self.sampler.volumes:
+        for volume in self.patches().volumes:
             size = volume.voxel_size
             if size is None or max(size) > ISOTROPY_TOLERANCE * min(size):
                 return False
@@ -107,13 +113,12 @@ class PatchDataModule(pl.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """What the encoder was trained on, for the exported model card."""
-        self.setup()
         return {
             "volumes": [
                 {"path": str(v.path.resolve()), "shape": list(v.shape), "axes": v.axes,
                  "voxel_size": None if v.voxel_size is None else list(v.voxel_size),
                  "normalization_percentiles": list(v.normalization())}
-                for v in self.sampler.volumes
+                for v in self.patches().volumes
             ],
             "level": self.level,
             "patch_shape": self.patch_shape,
@@ -125,19 +130,20 @@ class PatchDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         batches = math.ceil(self.patches_per_epoch / self.batch_size)
-        self.train_stream = RandomPatches(self.sampler, self.batch_size, batches, self.seed, rank,
+        self.train_stream = RandomPatches(self.patches(), self.batch_size, batches, self.seed, rank,
                                           start=self.batches_served)
         # Workers are started per epoch (not persistent) so they pick up the stream's new start.
         return self._loader(self.train_stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(FixedPatches(self.sampler, self.val_patches, self.seed + 1),
+        return self._loader(FixedPatches(self.patches(), self.val_patches, self.seed + 1),
                             batch_size=self.batch_size, persistent_workers=self.num_workers > 0)
 
     def on_before_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         if self.trainer is not None and self.trainer.training:
             self.batches_served += 1
-            self.train_stream.start = self.batches_served
+            if self.train_stream is not None:
+                self.train_stream.start = self.batches_served
         return batch
 
     def state_dict(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import zarr
@@ -66,7 +66,7 @@ def _downsample(block: np.ndarray, factors: tuple[int, ...], is_label: bool) -> 
 
 
 def _out_dtype(dtype: np.dtype, is_label: bool, name: str) -> np.dtype:
-    if dtype == bool:
+    if dtype.kind == "b":
         return np.dtype("u1")
     if dtype.kind in "ui":
         return dtype.newbyteorder("=")
@@ -242,7 +242,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
                    voxel_size: Sequence[float] | None = None, unit: str = "nanometer",
                    chunks: Sequence[int] | None = None, levels: int | None = None, is_label: bool = False,
-                   labels: Mapping[str, Any] | None = None, zarr_format: int = 3, overwrite: bool = False,
+                   labels: Mapping[str, Any] | None = None, zarr_format: Literal[2, 3] = 3, overwrite: bool = False,
                    progress: bool = False, inputs: Mapping[str, str | Path] | None = None) -> Path:
     """Write an array-like as OME-Zarr (NGFF 0.5 on zarr v3, 0.4 on v2) with a pyramid, out of core, atomically.
 
@@ -273,7 +273,7 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
     plan = _pyramid_plan(shape, vs, levels)
     if levels is not None and len(plan) < levels:
         log.warning("%s: only %d pyramid levels possible for shape %s", out, len(plan), shape)
-    images = [(None, source, name, is_label)]
+    images: list[tuple[str | None, Any, str, bool]] = [(None, source, name, is_label)]
     images += [(k, v, str(getattr(v, "name", None) or f"labels/{k}"), True) for k, v in label_srcs.items()]
     n_slabs = len(images) * sum(-(-lv.shape[0] // min(chunks[0], lv.shape[0])) for lv in plan)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -284,7 +284,8 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
         with tqdm(total=n_slabs, disable=not progress, desc=f"writing {out.name}", unit="slab") as bar:
             for key, src, src_name, lab in images:
                 group = root if key is None else root.require_group("labels").create_group(key)
-                _write_image(group, key or out.name.split(".")[0], src, src_name, plan, chunks, axes, unit, lab, zarr_format, bar,
+                _write_image(group, key or out.name.split(".")[0], src, src_name, plan, chunks, axes, unit, lab,
+                             zarr_format, bar,
                              image_label=key is not None)
         if label_srcs:
             names = list(label_srcs)
@@ -312,7 +313,7 @@ def binarized(src: Source) -> Source:
 
 def ingest(path: str | Path, out: str | Path, *, voxel_size: Sequence[float] | None = None,
            axes: str | None = None, chunks: Sequence[int] | None = None, is_label: bool = False,
-           zarr_format: int = 3, overwrite: bool = False, progress: bool = True, mask: bool = False) -> Path:
+           zarr_format: Literal[2, 3] = 3, overwrite: bool = False, progress: bool = True, mask: bool = False) -> Path:
     """Convert one EM file or slice folder to OME-Zarr; voxel size: given, else file metadata, else 1.0 (warned).
 
     `mask=True` reads a binary mask drawn as an image (anti-aliased edges, 255 = structure) as 0/1 labels.

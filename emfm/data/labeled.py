@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from lightning.pytorch.utilities.types import EVAL_DATALOADERS
+from torch.utils.data import DataLoader, Dataset
 
 from emfm.data.datamodule import PatchDataModule, volume_list
-from emfm.data.patches import RandomPatches
+from emfm.data.patches import BatchStream, RandomPatches
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 
@@ -97,21 +98,20 @@ class LabeledVolume:
         return image, labels
 
 
-class LabeledPatches(IterableDataset):
-    """Training batches ``{"image", "labels"[, "unlabeled"]}``, resumable like RandomPatches.
+class LabeledPatches(BatchStream):
+    """Training batches ``{"image", "labels"[, "unlabeled"]}``, resumable (see :class:`BatchStream`).
 
     Batch ``b`` of rank ``r`` draws its labeled patches from ``[seed, r, b]``; a 2-D patch comes
     from one labeled slice, a 3-D patch is a block that contains at least one labeled slice.
     """
 
     def __init__(self, data: LabeledVolume, slices: Sequence[int], patch_shape: Sequence[int], batch_size: int,
-                 batches: int, seed: int = 0, rank: int = 0, start: int = 0, unlabeled: RandomPatches | None = None) -> None:
-        self.data, self.patch_shape, self.batch_size, self.batches = data, tuple(patch_shape), batch_size, batches
-        self.seed, self.rank, self.start, self.unlabeled = seed, rank, start, unlabeled
+                 batches: int, seed: int = 0, rank: int = 0, start: int = 0,
+                 unlabeled: RandomPatches | None = None) -> None:
+        super().__init__(batches, start)
+        self.data, self.patch_shape, self.batch_size = data, tuple(patch_shape), batch_size
+        self.seed, self.rank, self.unlabeled = seed, rank, unlabeled
         self.slices = sorted(slices)
-
-    def __len__(self) -> int:
-        return self.batches
 
     def patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         plane = self.patch_shape[-2:]
@@ -133,12 +133,6 @@ class LabeledPatches(IterableDataset):
         if self.unlabeled is not None:
             out["unlabeled"] = self.unlabeled.batch(index)
         return out
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for index in range(self.start + worker, self.start + self.batches, workers):
-            yield self.batch(index)
 
 
 class HeldOutSlices(Dataset):
@@ -201,7 +195,8 @@ class LabeledDataModule(PatchDataModule):
         pad_value: float | None = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__([raw, *volume_list(unlabeled, "data.unlabeled")], patch_shape, level=level, batch_size=batch_size, num_workers=num_workers,
+        super().__init__([raw, *volume_list(unlabeled, "data.unlabeled")], patch_shape, level=level,
+                         batch_size=batch_size, num_workers=num_workers,
                          patches_per_epoch=patches_per_epoch, min_std=min_std, min_foreground=min_foreground,
                          pad_value=pad_value, seed=seed)
         self.raw_path, self.label_path, self.ignore_label = raw, labels, ignore_label
@@ -210,8 +205,12 @@ class LabeledDataModule(PatchDataModule):
         self.data: LabeledVolume | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        self.volume()
+
+    def volume(self) -> LabeledVolume:
+        """The raw and label volumes, opened and checked with the slices on first use."""
         if self.data is not None:
-            return
+            return self.data
         raw = Volume(self.raw_path, level=self.level)
         depth = raw.shape[0] if raw.ndim == 3 else 1
         val = parse_slices(self.val_spec, depth, "data.val_slices")
@@ -225,26 +224,28 @@ class LabeledDataModule(PatchDataModule):
             raise EmfmError(f"slices {overlap} are both in data.labeled_slices and data.val_slices; "
                             f"validation must use held-out slices")
         self.labeled, self.val = labeled, val
-        self.data = LabeledVolume(self.raw_path, self.label_path, self.ignore_label, self.level)
+        data = LabeledVolume(self.raw_path, self.label_path, self.ignore_label, self.level)
         if len(self.patch_shape) == 3 and self.patch_shape[0] > depth:
             raise EmfmError(f"data.patch_shape {self.patch_shape} is deeper than {self.raw_path} ({depth} slices)")
         if any(p > s for p, s in zip(self.patch_shape[-2:], raw.shape[-2:])):
             raise EmfmError(f"data.patch_shape {self.patch_shape} is larger than {self.raw_path} {list(raw.shape)}")
         if self.unlabeled_batch_size:
-            super().setup(stage)
+            self.patches()
+        self.data = data
+        return data
 
     def label_values(self) -> list[int]:
         """The distinct label values of the labeled slices (after ``ignore_label``), to check against the target."""
-        self.setup()
-        rest = [slice(0, s) for s in self.data.raw.shape[-2:]]
-        per_slice = {z: {int(v) for v in np.unique(self.data.read(slice(z, z + 1), rest, [z])[1])} for z in self.labeled}
+        data = self.volume()
+        rest = [slice(0, s) for s in data.raw.shape[-2:]]
+        per_slice = {z: {int(v) for v in np.unique(data.read(slice(z, z + 1), rest, [z])[1])} for z in self.labeled}
         if empty := [z for z, values in per_slice.items() if values == {0}]:
             log.warning("%s: labeled slices %s hold only background (0); if they are not annotated, leave them "
                         "out of data.labeled_slices or mark them with data.ignore_label", self.label_path, empty)
         return sorted(set().union(*per_slice.values()))
 
     def describe(self) -> dict[str, Any]:
-        self.setup()
+        self.volume()
         return {"raw": str(Path(self.raw_path).resolve()), "labels": str(Path(self.label_path).resolve()),
                 "labeled_slices": self.labeled, "val_slices": self.val, "patch_shape": self.patch_shape}
 
@@ -254,18 +255,18 @@ class LabeledDataModule(PatchDataModule):
         return size is not None and max(size) <= 1.5 * min(size)
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
+        data = self.volume()
         rank = self.trainer.global_rank if self.trainer is not None else 0
         batches = math.ceil(self.patches_per_epoch / self.batch_size)
         unlabeled = None
         if self.unlabeled_batch_size:
-            unlabeled = RandomPatches(self.sampler, self.unlabeled_batch_size, batches, self.seed + 7, rank)
-        self.train_stream = LabeledPatches(self.data, self.labeled, self.patch_shape, self.batch_size, batches, self.seed, rank,
-                                           start=self.batches_served, unlabeled=unlabeled)
+            unlabeled = RandomPatches(self.patches(), self.unlabeled_batch_size, batches, self.seed + 7, rank)
+        self.train_stream = LabeledPatches(data, self.labeled, self.patch_shape, self.batch_size, batches, self.seed,
+                                           rank, start=self.batches_served, unlabeled=unlabeled)
         return self._loader(self.train_stream, batch_size=None)
 
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
+    def val_dataloader(self) -> EVAL_DATALOADERS:
+        data = self.volume()
         if not self.val:
-            return []
-        return self._loader(HeldOutSlices(self.data, self.val, self.patch_shape), batch_size=None)
+            return []   # no validation
+        return self._loader(HeldOutSlices(data, self.val, self.patch_shape), batch_size=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,34 +103,46 @@ class PatchSampler:
                 self.sample_from(index, rng)
 
 
-class RandomPatches(IterableDataset):
-    """Training stream of random batches that can be resumed exactly.
+class BatchStream(IterableDataset):
+    """Training stream of ``batches`` whole batches that can be resumed exactly.
 
-    Batch ``b`` of rank ``r`` is drawn from its own random stream ``[seed, r, b]``, so the stream
-    is the same whatever the number of DataLoader workers (worker ``w`` makes batches
-    ``w, w + W, ...``, which the DataLoader hands out in order), different on every rank, and a
-    resumed run continues it by setting ``start`` to the number of batches already trained on.
-    Use it with ``DataLoader(batch_size=None)``: it yields whole (B, 1, *patch_shape) batches.
+    Batch ``b`` is made by ``batch(b)`` from its own random stream, so the stream is the same
+    whatever the number of DataLoader workers (worker ``w`` makes batches ``w, w + W, ...``, which
+    the DataLoader hands out in order), and a resumed run continues it by setting ``start`` to the
+    number of batches already trained on. Use it with ``DataLoader(batch_size=None)``.
+    """
+
+    def __init__(self, batches: int, start: int) -> None:
+        self.batches, self.start = batches, start
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def batch(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for index in range(self.start + worker, self.start + self.batches, workers):
+            yield self.batch(index)
+
+
+class RandomPatches(BatchStream):
+    """Training stream of random (B, 1, *patch_shape) batches, resumable (see :class:`BatchStream`).
+
+    Batch ``b`` of rank ``r`` is drawn from the random stream ``[seed, r, b]``: different on every rank.
     """
 
     def __init__(
         self, sampler: PatchSampler, batch_size: int, batches: int, seed: int = 0, rank: int = 0, start: int = 0
     ) -> None:
-        self.sampler, self.batch_size, self.batches = sampler, batch_size, batches
-        self.seed, self.rank, self.start = seed, rank, start
-
-    def __len__(self) -> int:
-        return self.batches
+        super().__init__(batches, start)
+        self.sampler, self.batch_size, self.seed, self.rank = sampler, batch_size, seed, rank
 
     def batch(self, index: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, self.rank, index])
         return torch.from_numpy(np.stack([self.sampler.sample(rng) for _ in range(self.batch_size)]))
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for index in range(self.start + worker, self.start + self.batches, workers):
-            yield self.batch(index)
 
 
 class FixedPatches(Dataset):

@@ -45,9 +45,9 @@ class Source:
         self._read_raw, self._handle, self._raw_ndim = read_raw, handle, len(raw_shape)
         self._keep = [i for i, s in enumerate(raw_shape) if s != 1]
         self.shape = tuple(int(raw_shape[i]) for i in self._keep)
-        ok = voxel_size is not None and len(voxel_size) == len(raw_shape) \
-            and all(voxel_size[i] > 0 for i in self._keep)
-        self.voxel_size = tuple(float(voxel_size[i]) for i in self._keep) if ok else None
+        sizes = list(voxel_size) if voxel_size is not None and len(voxel_size) == len(raw_shape) else []
+        fits = bool(sizes) and all(sizes[i] > 0 for i in self._keep)
+        self.voxel_size = tuple(float(sizes[i]) for i in self._keep) if fits else None
 
     @property
     def ndim(self) -> int:
@@ -87,7 +87,8 @@ def _full_key(key: Any, ndim: int) -> tuple:
     return key + (slice(None),) * (ndim - len(key))
 
 
-def _stack_reader(n: int, plane_shape: tuple, dtype: np.dtype, read_plane: Callable[[int], np.ndarray]):
+def _stack_reader(n: int, plane_shape: tuple[int, ...], dtype: np.dtype,
+                  read_plane: Callable[[int], np.ndarray]) -> Callable[[tuple[Any, ...]], np.ndarray]:
     """Raw reader for a stack of 2-D planes read one at a time (TIFF pages, slice files)."""
     cache: dict[int, np.ndarray] = {}   # last plane only: 2-D images are sliced many times
 
@@ -170,7 +171,8 @@ def _open_tiff(path: Path) -> Source:
     n = math.prod(lead)
     if sum(s > 1 for s in lead) > 1:
         tif.close()
-        raise EmfmError(f"{path}: {len(lead) + 2}-D TIFF {lead + plane_shape}; a 2-D or 3-D single-channel image expected")
+        raise EmfmError(f"{path}: {len(lead) + 2}-D TIFF {lead + plane_shape}; a 2-D or 3-D single-channel image "
+                        f"expected")
     if len(tif.series[0].pages) != n:   # e.g. >4 GB ImageJ stack with a single IFD: needs contiguous memmap
         tif.close()
         try:
@@ -238,9 +240,7 @@ def _read_slice(f: Path) -> np.ndarray:
     if f.suffix.lower() == ".png":
         from PIL import Image
         with Image.open(f) as im:
-            if im.mode in ("P", "PA"):
-                im = im.convert("RGBA")
-            return _grey(np.asarray(im), str(f))
+            return _grey(np.asarray(im.convert("RGBA") if im.mode in ("P", "PA") else im), str(f))
     import tifffile
     return _grey(tifffile.imread(f), str(f))
 
@@ -277,7 +277,8 @@ def _open_h5(file: Path, key: str | None) -> Source:
     ds = h5.get(key) if key else None
     if not isinstance(ds, h5py.Dataset):
         h5.close()
-        raise EmfmError(f"{file}: no dataset {key!r}; give 'file.h5:/path', datasets: {', '.join(names[:20]) or 'none'}")
+        raise EmfmError(f"{file}: no dataset {key!r}; give 'file.h5:/path', datasets: "
+                        f"{', '.join(names[:20]) or 'none'}")
     vs = None
     if "element_size_um" in ds.attrs:   # Fiji / ilastik convention, zyx in micrometres
         vs = [1e3 * float(v) for v in np.ravel(ds.attrs["element_size_um"])]

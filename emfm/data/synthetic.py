@@ -78,7 +78,8 @@ def make_synthetic_em(
         EmfmError: if the shape is not 3 positive ints or a parameter is out of range.
     """
     _validate(shape, cell_size, anisotropy, membrane_width, mito_fraction, vesicles_per_cell, noise, blur)
-    shape = tuple(int(s) for s in shape)
+    z, y, x = (int(s) for s in shape)
+    shape = (z, y, x)
     rng = np.random.default_rng(seed)
     scale = np.array([anisotropy, 1.0, 1.0])
     seeds = _poisson_disk(np.array(shape) * scale, cell_size, rng)
@@ -218,7 +219,7 @@ def _box(centre: np.ndarray, reach: float, scale: np.ndarray, warp: np.ndarray) 
         voxel = (centre - warp[tuple(np.clip(np.round(voxel).astype(int), 0, shape - 1))]) / scale
     lo = np.clip(np.floor(voxel - (reach + 2) / scale).astype(int), 0, shape)
     hi = np.clip(np.ceil(voxel + (reach + 2) / scale).astype(int) + 1, lo, shape)
-    return tuple(slice(a, b) for a, b in zip(lo, hi))
+    return slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2])
 
 
 def _unit(rng: np.random.Generator) -> np.ndarray:

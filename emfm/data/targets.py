@@ -81,7 +81,8 @@ class Target:
 
     def __call__(self, labels: torch.Tensor | np.ndarray) -> torch.Tensor:
         labels = _labels(labels)
-        known = labels != self.ignore_label if self.ignore_label is not None else torch.ones_like(labels, dtype=torch.bool)
+        known = (labels != self.ignore_label if self.ignore_label is not None
+                 else torch.ones_like(labels, dtype=torch.bool))
         return self.compute(labels, known)
 
     def compute(self, labels: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -124,11 +125,13 @@ class Semantic(Target):
         if isinstance(classes, Sequence) and not isinstance(classes, str):
             classes = {value: index for index, value in enumerate(classes, start=1)}
         if not isinstance(classes, Mapping) or not classes:
-            raise EmfmError(f"semantic target classes: expected a non-empty mapping label value -> class, got {classes!r}")
+            raise EmfmError(f"semantic target classes: expected a non-empty mapping label value -> class, "
+                            f"got {classes!r}")
         try:
             self.classes = {int(value): int(cls) for value, cls in classes.items()}
         except (TypeError, ValueError):
-            raise EmfmError(f"semantic target classes: expected integer values and classes, got {dict(classes)!r}") from None
+            raise EmfmError(f"semantic target classes: expected integer values and classes, "
+                            f"got {dict(classes)!r}") from None
         if min(self.classes.values()) < 0:
             raise EmfmError(f"semantic target classes: classes must be >= 0, got {self.classes}")
         self.channels = max(self.classes.values()) + 1 if num_classes is None else int(num_classes)
@@ -136,7 +139,7 @@ class Semantic(Target):
             raise EmfmError(f"semantic target num_classes: {num_classes} is too few for classes {self.classes}")
 
     def check_values(self, values: Sequence[int], source: str) -> None:
-        unknown = sorted(set(int(v) for v in values) - set(self.classes) - {0, IGNORE})
+        unknown = sorted({int(v) for v in values} - set(self.classes) - {0, IGNORE})
         if unknown:
             raise EmfmError(f"{source}: label values {unknown[:10]} are not classes of target.classes {self.classes} "
                             f"(head of {self.channels} classes); add them to target.classes or set data.ignore_label")
@@ -207,7 +210,8 @@ def _offsets(offsets: Any) -> list[list[int]]:
     try:
         out = [[int(o) for o in offset] for offset in offsets]
     except (TypeError, ValueError):
-        raise EmfmError(f"affinity offsets: expected a list of integer offsets like [[-1, 0], [0, -1]], got {offsets!r}") from None
+        raise EmfmError(f"affinity offsets: expected a list of integer offsets like [[-1, 0], [0, -1]], "
+                        f"got {offsets!r}") from None
     if not out or len({len(o) for o in out}) != 1 or len(out[0]) not in (2, 3) or any(not any(o) for o in out):
         raise EmfmError(f"affinity offsets: expected non-zero offsets of one length, 2 or 3, got {offsets!r}")
     return out
@@ -222,7 +226,8 @@ def affinities(labels: torch.Tensor, offsets: Sequence[Sequence[int]],
     """
     offsets = _offsets(offsets)
     if len(offsets[0]) != labels.ndim - 1:
-        raise EmfmError(f"affinity offsets: {len(offsets[0])}-D offsets for {labels.ndim - 1}-D labels {list(labels.shape)}")
+        raise EmfmError(f"affinity offsets: {len(offsets[0])}-D offsets for {labels.ndim - 1}-D labels "
+                        f"{list(labels.shape)}")
     known = torch.ones_like(labels, dtype=torch.bool) if known is None else known
     aff = torch.zeros(len(labels), len(offsets), *labels.shape[1:], device=labels.device)
     ok = torch.zeros_like(aff, dtype=torch.bool)

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -26,7 +26,7 @@ NORM_SEED = 0                    # fixed: the same volume always gets the same n
 SPATIAL = "zyx"
 
 
-def _open_node(path: Path, mode: str = "r") -> Any:
+def _open_node(path: Path, mode: Literal["r", "r+"] = "r") -> Any:
     try:
         return zarr.open(str(path), mode=mode)
     except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
@@ -85,18 +85,21 @@ class Volume:
         attrs = dict(node.attrs)
         ome = _mapping(attrs.get("ome"), self.path, "ome")
         emfm = _mapping(attrs.get("emfm"), self.path, "emfm")
+        names: list[str]
+        types: list[str | None]
+        scale: list[float] | None = None
         if isinstance(node, zarr.Array):
             self._level_paths = [str(self.path)]
-            names = node.metadata.dimension_names if node.metadata.zarr_format == 3 else None
-            names = list(names) if names and all(names) else _default_names(node.ndim)
-            types, scale = [None] * node.ndim, None
+            given = node.metadata.dimension_names if node.metadata.zarr_format == 3 else None
+            names = [str(n) for n in given] if given and all(given) else _default_names(node.ndim)
+            types = [None] * node.ndim
         else:
-            ms = _objects(ome.get("multiscales") or attrs.get("multiscales"), self.path, "multiscales")
-            if not ms:
+            found = _objects(ome.get("multiscales") or attrs.get("multiscales"), self.path, "multiscales")
+            if not found:
                 inside = ", ".join(sorted(node.keys())[:10]) or "nothing"
                 raise EmfmError(f"{self.path}: no zarr array or OME-Zarr image found (group without "
                                 f"multiscales, holding: {inside})")
-            ms, datasets = ms[0], _objects(ms[0].get("datasets"), self.path, "multiscales[0].datasets")
+            ms, datasets = found[0], _objects(found[0].get("datasets"), self.path, "multiscales[0].datasets")
             if not datasets or not all(isinstance(d.get("path"), str) for d in datasets):
                 raise EmfmError(f"{self.path}: malformed OME multiscales: each dataset needs a 'path'")
             self._level_paths = [str(self.path / d["path"]) for d in datasets]
@@ -160,7 +163,7 @@ class Volume:
     def _read_raw(self, region: Any) -> np.ndarray:
         return np.asarray(self._arr[self._key(region)])
 
-    def read(self, region: tuple[slice, ...] = ()) -> np.ndarray:
+    def read(self, region: tuple[slice | int, ...] = ()) -> np.ndarray:
         """Numpy array of `region` (slices over the spatial axes), native dtype; NaN/Inf refused."""
         data = self._read_raw(region)
         if data.dtype.kind == "f" and not np.isfinite(data).all():
@@ -241,7 +244,8 @@ def _save_normalization(path: Path, values: tuple[float, float]) -> None:
     """Merge into attrs["emfm"]; a read-only store just keeps the values in memory."""
     try:
         node = zarr.open(str(path), mode="r+")
-        emfm = dict(node.attrs.get("emfm") or {})
+        stored = node.attrs.get("emfm")
+        emfm = dict(stored) if isinstance(stored, dict) else {}
         emfm["normalization"] = {"percentiles": list(NORM_PERCENTILES), "values": [float(v) for v in values]}
         node.attrs["emfm"] = emfm
     except Exception as e:   # read-only FS, permissions, remote store: caching is only an optimisation

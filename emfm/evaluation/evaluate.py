@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from emfm.data.labeled import IGNORE, HeldOutSlices, LabeledVolume, parse_slices
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def predicted_instances(probs: np.ndarray, target: Mapping[str, Any], threshold: float, min_size: int) -> np.ndarray | None:
+def predicted_instances(probs: np.ndarray, target: Mapping[str, Any], threshold: float,
+                        min_size: int) -> np.ndarray | None:
     """Instances from the probabilities of an instance-capable target; ``None`` for semantic targets."""
     kind = target["kind"]
     if kind == "membrane":
@@ -72,13 +74,15 @@ def score_instances(seg: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 def evaluate_region(module: SegmentationModule, regions: HeldOutSlices, thresholds: Sequence[float],
                     min_size: int = 0) -> dict[str, Any]:
     """Scores of ``module`` on every region of ``regions``, plus the probabilities for pictures."""
-    target = dict(module.hparams.target)
-    counts, per_threshold, last = 0, {t: [] for t in thresholds}, None
+    target = dict(module.hparams["target"])
+    counts: list[torch.Tensor] = []
+    per_threshold: dict[float, list[dict[str, float]]] = {t: [] for t in thresholds}
+    last = None
     for index in range(len(regions)):
         item = regions[index]
         probs = module.predict_region(item["image"])
         truth = module.target(item["labels"])[0]
-        counts = counts + overlap_counts(probs, truth, module.target.loss)
+        counts.append(overlap_counts(probs, truth, module.target.loss))
         labels = item["labels"][0].numpy()
         probs_np = probs.numpy()
         gt = true_instances(labels, target["kind"])
@@ -87,7 +91,7 @@ def evaluate_region(module: SegmentationModule, regions: HeldOutSlices, threshol
             if seg is not None:
                 per_threshold[t].append(score_instances(seg, gt))
         last = (item["image"][0].numpy(), probs_np, labels)
-    inter, pred, true = counts
+    inter, pred, true = torch.stack(counts).sum(0)
     iou, dice = (inter / (pred + true - inter).clamp(min=1)), (2 * inter / (pred + true).clamp(min=1))
     report: dict[str, Any] = {
         "iou": float(iou.mean()), "dice": float(dice.mean()),
@@ -110,7 +114,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     result = evaluate_region(module, HeldOutSlices(data, slices, module.model.encoder.input_shape),
                              list(cfg.thresholds), cfg.min_size)
     report = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "raw": str(cfg.raw), "labels": str(cfg.labels),
-              "slices": slices, "target": dict(module.hparams.target), **result["report"]}
+              "slices": slices, "target": dict(module.hparams["target"]), **result["report"]}
     write_report(report, Path(cfg.output_dir))
     return report
 

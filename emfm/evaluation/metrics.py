@@ -1,6 +1,6 @@
 """Segmentation metrics for EM: how far is a predicted segmentation from the ground truth?
 
-Three families, all taking ``(prediction or segmentation, ground truth)`` in that order:
+Four families, all taking ``(prediction or segmentation, ground truth)`` in that order:
 
 * semantic (class maps): pixel error, per-class IoU and Dice;
 * instance agreement (label volumes, ids need not match): Rand scores and variation of information,
@@ -17,6 +17,7 @@ with (segments x ground-truth objects).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import sparse
@@ -219,7 +220,7 @@ def voi(seg: np.ndarray, truth: np.ndarray, foreground_only: bool = True) -> dic
 
 def instance_scores(
     seg: np.ndarray, truth: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
-) -> dict[str, list[float] | float]:
+) -> dict[str, Any]:
     """Object-level detection scores at IoU thresholds; label 0 is background, every other id one object.
 
     A predicted and a true object match when their IoU > threshold. Per threshold (lists aligned with

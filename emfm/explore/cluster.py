@@ -43,7 +43,7 @@ from emfm.explore.features import (
 from emfm.models.encoders import Encoder
 from emfm.paths import refuse_overlap
 from emfm.predict.blocks import BlockGrid, Executor, parse_roi
-from emfm.predict.store import create_array, finish, ome_attrs, read_attrs, write
+from emfm.predict.store import add_attrs, create_array, finish, ome_attrs, read_attrs, write
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Clusterer:
                 raise EmfmError("backend=faiss needs faiss-cpu: pip install 'emfm[faiss]'") from None
             kmeans = faiss.Kmeans(x.shape[1], self.k, niter=50, nredo=3, seed=self.seed, verbose=False)
             kmeans.train(x)
-            self.centers = kmeans.centroids.copy()
+            self.centers = np.array(kmeans.centroids, dtype=np.float32)
         else:
             from sklearn.cluster import KMeans, MiniBatchKMeans
 
@@ -97,6 +97,7 @@ class Clusterer:
         """(N, k): k-means ``2 x.c - |c|^2`` (linear in x), or GMM log-likelihoods."""
         if self.gmm is not None:
             return self.gmm._estimate_weighted_log_prob(vectors.astype(np.float64)).astype(np.float32)
+        assert self.centers is not None, "fit the clusterer first"
         return 2 * vectors @ self.centers.T - (self.centers**2).sum(1)
 
     def predict(self, vectors: np.ndarray) -> np.ndarray:
@@ -176,7 +177,8 @@ class Table:
     """Voxel counts per (cluster, class) pair, summed over blocks."""
 
     def __init__(self, k: int) -> None:
-        self.k, self.counts = k, {}
+        self.k = k
+        self.counts: dict[int, int] = {}       # class * k + cluster -> voxels
 
     def add(self, clusters: np.ndarray, classes: np.ndarray) -> None:
         known = classes >= 0
@@ -222,7 +224,8 @@ def baseline_block(volume: Volume, roi: tuple[slice, ...], region: tuple[slice, 
     window = tuple(slice(max(0, r.start - (HALO if a >= plane else 0)),
                          min(o.stop - o.start, r.stop + (HALO if a >= plane else 0)))
                    for a, (r, o) in enumerate(zip(region, roi)))
-    image = volume.normalize(volume.read(tuple(slice(o.start + w.start, o.start + w.stop) for w, o in zip(window, roi))))
+    image = volume.normalize(volume.read(tuple(slice(o.start + w.start, o.start + w.stop)
+                                               for w, o in zip(window, roi))))
     inner = tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window))
     return intensity_features(image)[(slice(None), *inner)]
 
@@ -299,7 +302,8 @@ def prepare_output(request: ClusterRequest, run: Plan) -> zarr.Group:
     if out.exists():
         previous = read_attrs(out)
         if previous.get("kind") != "clusters":
-            raise EmfmError(f"output={out} already holds something that is not an emfm cluster map; choose another output")
+            raise EmfmError(f"output={out} already holds something that is not an emfm cluster map; choose another "
+                            f"output")
         if previous.get("clusters") != run.settings and previous.get("complete") and not request.overwrite:
             raise EmfmError(f"output={out} already holds a cluster map of other settings; choose another output "
                             f"or set overwrite=true")
@@ -489,7 +493,6 @@ def clusters_to_labels(clusters: str | Path, mapping: Mapping[int, int], out: st
 
     seeds = SeedLabels(str(clusters), mapping, slices, ignore)
     written = write_ome_zarr(seeds, out, is_label=True, overwrite=overwrite, inputs={"cluster map": clusters})
-    group = zarr.open_group(str(written), mode="r+")
-    group.attrs["emfm"] = {**dict(group.attrs).get("emfm", {}), "seeds": {
-        "clusters": str(clusters), "mapping": {str(c): int(v) for c, v in mapping.items()}, "ignore_label": ignore}}
+    add_attrs(zarr.open_group(str(written), mode="r+"), seeds={
+        "clusters": str(clusters), "mapping": {str(c): int(v) for c, v in mapping.items()}, "ignore_label": ignore})
     return written

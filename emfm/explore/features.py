@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,13 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from emfm.checkpoints import load_encoder
-from emfm.data.volume import Volume
+from emfm.data.volume import SPATIAL, Volume
 from emfm.errors import EmfmError
 from emfm.inference import covering_tiles, sliding_window
 from emfm.models.encoders import Encoder
 from emfm.predict.blocks import Block, BlockGrid, Executor, executor_client, parse_roi, run_blocks
 from emfm.predict.store import (
     Progress,
+    add_attrs,
     claim,
     create,
     create_array,
@@ -69,11 +70,14 @@ class FeatureRequest:
     progress: bool = True
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, **given: Any) -> FeatureRequest:
+    def from_config(cls: type[Request], cfg: DictConfig, **given: Any) -> Request:
         """The request's keys of a composed ``features`` (or ``cluster``) config, ``given`` ones replaced."""
         values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
         plain = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
         return cls(**{**plain, **given})
+
+
+Request = TypeVar("Request", bound=FeatureRequest)
 
 
 @dataclass(frozen=True)
@@ -337,7 +341,7 @@ class Projection:
         root = zarr.open_group(store, mode="r+")
         if PCA in root:
             del root[PCA]
-        k, axes = len(self.components), "c" + "".join(source.metadata.dimension_names[1:])
+        k, axes = len(self.components), "c" + SPATIAL[1 - source.ndim:]   # channels, then the volume's axes
         target = create_array(root, PCA, (k, *source.shape[1:]), (k, *source.chunks[1:]), "float16", axes)
         grid = BlockGrid(tuple(source.shape[1:]), tuple(source.chunks[1:]))
         for index in tqdm(list(grid), desc="pca", unit="block", disable=not progress):
@@ -345,7 +349,7 @@ class Projection:
             block = np.asarray(source[region], dtype=np.float32)
             flat = block.reshape(block.shape[0], -1).T                                 # (cells, F)
             target[region] = self(flat).T.reshape(k, *block.shape[1:]).astype(np.float16)
-        root.attrs["emfm"] = {**root.attrs["emfm"], "pca": {"components": k, "explained_variance": self.explained}}
+        add_attrs(root, pca={"components": k, "explained_variance": self.explained})
 
 
 def features(cfg: DictConfig) -> dict[str, Any]:

@@ -138,7 +138,8 @@ def cluster_pictures(volume: Volume, roi: tuple[slice, ...], root: Any, vectors:
         if baseline is not None:
             row.append(("intensity baseline", overlay(raw, np.asarray(baseline[at]).astype(int), k)))
         if labels is not None:
-            truth = labels.read(tuple(slice(r.start + a, r.start + a + 1) for r, a in zip(roi, at)) + tuple(roi[len(at):]))
+            truth = labels.read(tuple(slice(r.start + a, r.start + a + 1) for r, a in zip(roi, at))
+                                + tuple(roi[len(at):]))
             n_classes = max(int(truth.max()) + 1, 2)
             row.append(("labels", overlay(raw, truth.reshape(raw.shape), n_classes)))
         rows.append(row)
@@ -158,7 +159,7 @@ def cluster_pictures(volume: Volume, roi: tuple[slice, ...], root: Any, vectors:
     gallery = []
     for c in range(k):
         members = np.flatnonzero(assigned == c)
-        chosen = rng.choice(members, size=min(examples, len(members)), replace=False) if len(members) else []
+        chosen = rng.choice(members, size=min(examples, len(members)), replace=False)
         gallery.append([patch_at(volume, centres[i]) for i in chosen])
     fig = gallery_figure(gallery, k)
     fig.savefig(out_dir / "gallery.png", dpi=110)

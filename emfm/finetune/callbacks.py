@@ -10,6 +10,7 @@ import torch
 from torchvision.utils import make_grid
 
 from emfm.data.targets import IGNORE
+from emfm.finetune.segmentation import SegmentationModule
 from emfm.pictures import publish
 
 MAX_CHANNELS = 3   # affinity targets have many channels; the first few tell the story
@@ -45,6 +46,7 @@ class PredictionImages(pl.Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx != 0 or not trainer.is_global_zero or trainer.sanity_checking or outputs is None:
             return
+        assert isinstance(pl_module, SegmentationModule), "PredictionImages is a callback of emfm finetune"
         truth = pl_module.target(batch["labels"])[0]
         sheet = panels(batch["image"], truth, outputs, pl_module.target.loss == "softmax")
         grid = make_grid(sheet, nrow=len(sheet), padding=4, pad_value=1.0)

@@ -57,7 +57,8 @@ def size_filter(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
 def _check(name: str, arrays: Sequence[np.ndarray], sampling: Sequence[float] | None, method: str) -> None:
     shape = arrays[0].shape
     if len(shape) not in (2, 3) or any(a.shape != shape for a in arrays):
-        raise EmfmError(f"{name}: expected 2-D (Y, X) or 3-D (Z, Y, X) maps of one shape, got {[list(a.shape) for a in arrays]}")
+        raise EmfmError(f"{name}: expected 2-D (Y, X) or 3-D (Z, Y, X) maps of one shape, "
+                        f"got {[list(a.shape) for a in arrays]}")
     if sampling is not None and len(sampling) != len(shape):
         raise EmfmError(f"{name} sampling: expected {len(shape)} voxel sizes, got {list(sampling)}")
     if method not in METHODS:
@@ -81,7 +82,8 @@ def _seeds(interior: np.ndarray, method: str, seed_distance: float, sampling: Se
 
 
 def from_boundaries(foreground: np.ndarray, boundary: np.ndarray, threshold: float = 0.5, method: str = "watershed",
-                    min_size: int = 0, seed_distance: float = 1.0, sampling: Sequence[float] | None = None) -> np.ndarray:
+                    min_size: int = 0, seed_distance: float = 1.0,
+                    sampling: Sequence[float] | None = None) -> np.ndarray:
     """Instances from foreground and boundary probabilities (channels 0 and 1 of the ``boundary`` target).
 
     Seeds come from the interior (foreground > threshold and boundary <= threshold), see
@@ -107,8 +109,10 @@ def from_membranes(membrane: np.ndarray, threshold: float = 0.5, method: str = "
     return from_boundaries(np.ones_like(membrane), membrane, threshold, method, min_size, seed_distance, sampling)
 
 
-def _pair_grid(shape: Sequence[int], offset: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...], tuple[slice, ...]]:
-    """``(src, dst, between)``: the pairs (p, p + offset) as in ``offset_slices``, and where they sit in the doubled grid.
+def _pair_grid(shape: Sequence[int],
+               offset: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...], tuple[slice, ...]]:
+    """``(src, dst, between)``: the pairs (p, p + offset) as in ``offset_slices``, and where they sit in the
+    doubled grid.
 
     The doubled grid (2 * shape - 1) puts pixel p at 2p and the pair (p, q) of neighbours at p + q,
     between them, so an image-based watershed on it walks from pixel to pixel across pairs.

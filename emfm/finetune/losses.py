@@ -58,6 +58,9 @@ class SegmentationLoss(nn.Module):
         ignore_index: target value of pixels to skip.
     """
 
+    class_weights: torch.Tensor | None      # buffers, per class (channel)
+    pos_weight: torch.Tensor | None
+
     def __init__(self, kind: str = "softmax", dice_weight: float = 1.0, ce_weight: float = 1.0,
                  class_weights: Sequence[float] | None = None, ignore_index: int = -1,
                  pos_weight: Sequence[float] | None = None) -> None:
@@ -74,7 +77,8 @@ class SegmentationLoss(nn.Module):
         self.register_buffer("class_weights", _weights("class_weights", class_weights), persistent=False)
         self.register_buffer("pos_weight", _weights("pos_weight", pos_weight), persistent=False)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``mask`` (broadcastable to the target, true = use) skips more pixels, on top of ``ignore_index``."""
         channels = logits.shape[1]
         for name in ("class_weights", "pos_weight"):
@@ -87,7 +91,8 @@ class SegmentationLoss(nn.Module):
         dice, ce = (self._softmax if self.kind == "softmax" else self._sigmoid)(logits, target, known)
         return {"loss": self.dice_weight * dice + self.ce_weight * ce, "dice": dice, "ce": ce}
 
-    def _softmax(self, logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _softmax(self, logits: torch.Tensor, target: torch.Tensor,
+                 known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if target.shape != logits.shape[:1] + logits.shape[2:] or target.is_floating_point():
             raise EmfmError(f"softmax loss: expected an int target {[logits.shape[0], *logits.shape[2:]]} "
                             f"for logits {list(logits.shape)}, got {target.dtype} {list(target.shape)}")
@@ -100,7 +105,8 @@ class SegmentationLoss(nn.Module):
         dice = soft_dice(logits.softmax(1), onehot, known[:, None].float())
         return dice, ce
 
-    def _sigmoid(self, logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sigmoid(self, logits: torch.Tensor, target: torch.Tensor,
+                 known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if target.shape != logits.shape:
             raise EmfmError(f"sigmoid loss: expected a target of the logits' shape {list(logits.shape)}, "
                             f"got {list(target.shape)}")

@@ -13,16 +13,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.layers import resample_abs_pos_embed
 
 from emfm.checkpoints import fill, read_network, read_segmenter
 from emfm.data.augment import Augment
+from emfm.data.labeled import LabeledDataModule
 from emfm.data.targets import IGNORE, make_target
 from emfm.errors import EmfmError
 from emfm.finetune.losses import SegmentationLoss
 from emfm.finetune.semi import create_semi
 from emfm.inference import sliding_window
-from emfm.models.encoders import create_encoder
+from emfm.models.encoders import ViTEncoder, create_encoder
 from emfm.models.heads import SegmentationModel, create_head, head_settings
 from emfm.training import adamw_warmup_cosine, param_groups
 
@@ -45,9 +47,10 @@ def load_pretrained(model: SegmentationModel, config: Mapping[str, Any], head: M
     encoder = model.encoder
     own = encoder.state_dict()
     for key, value in weights.items():  # learned 2-D positions follow another patch shape
-        if key.endswith("pos_embed") and key in own and value.shape != own[key].shape:
-            prefix = getattr(encoder, "num_prefix_tokens", 0)
-            weights[key] = resample_abs_pos_embed(value, list(encoder.grid_size), num_prefix_tokens=prefix)
+        if isinstance(encoder, ViTEncoder) and key.endswith("pos_embed") and key in own \
+                and value.shape != own[key].shape:
+            weights[key] = resample_abs_pos_embed(value, list(encoder.grid_size),
+                                                  num_prefix_tokens=encoder.num_prefix_tokens)
     fill(encoder, weights, f"init={init}")
     if decoder is not None:
         theirs, ours = head_settings(decoder.config, encoder), head_settings(head, encoder)
@@ -135,8 +138,8 @@ class SegmentationModule(pl.LightningModule):
         self.val_counts: list[torch.Tensor] = []
 
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
-        if hasattr(datamodule, "label_values"):
+        datamodule = getattr(self.trainer, "datamodule", None)   # set by Trainer.fit
+        if isinstance(datamodule, LabeledDataModule):
             self.target.check_values(datamodule.label_values(), str(datamodule.label_path))
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
@@ -146,7 +149,7 @@ class SegmentationModule(pl.LightningModule):
     @torch.no_grad()
     def predict_region(self, image: torch.Tensor, overlap: float | None = None) -> torch.Tensor:
         """Probabilities (K, *spatial) over a whole slice (1, Y, X) or block (1, Z, Y, X)."""
-        overlap = self.hparams.overlap if overlap is None else overlap
+        overlap = self.hparams["overlap"] if overlap is None else overlap
         encoder = self.model.encoder
         return sliding_window(lambda x: self.activate(self.model(x)), image, encoder.input_shape, overlap)
 
@@ -187,19 +190,20 @@ class SegmentationModule(pl.LightningModule):
         if len(iou) > 1:
             self.log_dict({f"val/iou_{c + 1}": v.float() for c, v in enumerate(iou)})
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         groups = self.model.encoder.layer_groups()
         names = dict(self.model.encoder.named_parameters())
         param_list = []
         for depth, group in enumerate(groups):
-            scale = hp.encoder_lr_ratio * hp.layer_decay ** (len(groups) - depth)
-            param_list += param_groups(((n, names[n]) for n in group), hp.weight_decay, scale, hp.freeze_encoder_steps)
-        param_list += param_groups(self.model.head.named_parameters(), hp.weight_decay)
+            scale = hp["encoder_lr_ratio"] * hp["layer_decay"] ** (len(groups) - depth)
+            param_list += param_groups(((n, names[n]) for n in group), hp["weight_decay"], scale,
+                                       hp["freeze_encoder_steps"])
+        param_list += param_groups(self.model.head.named_parameters(), hp["weight_decay"])
         if self.semi is not None:  # its own layers (a teacher has no trainable parameters)
-            param_list += param_groups(self.semi.named_parameters(), hp.weight_decay)
-        return adamw_warmup_cosine(param_list, self.trainer.max_steps, hp.lr, hp.betas, hp.warmup_steps,
-                                   hp.min_lr_ratio)
+            param_list += param_groups(self.semi.named_parameters(), hp["weight_decay"])
+        return adamw_warmup_cosine(param_list, self.trainer.max_steps, hp["lr"], hp["betas"], hp["warmup_steps"],
+                                   hp["min_lr_ratio"])
 
 
 def load_segmenter(checkpoint: str | Path, key: str = "checkpoint") -> SegmentationModule:

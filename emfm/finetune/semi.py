@@ -28,6 +28,7 @@ from emfm.data.augment import Augment
 from emfm.data.targets import IGNORE
 from emfm.errors import EmfmError
 from emfm.finetune.losses import SegmentationLoss
+from emfm.models.heads import SegmentationModel
 from emfm.models.layers import conv_nd
 from emfm.pretrain.restore import Corruption, restoration_loss
 
@@ -56,10 +57,10 @@ class SemiSupervised(nn.Module):
     def ramp(self, step: int) -> float:
         return self.weight * min(1.0, (step + 1) / max(1, self.rampup_steps))
 
-    def before_step(self, model: nn.Module) -> None:
+    def before_step(self, model: SegmentationModel) -> None:
         """Called before every training step (the teacher's update)."""
 
-    def forward(self, model: nn.Module, images: torch.Tensor, loss: SegmentationLoss,
+    def forward(self, model: SegmentationModel, images: torch.Tensor, loss: SegmentationLoss,
                 activate: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -67,19 +68,19 @@ class SemiSupervised(nn.Module):
 class MeanTeacher(SemiSupervised):
     """Consistency with an EMA teacher. ``momentum``: teacher = m * teacher + (1 - m) * model."""
 
-    def __init__(self, spatial_dims: int, model: nn.Module, momentum: float = 0.99, **kwargs: Any) -> None:
+    def __init__(self, spatial_dims: int, model: SegmentationModel, momentum: float = 0.99, **kwargs: Any) -> None:
         super().__init__(spatial_dims, **kwargs)
         self.momentum = float(momentum)
         self.teacher = copy.deepcopy(model).requires_grad_(False)
 
     @torch.no_grad()
-    def before_step(self, model: nn.Module) -> None:
+    def before_step(self, model: SegmentationModel) -> None:
         for t, s in zip(self.teacher.parameters(), model.parameters()):
             t.lerp_(s.detach(), 1 - self.momentum)
-        for t, s in zip(self.teacher.buffers(), model.buffers()):
-            t.copy_(s)
+        for mine, theirs in zip(self.teacher.buffers(), model.buffers()):
+            mine.copy_(theirs)
 
-    def forward(self, model: nn.Module, images: torch.Tensor, loss: SegmentationLoss,
+    def forward(self, model: SegmentationModel, images: torch.Tensor, loss: SegmentationLoss,
                 activate: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             self.teacher.train(model.training)
@@ -91,13 +92,13 @@ class MeanTeacher(SemiSupervised):
 class FixMatch(SemiSupervised):
     """Pseudo-labels where the model is at least ``threshold`` sure (either way for sigmoid outputs)."""
 
-    def __init__(self, spatial_dims: int, model: nn.Module, threshold: float = 0.9, **kwargs: Any) -> None:
+    def __init__(self, spatial_dims: int, model: SegmentationModel, threshold: float = 0.9, **kwargs: Any) -> None:
         super().__init__(spatial_dims, **kwargs)
         if not 0.5 <= threshold < 1:
             raise EmfmError(f"semi.threshold={threshold}: expected a confidence in [0.5, 1)")
         self.threshold = float(threshold)
 
-    def forward(self, model: nn.Module, images: torch.Tensor, loss: SegmentationLoss,
+    def forward(self, model: SegmentationModel, images: torch.Tensor, loss: SegmentationLoss,
                 activate: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             probs = activate(model(images))
@@ -120,7 +121,7 @@ class Restoration(SemiSupervised):
         **kwargs: :class:`~emfm.pretrain.restore.Corruption` settings and the base's options.
     """
 
-    def __init__(self, spatial_dims: int, model: nn.Module, weight: float = 1.0, rampup_steps: int = 0,
+    def __init__(self, spatial_dims: int, model: SegmentationModel, weight: float = 1.0, rampup_steps: int = 0,
                  isotropic: bool = False, **corruption: Any) -> None:
         super().__init__(spatial_dims, weight, rampup_steps, isotropic=isotropic)
         if not hasattr(model.head, "width"):
@@ -128,17 +129,18 @@ class Restoration(SemiSupervised):
         self.corruption = Corruption(model.encoder.input_shape, key="semi", **corruption)
         self.out = conv_nd(spatial_dims, model.head.width, model.encoder.in_chans, 1)
 
-    def forward(self, model: nn.Module, images: torch.Tensor, loss: SegmentationLoss,
+    def forward(self, model: SegmentationModel, images: torch.Tensor, loss: SegmentationLoss,
                 activate: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         corrupted, weight = self.corruption(images, None)
         restored = self.out(model.head.decode(corrupted, model.encoder.forward_features(corrupted)))
         return {"loss": restoration_loss(restored, images, weight)}
 
 
-SEMI: dict[str, type[SemiSupervised]] = {"mean_teacher": MeanTeacher, "fixmatch": FixMatch, "restore": Restoration}
+SEMI: dict[str, Callable[..., SemiSupervised]] = {"mean_teacher": MeanTeacher, "fixmatch": FixMatch,
+                                                  "restore": Restoration}
 
 
-def create_semi(name: str, spatial_dims: int, model: nn.Module, isotropic: bool = False,
+def create_semi(name: str, spatial_dims: int, model: SegmentationModel, isotropic: bool = False,
                 **options: Any) -> SemiSupervised:
     """The method ``semi=<name>`` with its options; unknown names and options are one-line errors."""
     if name not in SEMI:

@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from emfm.errors import EmfmError
-from emfm.models.layers import BasicBlock3d, PatchEmbed3d
+from emfm.models.layers import BasicBlock3d, PatchEmbed3d, triple
 
 
 class Encoder(nn.Module):
@@ -77,7 +77,7 @@ class Encoder(nn.Module):
             )
 
 
-def _timm_groups(model: nn.Module, prefix: str) -> list[list[str]]:
+def _timm_groups(model: Any, prefix: str) -> list[list[str]]:
     """A timm model's own depth grouping (its ``group_matcher``), names prefixed as in the encoder."""
     groups = group_parameters(model, model.group_matcher(coarse=False))
     return [[prefix + name for name in names] for _, names in sorted(groups.items())]
@@ -231,6 +231,7 @@ class CNNEncoder(Encoder):
     """
 
     family, spatial_dims = "cnn2d", 2
+    cnn: Any  # a timm CNN: feature_info, head_hidden_size, forward_intermediates
 
     @property
     def timm_model(self) -> nn.Module:
@@ -320,9 +321,9 @@ class ResNet3dEncoder(Encoder):
         stem_stride = RESNET3D_STEM_STRIDE if stem_stride is None else stem_stride
         stem = _per_axis(stem_stride, 3, "model.stem_stride")
         stage_strides = [_per_axis(s, 3, f"model.strides[{i}]") for i, s in enumerate(strides)]
-        kernel = [7 if s > 1 else 3 for s in stem]  # ResNet's wide stem on downsampled axes
+        kernel = triple([7 if s > 1 else 3 for s in stem])  # ResNet's wide stem on downsampled axes
         self.stem = nn.Sequential(
-            nn.Conv3d(in_chans, channels[0], kernel, stem, [k // 2 for k in kernel], bias=False),
+            nn.Conv3d(in_chans, channels[0], kernel, triple(stem), triple([k // 2 for k in kernel]), bias=False),
             nn.BatchNorm3d(channels[0]),
             nn.ReLU(inplace=True),
         )

@@ -66,6 +66,7 @@ class SegmentationHead(nn.Module):
     """
 
     width: int  # channels of what ``decode`` returns
+    out: nn.Module  # the 1x1 output convolution of decoder heads
 
     def __init__(self, encoder: Encoder, out_channels: int) -> None:
         super().__init__()
@@ -216,7 +217,7 @@ class LinearHead(SegmentationHead):
     def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         maps = features[-1:] if self.last_only else features
         size = image.shape[2:]
-        return sum(_interpolate(proj(f), size) for proj, f in zip(self.proj, maps))
+        return torch.stack([_interpolate(proj(f), size) for proj, f in zip(self.proj, maps)]).sum(0)
 
 
 HEADS: dict[str, Callable[..., SegmentationHead]] = {

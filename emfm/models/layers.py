@@ -46,7 +46,7 @@ class PatchEmbed3d(nn.Module):
         norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.patch_size = tuple(patch_size)
+        self.patch_size = triple(patch_size)
         self.grid_size = tuple(s // p for s, p in zip(input_shape, self.patch_size))
         self.proj = nn.Conv3d(in_chans, embed_dim, self.patch_size, self.patch_size, bias=bias)
         self.norm = nn.Identity() if norm is None else norm
@@ -61,6 +61,12 @@ class PatchEmbed3d(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)) + pos.to(x)
 
 
+def triple(sizes: Sequence[int]) -> tuple[int, int, int]:
+    """A size per axis of a volume, (Z, Y, X)."""
+    z, y, x = (int(s) for s in sizes)
+    return z, y, x
+
+
 class BasicBlock3d(nn.Module):
     """ResNet basic block in 3-D: two 3x3x3 conv-BN, projected shortcut when the shape changes.
 
@@ -70,6 +76,7 @@ class BasicBlock3d(nn.Module):
 
     def __init__(self, in_chans: int, out_chans: int, stride: Sequence[int] = (1, 1, 1)) -> None:
         super().__init__()
+        stride = triple(stride)
         self.conv1 = nn.Conv3d(in_chans, out_chans, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm3d(out_chans)
         self.conv2 = nn.Conv3d(out_chans, out_chans, 3, padding=1, bias=False)

@@ -174,7 +174,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     job = make_job(module, volume, checkpoint=cfg.checkpoint, output=cfg.output, roi=cfg.roi,
                    block_shape=cfg.block_shape, overlap=cfg.overlap, blend=cfg.blend, tta=cfg.tta,
                    batch_size=cfg.batch_size, dtype=cfg.dtype, threads=executor.threads(cfg.threads))
-    instances = stitch.settings(module.hparams.target["kind"], cfg.threshold, cfg.instance_halo) \
+    instances = stitch.settings(module.hparams["target"]["kind"], cfg.threshold, cfg.instance_halo) \
         if cfg.instances else None
     return run_prediction(job, module, volume, instances, executor, overwrite=cfg.overwrite, progress=cfg.progress)
 

@@ -104,7 +104,7 @@ def merge_table(job: InstanceJob) -> tuple[np.ndarray, np.ndarray]:
     """(ids, roots): for every seed touching another block's seed, the id of its merged component."""
     seeds = zarr_array(job, f"{WORK}/seeds")
     first, second = [], []
-    for axis, (n, b) in enumerate(zip(job.grid.grid, job.block)):
+    for axis, b in enumerate(job.block):
         if job.per_slice and axis == 0:
             continue
         for index in job.grid:

@@ -58,6 +58,12 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
     return attrs if isinstance(attrs, dict) else {}
 
 
+def add_attrs(group: zarr.Group, **attrs: Any) -> None:
+    """Merge ``attrs`` into the ``emfm`` attributes of ``group``, keeping what other steps wrote there."""
+    emfm = group.attrs.get("emfm")
+    group.attrs["emfm"] = {**(emfm if isinstance(emfm, dict) else {}), **attrs}
+
+
 def claim(output: str | Path, key: str, stamp: Mapping[str, Any], overwrite: bool, *,
           inputs: Mapping[str, str | Path | None], describe: str, replace_same: bool = False) -> bool | None:
     """Make ``output`` ready for the job of fingerprint ``stamp`` (stored under attribute ``key``).
@@ -129,11 +135,8 @@ class Progress:
 
     def __init__(self, output: str, phase: str, grid: BlockGrid) -> None:
         group = zarr.open_group(f"{output}/{PROGRESS}", mode="a")
-        if phase in group:
-            self.done = group[phase]
-        else:
-            self.done = group.create_array(phase, shape=grid.grid, chunks=(1,) * len(grid.grid), dtype=bool,
-                                           fill_value=False, compressors=None)
+        self.done = group.require_array(phase, shape=grid.grid, chunks=(1,) * len(grid.grid), dtype=bool,
+                                        fill_value=False, compressors=None)
         self.grid = grid
 
     def pending(self) -> list[Block]:
@@ -147,8 +150,7 @@ class Progress:
 def finish(output: str, **attrs: Any) -> None:
     """Mark the store complete (with ``attrs``) and drop the bookkeeping: done last, so an incomplete store never
     looks complete."""
-    root = zarr.open_group(output, mode="r+")
-    root.attrs["emfm"] = {**dict(root.attrs["emfm"]), **attrs, "complete": True}
+    add_attrs(zarr.open_group(output, mode="r+"), **attrs, complete=True)
     for name in (PROGRESS, WORK):
         shutil.rmtree(Path(output) / name, ignore_errors=True)
 

@@ -10,10 +10,11 @@ Arguments are primitives: ``load_from_checkpoint`` rebuilds the module and check
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
 from emfm.data.augment import Augment
@@ -34,8 +35,11 @@ def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
     return add
 
 
-class Objective(nn.Module):
-    """One self-supervised loss on a shared encoder.
+EncoderT = TypeVar("EncoderT", bound=Encoder)
+
+
+class Objective(nn.Module, Generic[EncoderT]):
+    """One self-supervised loss on a shared encoder, of the kind ``EncoderT`` (checked when built).
 
     The encoder is passed to every call rather than stored, so it is owned (and saved) once by
     :class:`PretrainModule` however many methods use it.
@@ -51,16 +55,16 @@ class Objective(nn.Module):
         self.augment = Augment(encoder.spatial_dims, isotropic, **(augment or {}))
 
     def forward(
-        self, encoder: Encoder, images: torch.Tensor, generator: torch.Generator | None = None
+        self, encoder: EncoderT, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Loss on a batch: a dict with ``loss`` and any other scalars worth logging."""
         raise NotImplementedError
 
-    def visualize(self, encoder: Encoder, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def visualize(self, encoder: EncoderT, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named image panels, each like ``images``, showing what the method does."""
         return {}
 
-    def before_step(self, encoder: Encoder, progress: float) -> None:
+    def before_step(self, encoder: EncoderT, progress: float) -> None:
         """Called before each training step with the fraction of training done (momentum updates)."""
 
 
@@ -106,19 +110,24 @@ class PretrainModule(pl.LightningModule):
             settings = dict(settings or {})
             method = masked_method_for(self.encoder) if name == "masked" else name
             if method not in METHODS:
-                raise EmfmError(f"objective.methods.{name}: unknown method; expected one of {sorted(METHODS)} or 'masked'")
+                raise EmfmError(f"objective.methods.{name}: unknown method; expected one of {sorted(METHODS)} "
+                                f"or 'masked'")
             self.weights[method] = float(settings.pop("weight", 1.0))
             try:
                 self.methods[method] = METHODS[method](self.encoder, isotropic=isotropic, **settings)
             except TypeError as err:  # a misspelt key: name it, with the method's arguments
                 raise EmfmError(f"objective.methods.{name}: {err}") from None
 
+    def objectives(self) -> list[tuple[str, Objective]]:
+        """The methods by name (``self.methods`` registers them as submodules, untyped)."""
+        return [(name, cast(Objective, method)) for name, method in self.methods.items()]
+
     def compute_loss(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Weighted sum of the methods' losses, plus each method's own scalars (``mae/loss``, ...)."""
         logs, total = {}, 0.0
-        for name, method in self.methods.items():
+        for name, method in self.objectives():
             out = method(self.encoder, images, generator)
             total = total + self.weights[name] * out["loss"]
             logs.update({f"{name}/{key}": value for key, value in out.items()})
@@ -128,14 +137,14 @@ class PretrainModule(pl.LightningModule):
     def visualize(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every method's panels; names get a method prefix when there are several methods."""
         panels = {}
-        for name, method in self.methods.items():
+        for name, method in self.objectives():
             for key, value in method.visualize(self.encoder, images).items():
                 panels[key if len(self.methods) == 1 else f"{name}/{key}"] = value
         return panels
 
     def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> None:
         progress = self.global_step / max(1, self.trainer.max_steps)
-        for method in self.methods.values():
+        for _, method in self.objectives():
             method.before_step(self.encoder, progress)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -151,7 +160,7 @@ class PretrainModule(pl.LightningModule):
         out = self.compute_loss(batch, generator=generator)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
-        return adamw_warmup_cosine(param_groups(self.named_parameters(), hp.weight_decay), self.trainer.max_steps,
-                                   hp.lr, hp.betas, hp.warmup_steps, hp.min_lr_ratio)
+        return adamw_warmup_cosine(param_groups(self.named_parameters(), hp["weight_decay"]), self.trainer.max_steps,
+                                   hp["lr"], hp["betas"], hp["warmup_steps"], hp["min_lr_ratio"])

@@ -28,9 +28,10 @@ class ReconstructionImages(pl.Callback):
         self.images: torch.Tensor | None = None
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: PretrainModule, outputs: object, batch: torch.Tensor,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: torch.Tensor,
         batch_idx: int,
     ) -> None:
+        assert isinstance(pl_module, PretrainModule), "ReconstructionImages is a callback of emfm pretrain"
         if self.images is None:
             self.images = batch[: self.num_images].detach().clone()
         step = trainer.global_step
@@ -38,18 +39,19 @@ class ReconstructionImages(pl.Callback):
             self.save(trainer, pl_module, step)
 
     def save(self, trainer: pl.Trainer, pl_module: PretrainModule, step: int) -> Path | None:
-        if not trainer.is_global_zero:
+        images = self.images
+        if not trainer.is_global_zero or images is None:
             return None
         was_training = pl_module.training
         pl_module.eval()
-        panels = pl_module.visualize(self.images.to(pl_module.device))
+        panels = pl_module.visualize(images.to(pl_module.device))
         pl_module.train(was_training)
         if not panels:
             return None
-        if self.images.ndim == 5:  # 3-D: show the middle section of every panel
+        if images.ndim == 5:  # 3-D: show the middle section of every panel
             panels = {name: p[:, :, p.shape[2] // 2] for name, p in panels.items()}
         # Each image and its panels share one intensity range, so reconstructions are comparable.
-        flat = self.images.flatten(1).to(pl_module.device)
+        flat = images.flatten(1).to(pl_module.device)
         low, high = flat.amin(1).view(-1, 1, 1, 1), flat.amax(1).view(-1, 1, 1, 1)
         scaled = [((p.float() - low) / (high - low + 1e-6)).clamp(0, 1) for p in panels.values()]
         rows = torch.stack(scaled, dim=1).flatten(0, 1)  # (N * panels, 1, Y, X), one image per row

@@ -77,8 +77,11 @@ def cell_positions(where: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     position is the mean over its pixels, divided by the cell size of the unaugmented map.
     """
     cell = torch.tensor([s / g for s, g in zip(where.shape[2:], grid)], device=where.device)
-    pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
-    return pool(where.float(), tuple(grid)).flatten(2).transpose(1, 2) / cell  # (N, L, d)
+    if len(grid) == 2:
+        pooled = F.adaptive_avg_pool2d(where.float(), (grid[0], grid[1]))
+    else:
+        pooled = F.adaptive_avg_pool3d(where.float(), (grid[0], grid[1], grid[2]))
+    return pooled.flatten(2).transpose(1, 2) / cell  # (N, L, d)
 
 
 def match_cells(sources: torch.Tensor, others: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +139,8 @@ class DenseCL(TwoViews):
             raise EmfmError(f"objective.methods.densecl.dense_weight must be in [0, 1], got {dense_weight}")
         if radius <= 0:
             raise EmfmError(f"objective.methods.densecl.radius must be > 0, got {radius}")
-        self.temperature, self.dense_weight, self.feature_map, self.radius = temperature, dense_weight, feature_map, radius
+        self.temperature, self.dense_weight = temperature, dense_weight
+        self.feature_map, self.radius = feature_map, radius
         dims = encoder.spatial_dims
         self.projector = mlp(encoder.feature_channels[-1], hidden_dim, proj_dim, layers=2, last_bn=False)
         self.dense_projector = nn.Sequential(
@@ -161,7 +165,8 @@ class DenseCL(TwoViews):
         views, where = self.located_views(images, generator)
         maps = encoder.forward_features(views)  # one pass: BatchNorm sees both views
         pooled = maps[-1].flatten(2).mean(-1)  # (2N, C): the deepest map serves both terms
-        global_loss, _ = nt_xent(*self.projector(pooled).chunk(2), self.temperature)
+        z1, z2 = self.projector(pooled).chunk(2)
+        global_loss, _ = nt_xent(z1, z2, self.temperature)
 
         dense = self.dense_projector(maps[self.feature_map])  # (2N, D, *grid)
         positions = cell_positions(where, dense.shape[2:])  # (2N, L, d)

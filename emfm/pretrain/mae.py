@@ -29,7 +29,7 @@ from emfm.pretrain.masking import (
 
 
 @register("mae")
-class MAE(Objective):
+class MAE(Objective[ViTEncoder]):
     """Masked autoencoder objective.
 
     Args:
@@ -42,6 +42,8 @@ class MAE(Objective):
         norm_pix_loss: predict each patch's pixels normalised by that patch's mean and std.
         augment, isotropic: see :class:`~emfm.pretrain.base.Objective`.
     """
+
+    decoder_pos_embed: torch.Tensor  # fixed sine-cosine positions, a buffer
 
     def __init__(
         self,

@@ -33,8 +33,8 @@ def parse_roi(roi: str | None, shape: Sequence[int]) -> tuple[slice, ...]:
         raise EmfmError(f"probe roi {roi!r} needs {len(shape)} ranges (start:stop), one per axis of {list(shape)}")
     slices = []
     for part, size in zip(parts, shape):
-        start, _, stop = part.partition(":")
-        start, stop = int(start or 0), int(stop or size)
+        first, _, last = part.partition(":")
+        start, stop = int(first or 0), int(last or size)
         if not 0 <= start < stop <= size:
             raise EmfmError(f"probe roi {roi!r}: range {part!r} is outside the volume shape {list(shape)}")
         slices.append(slice(start, stop))
@@ -75,13 +75,11 @@ class LinearDecoder(torch.nn.Module):
         self.heads = torch.nn.ModuleList(torch.nn.Linear(c, classes * math.prod(s)) for c, s in zip(channels, strides))
 
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = 0
+        logits = []
         for head, stride, fmap in zip(self.heads, self.strides, maps):
             cells = head(fmap.movedim(1, -1).flatten(1, -2))  # (T, L, K * prod(stride))
-            grid = tuple(fmap.shape[2:])
-            logits = unpatchify(cells, stride, grid)  # (T, K, *tile)
-            total = total + logits
-        return total
+            logits.append(unpatchify(cells, stride, tuple(fmap.shape[2:])))  # (T, K, *tile)
+        return torch.stack(logits).sum(0)
 
 
 class DenseProbe(pl.Callback):
@@ -110,12 +108,14 @@ class DenseProbe(pl.Callback):
         self.raw_path, self.label_path, self.roi = Path(raw), Path(labels), roi
         self.classes = None if classes is None else [int(c) for c in classes]
         self.every_n_steps, self.fit_steps, self.lr = every_n_steps, fit_steps, lr
+        self.num_classes = 1 + (len(self.classes) if self.classes else 1)
         self.history: list[dict[str, float]] = []
-        self.images: torch.Tensor | None = None
-        self.targets: torch.Tensor | None = None
+        self.tiles: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def load(self, input_shape: Sequence[int]) -> None:
-        """Read the crop once and cut it into encoder-sized tiles of images and class indices."""
+    def load(self, input_shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The crop cut into encoder-sized tiles: (images, class indices), read once."""
+        if self.tiles is not None:
+            return self.tiles
         raw, labels = Volume(self.raw_path), Volume(self.label_path)
         if raw.shape != labels.shape:
             raise EmfmError(f"probe: {self.label_path} has shape {list(labels.shape)}, "
@@ -131,28 +131,29 @@ class DenseProbe(pl.Callback):
         if len(images) < 2:
             raise EmfmError(f"probe: the crop {[s.stop - s.start for s in region]} holds fewer than two "
                             f"{list(input_shape)} tiles; one is needed to fit and one to score")
-        self.images, self.targets = torch.from_numpy(images)[:, None], torch.from_numpy(targets)
-        self.num_classes = 1 + (len(self.classes) if self.classes else 1)
+        self.tiles = torch.from_numpy(images)[:, None], torch.from_numpy(targets)
+        return self.tiles
 
     @torch.no_grad()
-    def features(self, pl_module: PretrainModule) -> list[torch.Tensor]:
+    def features(self, pl_module: PretrainModule, images: torch.Tensor) -> list[torch.Tensor]:
         """The frozen encoder's maps of every tile, one (T, C_i, *grid_i) tensor per scale."""
         was_training = pl_module.training
         pl_module.eval()
-        maps = [pl_module.encoder.forward_features(image.to(pl_module.device)) for image in self.images.split(8)]
+        maps = [pl_module.encoder.forward_features(image.to(pl_module.device)) for image in images.split(8)]
         pl_module.train(was_training)
         return [torch.cat([m[i].float().cpu() for m in maps]) for i in range(len(maps[0]))]
 
     def probe(self, pl_module: PretrainModule) -> dict[str, float]:
         """Fit the linear decoder on the even tiles, score it on the odd ones."""
-        maps = self.features(pl_module)
-        strides = [tuple(t // g for t, g in zip(self.images.shape[2:], m.shape[2:])) for m in maps]
+        images, targets = self.load(pl_module.encoder.input_shape)
+        maps = self.features(pl_module, images)
+        strides = [tuple(t // g for t, g in zip(images.shape[2:], m.shape[2:])) for m in maps]
         # Standardised channels: one learning rate fits every encoder.
         stats = [(m[0::2].mean((0, *range(2, m.ndim)), keepdim=True),
                   m[0::2].std((0, *range(2, m.ndim)), keepdim=True) + 1e-6) for m in maps]
         maps = [(m - mean) / std for m, (mean, std) in zip(maps, stats)]
         decoder = LinearDecoder([m.shape[1] for m in maps], strides, self.num_classes)
-        fit_y = self.targets[0::2]
+        fit_y = targets[0::2]
         counts = torch.bincount(fit_y.flatten(), minlength=self.num_classes).float()
         weight = counts.sum() / (self.num_classes * counts.clamp(min=1))  # thin membranes matter
         optimizer = torch.optim.Adam(decoder.parameters(), lr=self.lr)
@@ -165,14 +166,13 @@ class DenseProbe(pl.Callback):
                 optimizer.step()
         with torch.no_grad():
             pred = decoder([m[1::2] for m in maps]).argmax(1)
-        iou, dice = iou_dice(pred, self.targets[1::2], self.num_classes)
+        iou, dice = iou_dice(pred, targets[1::2], self.num_classes)
         return {"probe/iou": iou, "probe/dice": dice}
 
-    def run(self, trainer: pl.Trainer, pl_module: PretrainModule) -> None:
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert isinstance(pl_module, PretrainModule), "DenseProbe is a callback of emfm pretrain"
         if not trainer.is_global_zero:
             return
-        if self.images is None:
-            self.load(pl_module.encoder.input_shape)
         step = trainer.global_step
         if self.history and self.history[-1]["step"] == step:
             return
@@ -182,9 +182,10 @@ class DenseProbe(pl.Callback):
             logger.log_metrics(metrics, step=step)
         rank_zero_info(f"step {step}: probe IoU {metrics['probe/iou']:.3f}, Dice {metrics['probe/dice']:.3f}")
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: PretrainModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.run(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: PretrainModule, *args: object) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0 or trainer.global_step == trainer.max_steps:
             self.run(trainer, pl_module)

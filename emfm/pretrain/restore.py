@@ -57,7 +57,8 @@ class Corruption:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(corrupted images, per-voxel loss weight (N, 1, *S)); the grid follows the images' shape."""
-        n, like = images.shape[0], {"device": images.device, "dtype": images.dtype}
+        n = images.shape[0]
+        like: dict[str, Any] = {"device": images.device, "dtype": images.dtype}
         grid = tuple(s // p for s, p in zip(images.shape[2:], self.mask_patch))
         hidden = torch.zeros(n, 1, *grid, **like)
         if self.mask_ratio > 0:

@@ -41,5 +41,6 @@ class SimCLR(TwoViews):
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         first, second = self.views(images, generator)
         z = self.projector(encoder(torch.cat([first, second])))  # one pass: BN sees both views
-        loss, negatives = nt_xent(*z.chunk(2), self.temperature)
+        z1, z2 = z.chunk(2)
+        loss, negatives = nt_xent(z1, z2, self.temperature)
         return {"loss": loss, "negatives": torch.tensor(float(negatives), device=loss.device)}
