@@ -182,7 +182,8 @@ def make_plan(argv: Sequence[str] | None) -> tuple[Plan, dict[str, Any]]:
         eval_slices = parse_slices(args.eval_slices, depth, "--eval-slices")
         val_slices = parse_slices(args.val_slices, depth, "--val-slices")
         labeled_sets = [parse_slices(spec, depth, "--labeled-slices") for spec in args.labeled_slices]
-        seeds, lrs = [int(s) for s in args.seeds.split(",")], [float(v) for v in args.lrs.split(",")]
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))
+        lrs = list(dict.fromkeys(float(v) for v in args.lrs.split(",")))
     except (EmfmError, ValueError) as err:
         parser.error(str(err))
     for labeled in labeled_sets:
@@ -193,8 +194,10 @@ def make_plan(argv: Sequence[str] | None) -> tuple[Plan, dict[str, Any]]:
         parser.error(f"--val-slices overlap --eval-slices at {overlap}; choose the learning rate on other slices")
     if len(lrs) > 1 and not val_slices:
         parser.error(f"--lrs {args.lrs}: a learning-rate sweep needs --val-slices (or give one learning rate)")
-    plan = Plan(args.recipe, args.raw, args.labels, args.unlabeled, args.target, labeled_sets, eval_slices,
-                val_slices, seeds, lrs, args.encoder, args.pretrain_override, args.finetune_override, args.out)
+    plan = Plan(recipe=args.recipe, raw=args.raw, labels=args.labels, unlabeled=args.unlabeled, target=args.target,
+                labeled_sets=labeled_sets, eval_slices=eval_slices, val_slices=val_slices, seeds=seeds, lrs=lrs,
+                encoder=args.encoder, pretrain_overrides=args.pretrain_override,
+                finetune_overrides=args.finetune_override, out=args.out)
     return plan, compose_recipe(parser, plan, args.arms)
 
 
@@ -205,7 +208,7 @@ def compose_recipe(parser: argparse.ArgumentParser, plan: Plan, arms: str | None
                                                          plan.seeds[0], plan.work))
         plan.semi = probe.semi.name
         applicable = [a for a in ARMS if plan.semi or not a.endswith("+semi")]
-        plan.arms = tuple(arms.split(",")) if arms else tuple(applicable)
+        plan.arms = tuple(dict.fromkeys(arms.split(","))) if arms else tuple(applicable)
         if unknown := [a for a in plan.arms if a not in applicable]:
             parser.error(f"--arms: {', '.join(unknown)} not among {', '.join(applicable)} "
                          f"(recipe {plan.recipe} has semi={plan.semi})")
