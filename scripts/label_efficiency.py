@@ -1,8 +1,8 @@
 """Does the unlabeled data pay? A recipe against supervised training from scratch on the same few slices.
 
 A recipe is a pretraining experiment ``configs/experiment/<recipe>/pretrain.yaml`` and a fine-tuning
-one ``<recipe>/finetune.yaml`` (which may set ``semi=``). The harness pretrains once on the
-``--unlabeled`` volumes and the raw volume (its labels unused; ``--encoder`` skips this), then
+one ``<recipe>/finetune.yaml`` (which may set ``semi=``; ``--semi NAME`` sets or replaces it). The
+harness pretrains once on the ``--unlabeled`` volumes and the raw volume (its labels unused; ``--encoder`` skips this), then
 fine-tunes these arms, which differ only in their start and their semi-supervised loss:
 
     scratch           random weights, supervised only: the baseline
@@ -87,7 +87,8 @@ class Plan:
     finetune_overrides: list[str]
     out: Path
     arms: tuple[str, ...] = ()
-    semi: str | None = None     # the recipe's semi-supervised method
+    semi_choice: str | None = None   # --semi: replaces the recipe's semi-supervised method
+    semi: str | None = None     # the +semi arms' method, as composed
 
     @property
     def work(self) -> Path:
@@ -107,7 +108,8 @@ class Plan:
         semi = arm.endswith("+semi")
         user = [o for o in self.finetune_overrides if semi or not o.startswith("semi.")]
         return [f"experiment={self.recipe}/finetune", f"target={self.target}", f"init={init}", f"seed={seed}",
-                *([] if semi else ["semi=none"]), f"module.lr={lr}", f"data.raw={self.raw}",
+                *(["semi=none"] if not semi else [f"semi={self.semi_choice}"] if self.semi_choice else []),
+                f"module.lr={lr}", f"data.raw={self.raw}",
                 f"data.labels={self.labels}", f"data.labeled_slices=[{tag(slices)}]", "data.val_slices=null",
                 f"data.unlabeled=[{','.join(str(Path(v).resolve()) for v in self.unlabeled)}]",
                 "callbacks.model_checkpoint.monitor=null", "++trainer.limit_val_batches=0",
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-slices", help="held-out slices that choose the learning rate (not scored)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--lrs", default="1e-3,3e-3", help="learning rates to sweep; one value: no sweep")
+    parser.add_argument("--semi", help="semi-supervised method of the +semi arms (default: the recipe's), e.g. restore")
     parser.add_argument("--arms", help=f"comma-separated subset of {', '.join(ARMS)} (default: all that apply)")
     parser.add_argument("--encoder", help="skip pretraining: the checkpoint the pretrained arms start from")
     parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
@@ -197,7 +200,7 @@ def make_plan(argv: Sequence[str] | None) -> tuple[Plan, dict[str, Any]]:
     plan = Plan(recipe=args.recipe, raw=args.raw, labels=args.labels, unlabeled=args.unlabeled, target=args.target,
                 labeled_sets=labeled_sets, eval_slices=eval_slices, val_slices=val_slices, seeds=seeds, lrs=lrs,
                 encoder=args.encoder, pretrain_overrides=args.pretrain_override,
-                finetune_overrides=args.finetune_override, out=args.out)
+                finetune_overrides=args.finetune_override, out=args.out, semi_choice=args.semi)
     return plan, compose_recipe(parser, plan, args.arms)
 
 
@@ -210,8 +213,8 @@ def compose_recipe(parser: argparse.ArgumentParser, plan: Plan, arms: str | None
         applicable = [a for a in ARMS if plan.semi or not a.endswith("+semi")]
         plan.arms = tuple(dict.fromkeys(arms.split(","))) if arms else tuple(applicable)
         if unknown := [a for a in plan.arms if a not in applicable]:
-            parser.error(f"--arms: {', '.join(unknown)} not among {', '.join(applicable)} "
-                         f"(recipe {plan.recipe} has semi={plan.semi})")
+            why = f"semi={plan.semi}" if plan.semi else f"recipe {plan.recipe} has no semi; see --semi"
+            parser.error(f"--arms: {', '.join(unknown)} not among {', '.join(applicable)} ({why})")
         if plan.pretrains and not (recipe_dir(plan.recipe) / "pretrain.yaml").is_file():
             parser.error(f"--recipe {plan.recipe} has no pretrain.yaml; pass --encoder CKPT")
         pretrain = compose_config("pretrain", plan.pretrain()) if plan.pretrains else None

@@ -41,7 +41,8 @@ def test_every_arm_with_its_own_lr_and_paired_differences(synth_zarr: Path, tmp_
     out = tmp_path / "le" / "report.json"
     report = load_harness().main(harness_args(
         synth_zarr, out, "--unlabeled", str(synth_zarr), "--labeled-slices", "0", "--labeled-slices", "0,1",
-        "--val-slices", "10", "--eval-slices", "13", "--seeds", "0,1", "--lrs", "1e-3,3e-3"))
+        "--val-slices", "10", "--eval-slices", "13", "--seeds", "0,1", "--lrs", "1e-3,3e-3",
+        "--semi", "restore"))   # the recipe has no semi: this adds the +semi arms
     assert json.loads(out.read_text()) == report
     sets = ["0", "0,1"]
 
@@ -110,7 +111,7 @@ def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep(synth_zarr: Path, tmp_
     (["--labeled-slices", "0", "--eval-slices", "5"], "a learning-rate sweep needs --val-slices"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--recipe", "nope"], "recipes: restore_unet"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--lrs", "1e-3", "--arms", "scratch,teacher"],
-     "--arms: teacher not among scratch, pretrained, scratch+semi, pretrained+semi"),
+     "--arms: teacher not among scratch, pretrained (recipe restore_unet has no semi; see --semi)"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--finetune-override", "module.lr=1"],
      "the harness sets module.lr itself"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--lrs", "1e-3", "--finetune-override", "model.nme=x"],
