@@ -175,6 +175,15 @@ def test_mean_teacher_follows_the_model_by_its_momentum(compose_config, synth_za
     assert not teacher.requires_grad
 
 
+def test_lp_ft_recipe_is_the_restore_unet_fine_tuning_with_frozen_steps(compose_config) -> None:
+    base = compose_config("finetune", ["experiment=restore_unet/finetune"])
+    lp_ft = compose_config("finetune", ["experiment=restore_unet/lp_ft"])
+    assert base.module.freeze_encoder_steps == base.module.freeze_decoder_steps == 0
+    assert 0 < lp_ft.module.freeze_decoder_steps < lp_ft.module.freeze_encoder_steps < lp_ft.trainer.max_steps
+    lp_ft.module.freeze_encoder_steps = lp_ft.module.freeze_decoder_steps = 0
+    assert lp_ft == base
+
+
 def test_layer_decay_and_frozen_encoder_and_decoder_in_the_learning_rates(compose_config, synth_zarr: Path) -> None:
     cfg = compose_config("finetune", [*finetune_args(synth_zarr), "module.layer_decay=0.5",
                                       "module.encoder_lr_ratio=0.1", "module.freeze_encoder_steps=5",
