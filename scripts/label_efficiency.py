@@ -1,180 +1,386 @@
-"""Does pretraining pay? Fine-tune from a pretrained encoder and from scratch on the same few slices.
+"""Does the unlabeled data pay? A recipe against supervised training from scratch on the same few slices.
 
-Pretrains a masked-modelling encoder (MAE for vit2d, MIM for cnn2d) on the unlabeled volumes and
-the raw volume (its labels unused), then for every labeled-slice set and seed fine-tunes twice with
-the same head, steps, augmentation and seed -- once from the pretrained encoder, once from
-scratch -- and scores both on the eval slices: IoU / Dice of the target, and the foreground-
-restricted Rand F-score (V_rand) and variation of information of the instances derived from the
-prediction (ISBI 2012 convention; best over the same thresholds for both arms).
+A recipe is a pretraining experiment ``configs/experiment/<recipe>/pretrain.yaml`` and a fine-tuning
+one ``<recipe>/finetune.yaml`` (which may set ``semi=``; ``--semi NAME`` sets or replaces it). The
+harness pretrains once on the ``--unlabeled`` volumes and the raw volume (its labels unused; ``--encoder``
+skips this), then fine-tunes these arms, which differ only in their start and their semi-supervised loss:
+
+    scratch           random weights, supervised only: the baseline
+    pretrained        from the pretraining checkpoint, supervised only
+    scratch+semi      random weights, with the recipe's semi-supervised loss
+    pretrained+semi   the recipe's full arm (without semi in the recipe, ``pretrained`` is)
+
+Every arm runs for each ``--labeled-slices`` set and ``--seeds`` seed with the recipe's steps and
+augmentation, and is scored on ``--eval-slices``: IoU / Dice of the target; V_rand, V_info and VI of
+the instances (ISBI 2012 convention, best of the same thresholds for every arm). Tuned with equal
+effort: ``scratch`` and ``pretrained`` each fine-tune with every ``--lrs`` value on the first slice
+set and seed, scored on ``--val-slices``; each takes the learning rate with the highest val IoU (to
+3 decimals; then the highest V_rand), and its ``+semi`` arm uses the same.
 
     python scripts/label_efficiency.py --raw stack1.zarr --labels stack1_membranes.zarr \\
         --unlabeled stack2.zarr --target membrane --labeled-slices 0 --labeled-slices 0,1 \\
-        --eval-slices 10-19 --pretrain-steps 1000 --finetune-steps 300 --model vit2d --seeds 0 \\
-        --out label_efficiency/membranes.json
+        --val-slices 10-11 --eval-slices 15-19 --seeds 0,1,2 --lrs 1e-3,3e-3 --out le/membranes.json
 
-REPORT.json: {"pretrained": {"iou", "dice", "vrand", "vinfo", "seeds": [...]}, "scratch": {...},
-"config": {...}, "seconds": {...}} for the first --labeled-slices, and "curve": the same for every
---labeled-slices given. A PNG next to it shows raw, truth and both arms' predictions on one eval slice.
+Writes REPORT.json (``--out``; layout in docs/benchmarks.md), ``<stem>_curve.png`` (IoU and V_rand
+against the number of labeled slices, one line per arm, error bars one std over seeds),
+``<stem>_slices<set>.png`` (raw | truth | every arm's probabilities on one eval slice, first seed)
+and the runs under ``<stem>/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 from hydra import compose, initialize_config_module
-from PIL import Image
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from emfm import run
-from emfm.data.labeled import IGNORE, HeldOutSlices, LabeledVolume, parse_slices
+from emfm.data.labeled import HeldOutSlices, LabeledVolume, parse_slices
 from emfm.errors import EmfmError
+from emfm.evaluation.comparison import METRICS, paired_differences, plot_curve, side_by_side, summarize
 from emfm.evaluation.evaluate import THRESHOLDS, evaluate_region, load_segmenter
 
-# Model sizes: "small" for real runs on a CPU (minutes), "tiny" for the test suite (seconds).
-MODELS = {
-    ("vit2d", "small"): ["model.name=vit_tiny_patch16_224", "model.patch_size=16", "data.patch_shape=[128,128]"],
-    ("cnn2d", "small"): ["model.name=resnet18", "data.patch_shape=[128,128]"],
-    ("vit2d", "tiny"): ["model.name=test_vit", "model.patch_size=8", "data.patch_shape=[32,32]"],
-    ("cnn2d", "tiny"): ["model.name=test_resnet", "data.patch_shape=[64,64]"],
+ARMS = ("scratch", "pretrained", "scratch+semi", "pretrained+semi")
+COMPARISONS = (("pretrained+semi", "scratch"), ("pretrained", "scratch"),   # the recipe; pretraining alone
+               ("pretrained+semi", "scratch+semi"), ("scratch+semi", "scratch"))  # pretraining with semi; semi alone
+LR_RULE = "highest IoU on --val-slices (to 3 decimals), then highest V_rand; +semi arms use their base arm's"
+LOGGING = ["logger=default", "~logger.tensorboard", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+OWN_KEYS = {  # what the harness sets itself; an override of these would make the arms differ
+    "pretrain": ("experiment", "data.volumes", "paths.output_dir"),
+    "finetune": ("experiment", "init", "seed", "semi", "module.lr", "target", "data.raw", "data.labels",
+                 "data.labeled_slices", "data.val_slices", "data.unlabeled", "paths.output_dir"),
 }
-PRETRAIN = {  # CPU-sized heads and the plain pixel loss (docs/benchmarks.md: norm-pix needs GPU-length runs)
-    "vit2d": ["objective=mae", "objective.methods.mae.decoder_dim=128", "objective.methods.mae.decoder_depth=2",
-              "objective.methods.mae.decoder_heads=4", "objective.methods.mae.norm_pix_loss=false"],
-    "cnn2d": ["objective=mim", "objective.methods.mim.decoder_dim=64"],
+REPORTED = {  # composed settings recorded in the report
+    "pretrain": ("model", "head", "objective", "data.patch_shape", "data.batch_size", "trainer.max_steps"),
+    "finetune": ("model", "head", "semi", "data.patch_shape", "data.batch_size", "module.layer_decay",
+                 "module.warmup_steps", "trainer.max_steps"),
 }
-COMMON = ["logger=default", "~logger.tensorboard", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 
 
-def hydra_run(command: str, overrides: list[str]) -> dict[str, float]:
+@dataclass
+class Plan:
+    """Everything a harness run does, checked before any training."""
+
+    recipe: str
+    raw: str
+    labels: str
+    unlabeled: list[str]
+    target: str
+    labeled_sets: list[list[int]]
+    eval_slices: list[int]
+    val_slices: list[int]
+    seeds: list[int]
+    lrs: list[float]
+    encoder: str | None         # given: no pretraining
+    pretrain_overrides: list[str]
+    finetune_overrides: list[str]
+    out: Path
+    arms: tuple[str, ...] = ()
+    semi_choice: str | None = None   # --semi: replaces the recipe's semi-supervised method
+    semi: str | None = None     # the +semi arms' method, as composed
+
+    @property
+    def work(self) -> Path:
+        return self.out.with_suffix("")
+
+    @property
+    def full_arm(self) -> str:
+        return "pretrained+semi" if self.semi else "pretrained"
+
+    @property
+    def pretrains(self) -> bool:
+        return self.encoder is None and any(a.startswith("pretrained") for a in self.arms)
+
+    def finetune(self, arm: str, lr: float, slices: Sequence[int], seed: int, run_dir: Path,
+                 init: str = "scratch") -> list[str]:
+        """Overrides of one fine-tuning run: only ``init`` and ``semi`` tell the arms apart."""
+        semi = arm.endswith("+semi")
+        user = [o for o in self.finetune_overrides if semi or not o.startswith("semi.")]
+        return [f"experiment={self.recipe}/finetune", f"target={self.target}", f"init={init}", f"seed={seed}",
+                *(["semi=none"] if not semi else [f"semi={self.semi_choice}"] if self.semi_choice else []),
+                f"module.lr={lr}", f"data.raw={self.raw}",
+                f"data.labels={self.labels}", f"data.labeled_slices=[{tag(slices)}]", "data.val_slices=null",
+                f"data.unlabeled=[{','.join(str(Path(v).resolve()) for v in self.unlabeled)}]",
+                "callbacks.model_checkpoint.monitor=null", "++trainer.limit_val_batches=0",
+                f"paths.output_dir={run_dir}", *LOGGING, *user]
+
+    def pretrain(self) -> list[str]:
+        volumes = ",".join(str(Path(v).resolve()) for v in [*self.unlabeled, self.raw])
+        return [f"experiment={self.recipe}/pretrain", f"data.volumes=[{volumes}]",
+                f"paths.output_dir={self.work / 'pretrain'}", *LOGGING, *self.pretrain_overrides]
+
+
+def compose_config(command: str, overrides: list[str]) -> DictConfig:
     with initialize_config_module("emfm.configs", version_base="1.3"):
-        cfg = compose(command, overrides)
-    return getattr(run, command)(cfg)
+        return compose(command, overrides)
 
 
-def summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("iou", "dice", "vrand", "vinfo", "vi")
-    return {**{k: float(np.mean([s[k] for s in per_seed])) for k in keys if k in per_seed[0]}, "seeds": per_seed}
+def recipe_dir(name: str = "") -> Path:
+    return Path(str(files("emfm.configs"))) / "experiment" / name
 
 
-def panel(array: np.ndarray, lo: float, hi: float) -> Image.Image:
-    scaled = np.clip((array - lo) / max(hi - lo, 1e-6), 0, 1)
-    return Image.fromarray((255 * scaled).astype(np.uint8))
+def tag(slices: Sequence[int]) -> str:
+    return ",".join(map(str, slices))
 
 
-def save_comparison(path: Path, raw: np.ndarray, truth: np.ndarray, arms: dict[str, np.ndarray]) -> None:
-    """raw | truth | one probability map per arm, side by side (unlabeled truth pixels grey)."""
-    shown = np.where(truth == IGNORE, 0.5, truth > 0)
-    panels = [panel(raw, *np.percentile(raw, [1, 99])), panel(shown.astype(float), 0, 1)]
-    panels += [panel(probs[0], 0, 1) for probs in arms.values()]
-    width, height = panels[0].size
-    sheet = Image.new("L", (width * len(panels), height))
-    for i, image in enumerate(panels):
-        sheet.paste(image, (i * width, 0))
-    sheet.save(path)
+def composed(cfg: DictConfig, keys: Sequence[str]) -> dict[str, Any]:
+    """Selected keys of a composed config, resolved, for the report."""
+    picked = {k: OmegaConf.select(cfg, k) for k in keys}
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in picked.items()}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="restore_unet", help="configs/experiment/<recipe>/{pretrain,finetune}.yaml")
     parser.add_argument("--raw", required=True, help="raw volume with labels on some slices")
     parser.add_argument("--labels", required=True, help="label volume of the same shape")
-    parser.add_argument("--unlabeled", nargs="*", default=[], help="more volumes for pretraining")
+    parser.add_argument("--unlabeled", nargs="*", default=[], help="more volumes for pretraining and semi")
     parser.add_argument("--target", default="membrane", choices=["membrane", "foreground", "semantic"])
     parser.add_argument("--labeled-slices", action="append", required=True,
                         help="training slices, e.g. 0,1; give it several times for a curve")
-    parser.add_argument("--eval-slices", required=True, help="held-out slices to score, e.g. 10-19")
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
-    parser.add_argument("--finetune-steps", type=int, default=300)
-    parser.add_argument("--model", default="vit2d", choices=["vit2d", "cnn2d"])
-    parser.add_argument("--model-size", default="small", choices=["small", "tiny"])
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--eval-slices", required=True, help="held-out slices to score, e.g. 15-19")
+    parser.add_argument("--val-slices", help="held-out slices that choose the learning rate (not scored)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--lrs", default="1e-3,3e-3", help="learning rates to sweep; one value: no sweep")
+    parser.add_argument("--semi", help="semi-supervised method of the +semi arms (default: the recipe's), e.g. restore")
+    parser.add_argument("--arms", help=f"comma-separated subset of {', '.join(ARMS)} (default: all that apply)")
+    parser.add_argument("--encoder", help="skip pretraining: the checkpoint the pretrained arms start from")
+    parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override for pretraining (repeatable)")
     parser.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="a Hydra override for both arms' fine-tuning, e.g. module.layer_decay=1.0")
-    parser.add_argument("--encoder", help="skip pretraining: an emfm checkpoint or exported encoder to compare")
+                        help="a Hydra override for every fine-tuning run (repeatable; semi.* only for +semi arms)")
     parser.add_argument("--out", type=Path, required=True, help="REPORT.json")
-    args = parser.parse_args()
+    return parser
 
+
+def make_plan(argv: Sequence[str] | None) -> tuple[Plan, dict[str, Any]]:
+    """The checked plan and the composed configs' settings; every problem is a one-line parser error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (recipe_dir(args.recipe) / "finetune.yaml").is_file():
+        known = sorted(p.name for p in recipe_dir().iterdir() if (p / "finetune.yaml").is_file())
+        parser.error(f"--recipe {args.recipe}: no configs/experiment/{args.recipe}/finetune.yaml; "
+                     f"recipes: {', '.join(known)}")
+    for phase, overrides in (("pretrain", args.pretrain_override), ("finetune", args.finetune_override)):
+        for override in overrides:
+            if (key := override.split("=")[0].lstrip("+~")) in OWN_KEYS[phase]:
+                parser.error(f"--{phase}-override {override}: the harness sets {key} itself")
+    if args.out.suffix != ".json":
+        parser.error(f"--out {args.out}: expected a .json file (its runs go to {args.out.with_suffix('')}/)")
+    if args.encoder and not Path(args.encoder).exists():
+        parser.error(f"--encoder {args.encoder}: no such checkpoint or export directory")
     try:
-        data = LabeledVolume(args.raw, args.labels)
-        eval_slices = parse_slices(args.eval_slices, data.depth, "--eval-slices")
-        labeled_sets = [parse_slices(spec, data.depth, "--labeled-slices") for spec in args.labeled_slices]
-    except EmfmError as e:
-        parser.error(str(e))
+        depth = LabeledVolume(args.raw, args.labels).depth
+        eval_slices = parse_slices(args.eval_slices, depth, "--eval-slices")
+        val_slices = parse_slices(args.val_slices, depth, "--val-slices")
+        labeled_sets = [parse_slices(spec, depth, "--labeled-slices") for spec in args.labeled_slices]
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))
+        lrs = list(dict.fromkeys(float(v) for v in args.lrs.split(",")))
+    except (EmfmError, ValueError) as err:
+        parser.error(str(err))
     for labeled in labeled_sets:
-        if overlap := sorted(set(labeled) & set(eval_slices)):
-            parser.error(f"--labeled-slices {labeled} overlap --eval-slices at {overlap}; score on held-out slices")
-    work = args.out.with_suffix("")
-    work.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    model = [f"model={args.model}", *MODELS[args.model, args.model_size]]
-    seconds: dict[str, float] = {}
+        for name, held_out in (("--eval-slices", eval_slices), ("--val-slices", val_slices)):
+            if overlap := sorted(set(labeled) & set(held_out)):
+                parser.error(f"--labeled-slices {labeled} overlap {name} at {overlap}; use held-out slices")
+    if overlap := sorted(set(val_slices) & set(eval_slices)):
+        parser.error(f"--val-slices overlap --eval-slices at {overlap}; choose the learning rate on other slices")
+    if len(lrs) > 1 and not val_slices:
+        parser.error(f"--lrs {args.lrs}: a learning-rate sweep needs --val-slices (or give one learning rate)")
+    plan = Plan(recipe=args.recipe, raw=args.raw, labels=args.labels, unlabeled=args.unlabeled, target=args.target,
+                labeled_sets=labeled_sets, eval_slices=eval_slices, val_slices=val_slices, seeds=seeds, lrs=lrs,
+                encoder=args.encoder, pretrain_overrides=args.pretrain_override,
+                finetune_overrides=args.finetune_override, out=args.out, semi_choice=args.semi)
+    return plan, compose_recipe(parser, plan, args.arms)
 
-    encoder = args.encoder
-    if encoder is None:
+
+def compose_recipe(parser: argparse.ArgumentParser, plan: Plan, arms: str | None) -> dict[str, Any]:
+    """Compose the recipe's configs once (bad overrides fail here), learn its semi method, check the arms."""
+    try:
+        probe = compose_config("finetune", plan.finetune("scratch+semi", plan.lrs[0], plan.labeled_sets[0],
+                                                         plan.seeds[0], plan.work))
+        plan.semi = probe.semi.name
+        applicable = [a for a in ARMS if plan.semi or not a.endswith("+semi")]
+        plan.arms = tuple(dict.fromkeys(arms.split(","))) if arms else tuple(applicable)
+        if unknown := [a for a in plan.arms if a not in applicable]:
+            why = f"semi={plan.semi}" if plan.semi else f"recipe {plan.recipe} has no semi; see --semi"
+            parser.error(f"--arms: {', '.join(unknown)} not among {', '.join(applicable)} ({why})")
+        if plan.pretrains and not (recipe_dir(plan.recipe) / "pretrain.yaml").is_file():
+            parser.error(f"--recipe {plan.recipe} has no pretrain.yaml; pass --encoder CKPT")
+        pretrain = compose_config("pretrain", plan.pretrain()) if plan.pretrains else None
+    except (HydraException, OmegaConfBaseException) as err:
+        parser.error(f"composing recipe {plan.recipe}: {str(err).splitlines()[0]}")
+    return {"pretrain": pretrain and composed(pretrain, REPORTED["pretrain"]),
+            "finetune": composed(probe, REPORTED["finetune"]),
+            "ignore_label": probe.data.ignore_label}
+
+
+class Finetuner:
+    """The fine-tuning runs of one harness run: each (arm, lr, slices, seed) is trained once.
+
+    The learning-rate sweep's run at the chosen rate is the arm's first run; it is reused, not repeated.
+    """
+
+    def __init__(self, plan: Plan, encoder: str | None, ignore_label: int | None) -> None:
+        self.plan, self.encoder = plan, encoder
+        self.data = LabeledVolume(plan.raw, plan.labels, ignore_label)
+        self.runs: dict[tuple[str, float, str, int], tuple[Path, float]] = {}
+
+    def train(self, arm: str, lr: float, slices: Sequence[int], seed: int) -> tuple[Path, float]:
+        """(last checkpoint, training seconds) of this run."""
+        key = (arm, lr, tag(slices), seed)
+        if key not in self.runs:
+            start = time.perf_counter()
+            name = f"slices{tag(slices).replace(',', '-')}_seed{seed}_{arm.replace('+', '_')}_lr{lr:g}"
+            run_dir = self.plan.work / name
+            init = self.encoder if arm.startswith("pretrained") else "scratch"
+            run.finetune(compose_config("finetune", self.plan.finetune(arm, lr, slices, seed, run_dir, init)))
+            self.runs[key] = (run_dir / "checkpoints" / "last.ckpt", time.perf_counter() - start)
+        return self.runs[key]
+
+    def score(self, checkpoint: Path, slices: Sequence[int]) -> tuple[dict[str, Any], tuple, float]:
+        """(scores, (raw, probs, labels) of the last slice, seconds) on ``slices``."""
         start = time.perf_counter()
-        pretrain_dir = work / "pretrain"
-        volumes = ",".join(str(Path(v).resolve()) for v in [*args.unlabeled, args.raw])
-        hydra_run("pretrain", [
-            *model, *PRETRAIN[args.model], f"data.volumes=[{volumes}]", f"paths.output_dir={pretrain_dir}",
-            f"trainer.max_steps={args.pretrain_steps}", f"trainer.val_check_interval={args.pretrain_steps}",
-            f"data.batch_size={args.batch_size * 2}", f"data.num_workers={args.workers}", "objective.lr=1e-3",
-            f"objective.warmup_steps={min(50, args.pretrain_steps)}", "callbacks.reconstructions=null", *COMMON])
-        seconds["pretrain"] = time.perf_counter() - start
-        encoder = str(pretrain_dir / "checkpoints" / "last.ckpt")
-    arms = {"pretrained": str(Path(encoder).resolve()), "scratch": "scratch"}
+        module = load_segmenter(checkpoint)
+        regions = HeldOutSlices(self.data, slices, module.model.encoder.input_shape)
+        scored = evaluate_region(module, regions, THRESHOLDS)
+        return scored["report"], scored["example"], time.perf_counter() - start
 
-    curve = []
-    for labeled in labeled_sets:
-        results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
-        examples: dict[str, np.ndarray] = {}
-        for seed in seeds:
-            for arm, init in arms.items():
-                start = time.perf_counter()
-                run_dir = work / f"slices{'-'.join(map(str, labeled))}_seed{seed}_{arm}"
-                hydra_run("finetune", [
-                    *model, f"target={args.target}", f"init={init}", f"seed={seed}", f"data.raw={args.raw}",
-                    f"data.labels={args.labels}", f"data.labeled_slices={labeled}", "data.val_slices=null",
-                    f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
-                    f"trainer.max_steps={args.finetune_steps}", f"module.warmup_steps={min(30, args.finetune_steps)}",
-                    "callbacks.model_checkpoint.monitor=null", "+trainer.limit_val_batches=0",
-                    f"paths.output_dir={run_dir}", *COMMON, *args.finetune_override])
-                module = load_segmenter(run_dir / "checkpoints" / "last.ckpt")
-                regions = HeldOutSlices(data, eval_slices, module.model.encoder.input_shape)
-                scored = evaluate_region(module, regions, THRESHOLDS)
-                results[arm].append({"seed": seed, **scored["report"]})
-                examples[arm] = scored["example"][1]
-                raw, truth = scored["example"][0], scored["example"][2]
-                key = f"{arm} ({len(labeled)} slices)"
-                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
-        png = args.out.with_name(f"{args.out.stem}_slices{'-'.join(map(str, labeled))}.png")
-        save_comparison(png, raw, truth, examples)
-        curve.append({"labeled_slices": labeled, **{arm: summary(rows) for arm, rows in results.items()},
-                      "picture": str(png)})
 
-    report = {
-        **{arm: curve[0][arm] for arm in arms},
-        "curve": curve,
-        "config": {"encoder": encoder, "raw": args.raw, "labels": args.labels, "unlabeled": args.unlabeled, "target": args.target,
-                   "eval_slices": eval_slices, "pretrain_steps": None if args.encoder else args.pretrain_steps,
-                   "finetune_steps": args.finetune_steps, "model": args.model, "model_size": args.model_size,
-                   "overrides": model, "finetune_overrides": args.finetune_override, "seeds": seeds, "batch_size": args.batch_size, "thresholds": list(THRESHOLDS)},
+def sweep_lrs(plan: Plan, tuner: Finetuner) -> dict[str, Any]:
+    """Each base arm's learning rate, from the same sweep on the first slice set and seed."""
+    bases = [b for b in ("scratch", "pretrained") if any(a.split("+")[0] == b for a in plan.arms)]
+    table, chosen, seconds = [], {}, {"train": 0.0, "evaluate": 0.0}
+    if len(plan.lrs) == 1:
+        return {"lrs": plan.lrs, "rule": "one learning rate given: no sweep", "runs": [],
+                "chosen": dict.fromkeys(bases, plan.lrs[0]), "seconds": seconds}
+    for base in bases:
+        rows = []
+        for lr in plan.lrs:
+            checkpoint, train_seconds = tuner.train(base, lr, plan.labeled_sets[0], plan.seeds[0])
+            scores, _, eval_seconds = tuner.score(checkpoint, plan.val_slices)
+            rows.append({"arm": base, "lr": lr, **{m: scores[m] for m in METRICS if m in scores}})
+            seconds["train"] += train_seconds
+            seconds["evaluate"] += eval_seconds
+        chosen[base] = max(rows, key=lambda r: (round(r["iou"], 3), r.get("vrand", 0.0)))["lr"]
+        table += rows
+    return {"lrs": plan.lrs, "rule": LR_RULE, "labeled_slices": plan.labeled_sets[0], "seed": plan.seeds[0],
+            "val_slices": plan.val_slices, "runs": table, "chosen": chosen, "seconds": seconds}
+
+
+def run_arms(plan: Plan, tuner: Finetuner, lrs: dict[str, float]) -> tuple[dict, dict, list[Path]]:
+    """Every arm x slice set x seed: ({arm: {set: summary}}, {set: {arm: seconds}}, pictures)."""
+    results: dict[str, dict[str, Any]] = {arm: {} for arm in plan.arms}
+    seconds: dict[str, dict[str, dict[str, float]]] = {}
+    pictures = []
+    for slices in plan.labeled_sets:
+        examples, seconds[tag(slices)] = {}, {}
+        for arm in plan.arms:
+            rows, spent = [], {"train": 0.0, "evaluate": 0.0}
+            for seed in plan.seeds:
+                checkpoint, training = tuner.train(arm, lrs[arm], slices, seed)
+                scores, example, scoring = tuner.score(checkpoint, plan.eval_slices)
+                rows.append({"seed": seed, **scores})
+                spent["train"], spent["evaluate"] = spent["train"] + training, spent["evaluate"] + scoring
+                examples.setdefault(arm, example)
+            results[arm][tag(slices)], seconds[tag(slices)][arm] = summarize(rows), spent
+        raw, _, truth = next(iter(examples.values()))
+        pictures.append(plan.out.with_name(f"{plan.out.stem}_slices{tag(slices).replace(',', '-')}.png"))
+        side_by_side(pictures[-1], raw, truth, {arm: example[1] for arm, example in examples.items()})
+    return results, seconds, pictures
+
+
+def differences(plan: Plan, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per slice set, every available paired comparison ``"a - b"`` (same seeds)."""
+    pairs = [(a, b) for a, b in COMPARISONS if a in results and b in results]
+    return {tag(s): {f"{a} - {b}": paired_differences(results[a][tag(s)]["seeds"], results[b][tag(s)]["seeds"])
+                     for a, b in pairs} for s in plan.labeled_sets}
+
+
+def print_summary(report: dict[str, Any], outputs: Sequence[Path]) -> None:
+    def cell(summary: dict[str, Any], metric: str) -> str:
+        return f"{summary[metric]:.3f} ± {summary['std'][metric]:.3f}" if metric in summary else "-"
+
+    print(f"\n{'labeled':>10}  {'arm':<16} {'IoU':>13}  {'V_rand':>13}  lr")
+    for point in report["curve"]:
+        for arm, info in report["arms"].items():
+            print(f"{tag(point['labeled_slices']):>10}  {arm:<16} {cell(point[arm], 'iou'):>13}  "
+                  f"{cell(point[arm], 'vrand'):>13}  {info['lr']:g}")
+    print("\npaired differences (same seed): mean ± std [all positive]")
+    for slices, pairs in report["differences"].items():
+        for name, metrics in pairs.items():
+            shown = [f"{m} {d['mean']:+.3f} ± {d['std']:.3f} [{'yes' if d['all_positive'] else 'no'}]"
+                     for m, d in metrics.items() if m in ("iou", "vrand")]
+            print(f"{slices:>10}  {name:<32} {'   '.join(shown)}")
+    print("\nwrote " + "\n      ".join(map(str, outputs)))
+
+
+def build_report(plan: Plan, encoder: str | None, results: dict, sweep: dict, lrs: dict[str, float],
+                 pictures: Sequence[Path], curve_png: Path, settings: dict, seconds: dict) -> dict[str, Any]:
+    first = tag(plan.labeled_sets[0])
+    return {
+        "recipe": plan.recipe, "recipe_arm": plan.full_arm, "baseline_arm": "scratch",
+        **{key: results[arm][first] for key, arm in (("pretrained", plan.full_arm), ("scratch", "scratch"))
+           if arm in results},
+        "arms": {arm: {"init": encoder if arm.startswith("pretrained") else "scratch",
+                       "semi": plan.semi if arm.endswith("+semi") else None, "lr": lrs[arm],
+                       "slice_sets": results[arm]} for arm in plan.arms},
+        "differences": differences(plan, results),
+        "curve": [{"labeled_slices": s, "count": len(s), "picture": str(p),
+                   **{arm: results[arm][tag(s)] for arm in plan.arms}} for s, p in zip(plan.labeled_sets, pictures)],
+        "curve_png": str(curve_png),
+        "lr_sweep": sweep,
+        "config": {"recipe": plan.recipe, "raw": plan.raw, "labels": plan.labels, "unlabeled": plan.unlabeled,
+                   "target": plan.target, "encoder": encoder, "pretrained_here": plan.pretrains,
+                   "arms": list(plan.arms), "semi": plan.semi, "labeled_slices": plan.labeled_sets,
+                   "eval_slices": plan.eval_slices, "val_slices": plan.val_slices, "seeds": plan.seeds,
+                   "lrs": plan.lrs, "thresholds": list(THRESHOLDS),
+                   "pretrain_overrides": plan.pretrain_overrides, "finetune_overrides": plan.finetune_overrides,
+                   "torch_threads": torch.get_num_threads(),
+                   "composed": {k: settings[k] for k in ("pretrain", "finetune")}},
         "seconds": seconds,
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'labeled slices':>15} {'arm':>10} {'IoU':>7} {'Dice':>7} {'V_rand':>7} {'V_info':>7} {'VI':>7}")
-    nan = float("nan")
-    for point in curve:
-        for arm in arms:
-            r = point[arm]
-            print(f"{','.join(map(str, point['labeled_slices'])):>15} {arm:>10} {r['iou']:7.3f} {r['dice']:7.3f} "
-                  f"{r.get('vrand', nan):7.3f} {r.get('vinfo', nan):7.3f} {r.get('vi', nan):7.3f}")
-    print(f"wrote {args.out} and {len(curve)} picture(s) next to it")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    plan, settings = make_plan(argv)
+    plan.work.mkdir(parents=True, exist_ok=True)
+    started, seconds = time.perf_counter(), {}
+    encoder = plan.encoder
+    if plan.pretrains:
+        run.pretrain(compose_config("pretrain", plan.pretrain()))
+        seconds["pretrain"] = time.perf_counter() - started
+        encoder = str(plan.work / "pretrain" / "checkpoints" / "last.ckpt")
+    encoder = str(Path(encoder).resolve()) if encoder else None
+
+    tuner = Finetuner(plan, encoder, settings["ignore_label"])
+    sweep = sweep_lrs(plan, tuner)
+    lrs = {arm: sweep["chosen"][arm.split("+")[0]] for arm in plan.arms}
+    results, seconds["arms"], pictures = run_arms(plan, tuner, lrs)
+    seconds["lr_sweep"], seconds["total"] = sweep.pop("seconds"), time.perf_counter() - started
+
+    curve_png = plan.out.with_name(f"{plan.out.stem}_curve.png")
+    plot_curve(curve_png, [len(s) for s in plan.labeled_sets],
+               {arm: [results[arm][tag(s)] for s in plan.labeled_sets] for arm in plan.arms},
+               title=f"{plan.recipe} on {Path(plan.raw).name}, {len(plan.seeds)} seed(s)")
+    report = build_report(plan, encoder, results, sweep, lrs, pictures, curve_png, settings, seconds)
+    plan.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_summary(report, [plan.out, curve_png, *pictures, plan.work])
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EmfmError as err:
+        sys.exit(f"label_efficiency.py: error: {err}")

@@ -29,7 +29,7 @@ TINY_OBJECTIVES = {
     "mocov3": ["objective.methods.mocov3.proj_dim=16", "objective.methods.mocov3.hidden_dim=32"],
     "simclr": ["objective.methods.simclr.proj_dim=16", "objective.methods.simclr.hidden_dim=32"],
     "densecl": ["objective.methods.densecl.proj_dim=16", "objective.methods.densecl.hidden_dim=32"],
-    "restore": ["head.channels=8", "objective.methods.restore.mask_patch=8"],
+    "restore": ["++head.channels=8", "objective.methods.restore.mask_patch=8"],
     "hybrid": ["objective.methods.masked.decoder_dim=32", "objective.methods.mocov3.proj_dim=16",
                "objective.methods.mocov3.hidden_dim=32"],
 }

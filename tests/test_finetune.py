@@ -162,23 +162,37 @@ def test_mean_teacher_follows_the_model_by_its_momentum(compose_config, synth_za
     assert not teacher.requires_grad
 
 
-def test_layer_decay_and_frozen_encoder_in_the_learning_rates(compose_config, synth_zarr: Path) -> None:
+def test_lp_ft_recipe_is_the_restore_unet_fine_tuning_with_frozen_steps(compose_config) -> None:
+    base = compose_config("finetune", ["experiment=restore_unet/finetune"])
+    lp_ft = compose_config("finetune", ["experiment=restore_unet/lp_ft"])
+    assert base.module.freeze_encoder_steps == base.module.freeze_decoder_steps == 0
+    assert 0 < lp_ft.module.freeze_decoder_steps < lp_ft.module.freeze_encoder_steps < lp_ft.trainer.max_steps
+    lp_ft.module.freeze_encoder_steps = lp_ft.module.freeze_decoder_steps = 0
+    assert lp_ft == base
+
+
+def test_layer_decay_and_frozen_encoder_and_decoder_in_the_learning_rates(compose_config, synth_zarr: Path) -> None:
     cfg = compose_config("finetune", [*finetune_args(synth_zarr), "module.layer_decay=0.5",
                                       "module.encoder_lr_ratio=0.1", "module.freeze_encoder_steps=5",
-                                      "module.warmup_steps=1"])
+                                      "module.freeze_decoder_steps=3", "module.warmup_steps=1"])
     module = run.build(cfg.module)
     module.trainer = type("T", (), {"max_steps": 100})()  # configure_optimizers reads max_steps only
     setup = module.configure_optimizers()
     optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     groups = len(module.model.encoder.layer_groups())
+    output = {id(module.model.head.out.weight), id(module.model.head.out.bias)}
+    decoder = next(g for g in optimizer.param_groups if id(g["params"][0]) in
+                   {id(p) for n, p in module.model.head.named_parameters() if not n.startswith("out.")})
+    head = optimizer.param_groups[-1]
+    assert {id(p) for p in head["params"]} <= output  # the output layer in groups of its own
     patch_embedding = cfg.module.lr * 0.1 * 0.5 ** groups
     assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(patch_embedding)
-    assert optimizer.param_groups[-1]["initial_lr"] == pytest.approx(cfg.module.lr)  # head
-    assert optimizer.param_groups[0]["lr"] == 0 and optimizer.param_groups[-1]["lr"] > 0
-    for _ in range(5):
+    assert head["initial_lr"] == pytest.approx(cfg.module.lr)
+    assert optimizer.param_groups[0]["lr"] == 0 and decoder["lr"] == 0 and head["lr"] > 0  # a linear probe first
+    for step in range(5):
         optimizer.step()
         scheduler.step()
-    assert optimizer.param_groups[0]["lr"] > 0  # unfrozen after 5 steps
+        assert (decoder["lr"] > 0) == (step >= 2) and (optimizer.param_groups[0]["lr"] > 0) == (step >= 4)
 
 
 def test_evaluate_writes_json_and_csv_reports(compose_config, synth_zarr: Path, tmp_path: Path,

@@ -1,36 +1,125 @@
-"""scripts/label_efficiency.py end to end on a tiny model: both arms, the report and the picture."""
+"""scripts/label_efficiency.py end to end: the restore_unet recipe shrunk to seconds, every arm, the lr
+sweep, the report's statistics checked against its own per-seed rows, and the one-line refusals."""
 
+from __future__ import annotations
+
+import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+SHRINK = ["model.name=test_resnet", "data.patch_shape=[64,64]", "head.channels=8", "data.batch_size=2",
+          "data.num_workers=0", "trainer.max_steps=2", "trainer.accelerator=cpu"]
+PRETRAIN = [*SHRINK, "data.val_patches=2", "objective.warmup_steps=1", "callbacks.reconstructions=null"]
+FINETUNE = [*SHRINK, "module.warmup_steps=1"]
+ARMS = ["scratch", "pretrained", "scratch+semi", "pretrained+semi"]
 
 
-def test_harness_compares_pretrained_and_scratch(synth_zarr: Path, tmp_path: Path) -> None:
-    out = tmp_path / "report.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "label_efficiency.py"), "--raw", str(synth_zarr),
-           "--labels", str(synth_zarr / "labels" / "membranes"), "--unlabeled", str(synth_zarr),
-           "--target", "membrane", "--labeled-slices", "0", "--labeled-slices", "0,1", "--eval-slices", "12-13",
-           "--pretrain-steps", "3", "--finetune-steps", "3", "--model", "vit2d", "--model-size", "tiny",
-           "--seeds", "0,1", "--workers", "0", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
-    for arm in ("pretrained", "scratch"):
-        assert {"iou", "dice", "vrand", "vinfo"} <= set(report[arm]) and len(report[arm]["seeds"]) == 2
-        assert all(0 <= report[arm][k] <= 1 for k in ("iou", "dice", "vrand", "vinfo"))
+def load_harness() -> ModuleType:
+    """The script as a module (it lives outside the package, as an entry point)."""
+    if "label_efficiency" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "scripts" / "label_efficiency.py")
+        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)   # dataclasses look it up
+        spec.loader.exec_module(module)
+    return sys.modules["label_efficiency"]
+
+
+def harness_args(volume: Path, out: Path, *extra: str) -> list[str]:
+    overrides = [a for o in PRETRAIN for a in ("--pretrain-override", o)]
+    overrides += [a for o in FINETUNE for a in ("--finetune-override", o)]
+    return ["--raw", str(volume), "--labels", str(volume / "labels" / "membranes"), "--out", str(out),
+            *overrides, *extra]
+
+
+def test_every_arm_with_its_own_lr_and_paired_differences(synth_zarr: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "le" / "report.json"
+    report = load_harness().main(harness_args(
+        synth_zarr, out, "--unlabeled", str(synth_zarr), "--labeled-slices", "0", "--labeled-slices", "0,1",
+        "--val-slices", "10", "--eval-slices", "13", "--seeds", "0,1", "--lrs", "1e-3,3e-3",
+        "--semi", "restore"))   # the recipe has no semi: this adds the +semi arms
+    assert json.loads(out.read_text()) == report
+    sets = ["0", "0,1"]
+
+    assert list(report["arms"]) == ARMS and report["recipe_arm"] == "pretrained+semi"
+    for arm, info in report["arms"].items():
+        assert list(info["slice_sets"]) == sets and info["semi"] == ("restore" if "semi" in arm else None)
+        for summary in info["slice_sets"].values():
+            rows = summary["seeds"]
+            assert [r["seed"] for r in rows] == [0, 1] and all(0 <= r[k] <= 1 for r in rows for k in ("iou", "vrand"))
+            assert summary["iou"] == pytest.approx(np.mean([r["iou"] for r in rows]))
+            assert summary["std"]["vrand"] == pytest.approx(np.std([r["vrand"] for r in rows], ddof=1))
+    assert report["pretrained"] == report["arms"]["pretrained+semi"]["slice_sets"]["0"]
+    assert report["scratch"] == report["arms"]["scratch"]["slice_sets"]["0"]
+
+    for s in sets:   # every paired difference is the difference of the two arms' rows of the same seed
+        pairs = report["differences"][s]
+        assert list(pairs) == ["pretrained+semi - scratch", "pretrained - scratch", "pretrained+semi - scratch+semi",
+                               "scratch+semi - scratch"]
+        for name, metrics in pairs.items():
+            a, b = (report["arms"][arm]["slice_sets"][s]["seeds"] for arm in name.split(" - "))
+            for metric in ("iou", "dice", "vrand", "vinfo", "vi"):
+                values = [x[metric] - y[metric] for x, y in zip(a, b)]
+                assert metrics[metric]["values"] == pytest.approx(values)
+                assert metrics[metric]["mean"] == pytest.approx(np.mean(values))
+                assert metrics[metric]["all_positive"] == all(v > 0 for v in values)
+
+    sweep = report["lr_sweep"]   # both base arms swept alike; +semi arms inherit their base arm's choice
+    assert [(r["arm"], r["lr"]) for r in sweep["runs"]] == [(a, lr) for a in ARMS[:2] for lr in (1e-3, 3e-3)]
+    for base in ARMS[:2]:
+        rows = [r for r in sweep["runs"] if r["arm"] == base]
+        assert sweep["chosen"][base] == max(rows, key=lambda r: (round(r["iou"], 3), r["vrand"]))["lr"]
+        assert report["arms"][base]["lr"] == report["arms"][f"{base}+semi"]["lr"] == sweep["chosen"][base]
+    # 4 sweep runs + 16 arm runs, the two sweep runs at the chosen rates reused
+    assert len(list(out.with_suffix("").glob("slices*/checkpoints/last.ckpt"))) == 18
+
     assert [p["labeled_slices"] for p in report["curve"]] == [[0], [0, 1]]
-    assert report["config"]["eval_slices"] == [12, 13] and report["seconds"]["pretrain"] > 0
-    assert all(Path(p["picture"]).is_file() for p in report["curve"])
-    assert "pretrained" in done.stdout and "scratch" in done.stdout
+    with Image.open(report["curve_png"]) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1]
+    for point in report["curve"]:
+        with Image.open(point["picture"]) as image:       # raw | truth | four arms
+            assert image.size == (6 * 96, 96)
+    config = report["config"]
+    assert config["seeds"] == [0, 1] and config["semi"] == "restore" and config["eval_slices"] == [13]
+    assert [config["composed"][phase]["trainer.max_steps"] for phase in ("pretrain", "finetune")] == [2, 2]
+    seconds = report["seconds"]
+    assert seconds["pretrain"] > 0 and seconds["lr_sweep"]["train"] > 0
+    assert all(t["train"] > 0 and t["evaluate"] > 0 for arms in seconds["arms"].values() for t in arms.values())
+    printed = capsys.readouterr().out
+    assert "pretrained+semi - scratch" in printed and str(report["curve_png"]) in printed
 
 
-def test_labeled_slices_inside_the_eval_slices_are_refused(synth_zarr: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "scripts" / "label_efficiency.py"), "--raw", str(synth_zarr),
-           "--labels", str(synth_zarr / "labels" / "membranes"), "--labeled-slices", "0", "--labeled-slices", "3-5",
-           "--eval-slices", "5-7", "--out", str(tmp_path / "r.json")]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert done.returncode == 2 and "--labeled-slices [3, 4, 5] overlap --eval-slices at [5]" in done.stderr
-    assert not (tmp_path / "r").exists()                      # refused before any work
+def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep(synth_zarr: Path, tmp_path: Path) -> None:
+    report = load_harness().main(harness_args(synth_zarr, tmp_path / "r.json", "--labeled-slices", "0",
+                                              "--eval-slices", "13", "--arms", "scratch", "--lrs", "2e-3"))
+    assert list(report["arms"]) == ["scratch"] and "pretrained" not in report and "pretrain" not in report["seconds"]
+    assert report["lr_sweep"]["runs"] == [] and report["arms"]["scratch"]["lr"] == 2e-3
+    assert report["differences"] == {"0": {}} and not (tmp_path / "r" / "pretrain").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--labeled-slices", "0", "--labeled-slices", "3-5", "--eval-slices", "5-7"],
+     "--labeled-slices [3, 4, 5] overlap --eval-slices at [5]"),
+    (["--labeled-slices", "0,1", "--val-slices", "1", "--eval-slices", "5"], "overlap --val-slices at [1]"),
+    (["--labeled-slices", "0", "--val-slices", "4-5", "--eval-slices", "5"],
+     "--val-slices overlap --eval-slices at [5]"),
+    (["--labeled-slices", "0", "--eval-slices", "5"], "a learning-rate sweep needs --val-slices"),
+    (["--labeled-slices", "0", "--eval-slices", "5", "--recipe", "nope"], "recipes: restore_unet"),
+    (["--labeled-slices", "0", "--eval-slices", "5", "--lrs", "1e-3", "--arms", "scratch,teacher"],
+     "--arms: teacher not among scratch, pretrained (recipe restore_unet has no semi; see --semi)"),
+    (["--labeled-slices", "0", "--eval-slices", "5", "--finetune-override", "module.lr=1"],
+     "the harness sets module.lr itself"),
+    (["--labeled-slices", "0", "--eval-slices", "5", "--lrs", "1e-3", "--finetune-override", "model.nme=x"],
+     "composing recipe restore_unet: Could not override 'model.nme'"),
+])
+def test_bad_requests_are_one_line_errors_before_any_work(synth_zarr: Path, tmp_path: Path, capsys,
+                                                          extra: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        load_harness().main(harness_args(synth_zarr, tmp_path / "r.json", *extra))
+    assert exit_.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "r").exists()

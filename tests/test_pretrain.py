@@ -17,13 +17,14 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 GROUP_OPTIONS = [
     (group.name, str(option.relative_to(group).with_suffix("")))
     for group in sorted(CONFIGS.iterdir()) if group.is_dir() and group.name != "hydra"
-    for option in sorted([*group.glob("*.yaml"), *group.glob("tiny/*.yaml")]) if not option.stem.startswith("_")
+    for option in sorted(group.rglob("*.yaml")) if not option.stem.startswith("_")
 ]
 # Groups used inside another config rather than at the top level: where they are mounted.
 MOUNTED = {"augment": "augment@objective.methods.mae.augment"}
 REQUIRED = {"probe": ["callbacks.dense_probe.raw=r.zarr", "callbacks.dense_probe.labels=l.zarr"]}
 # Groups (and options) only the fine-tuning command has, and each command's required keys.
-FINETUNE_ONLY = {"head", "target", "semi", "data/labeled"}
+FINETUNE_ONLY = {"head", "target", "semi", "data/labeled", "experiment/restore_unet/finetune",
+                 "experiment/restore_unet/lp_ft"}
 COMMAND_KEYS = {"pretrain": ["data.volumes=[v.zarr]"], "finetune": ["data.raw=r.zarr", "data.labels=l.zarr"]}
 
 

@@ -98,6 +98,8 @@ class SegmentationModule(pl.LightningModule):
         encoder_lr_ratio: the encoder's learning rate relative to the head's (below 1 keeps pretrained
             features closer to where pretraining left them).
         freeze_encoder_steps: the encoder learns nothing for this many steps (the head settles first).
+        freeze_decoder_steps: nor does the decoder (the head but its output layer); with the encoder
+            frozen as long, the first steps are a linear probe of the pretrained network (LP-FT).
         overlap: tile overlap of the validation sliding window.
     """
 
@@ -119,6 +121,7 @@ class SegmentationModule(pl.LightningModule):
         layer_decay: float = 0.75,
         encoder_lr_ratio: float = 1.0,
         freeze_encoder_steps: int = 0,
+        freeze_decoder_steps: int = 0,
         overlap: float = 0.25,
     ) -> None:
         super().__init__()
@@ -199,7 +202,11 @@ class SegmentationModule(pl.LightningModule):
             scale = hp["encoder_lr_ratio"] * hp["layer_decay"] ** (len(groups) - depth)
             param_list += param_groups(((n, names[n]) for n in group), hp["weight_decay"], scale,
                                        hp["freeze_encoder_steps"])
-        param_list += param_groups(self.model.head.named_parameters(), hp["weight_decay"])
+        head = self.model.head
+        is_output = {n: n.startswith("out.") or not hasattr(head, "out") for n, _ in head.named_parameters()}
+        param_list += param_groups(((n, p) for n, p in head.named_parameters() if not is_output[n]),
+                                   hp["weight_decay"], frozen_steps=hp["freeze_decoder_steps"])
+        param_list += param_groups(((n, p) for n, p in head.named_parameters() if is_output[n]), hp["weight_decay"])
         if self.semi is not None:  # its own layers (a teacher has no trainable parameters)
             param_list += param_groups(self.semi.named_parameters(), hp["weight_decay"])
         return adamw_warmup_cosine(param_list, self.trainer.max_steps, hp["lr"], hp["betas"], hp["warmup_steps"],
