@@ -11,7 +11,7 @@ from emfm import run
 from emfm.data.ingest import write_ome_zarr
 from emfm.errors import EmfmError
 from emfm.pretrain.base import PretrainModule
-from emfm.pretrain.probe import DenseProbe, iou_dice, parse_roi
+from emfm.pretrain.probe import DenseProbe, iou_dice
 from tests.conftest import tiny, tiny_encoder
 
 
@@ -53,12 +53,13 @@ def test_iou_and_dice_by_hand() -> None:
 
 
 def test_bad_probe_inputs_are_named(synth_zarr: Path, tmp_path: Path) -> None:
-    with pytest.raises(EmfmError, match="outside the volume"):
-        parse_roi("0:4,0:200,0:96", (16, 96, 96))
-    with pytest.raises(EmfmError, match="needs 3 ranges"):
-        parse_roi("0:4,0:96", (16, 96, 96))
+    labels = synth_zarr / "labels" / "membranes"
+    with pytest.raises(EmfmError, match=r"callbacks.dense_probe.roi=\[0:4,0:200,0:96\]: .* outside the volume"):
+        DenseProbe(synth_zarr, labels, roi="0:4,0:200,0:96").load((32, 32))
+    with pytest.raises(EmfmError, match=r"callbacks.dense_probe.roi=\[0:4,0:96\]: 2 ranges for a volume of 3 axes"):
+        DenseProbe(synth_zarr, labels, roi="0:4,0:96").load((32, 32))
     other = write_ome_zarr(np.zeros((4, 32, 32), np.uint8), tmp_path / "other.zarr", is_label=True)
     with pytest.raises(EmfmError, match="other.zarr has shape \\[4, 32, 32\\]"):
         DenseProbe(synth_zarr, other).load((32, 32))
     with pytest.raises(EmfmError, match="fewer than two"):
-        DenseProbe(synth_zarr, synth_zarr / "labels" / "membranes", roi="0:1,0:32,0:32").load((32, 32))
+        DenseProbe(synth_zarr, labels, roi="0:1,0:32,0:32").load((32, 32))

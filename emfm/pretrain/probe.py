@@ -20,25 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
+from emfm.predict.blocks import parse_roi
 from emfm.pretrain.base import PretrainModule
 from emfm.pretrain.masking import patchify, unpatchify
-
-
-def parse_roi(roi: str | None, shape: Sequence[int]) -> tuple[slice, ...]:
-    """``"0:4,0:256,0:256"`` -> slices, checked against the volume shape; ``None`` = everything."""
-    if roi is None:
-        return tuple(slice(0, s) for s in shape)
-    parts = [p.strip() for p in str(roi).split(",")]
-    if len(parts) != len(shape):
-        raise EmfmError(f"probe roi {roi!r} needs {len(shape)} ranges (start:stop), one per axis of {list(shape)}")
-    slices = []
-    for part, size in zip(parts, shape):
-        first, _, last = part.partition(":")
-        start, stop = int(first or 0), int(last or size)
-        if not 0 <= start < stop <= size:
-            raise EmfmError(f"probe roi {roi!r}: range {part!r} is outside the volume shape {list(shape)}")
-        slices.append(slice(start, stop))
-    return tuple(slices)
 
 
 def tiles(array: np.ndarray, tile: Sequence[int]) -> np.ndarray:
@@ -120,7 +104,7 @@ class DenseProbe(pl.Callback):
         if raw.shape != labels.shape:
             raise EmfmError(f"probe: {self.label_path} has shape {list(labels.shape)}, "
                             f"but {self.raw_path} has {list(raw.shape)}")
-        region = parse_roi(self.roi, raw.shape)
+        region = parse_roi(self.roi, raw.shape, "callbacks.dense_probe.roi")
         label_crop = np.asarray(labels.read(region))
         target = np.zeros(label_crop.shape, dtype=np.int64)
         if self.classes is None:
