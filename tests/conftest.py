@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,6 +54,19 @@ def tiny_encoder(model: str) -> dict[str, Any]:
     with initialize_config_module("emfm.configs", version_base="1.3"):
         cfg = compose("pretrain", [f"model=tiny/{model}", "data.volumes=[v.zarr]"])
     return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def fixed_batch_losses(module: torch.nn.Module, images: torch.Tensor, steps: int, lr: float) -> list[float]:
+    """An objective's loss over ``steps`` AdamW steps on one batch, the same mask every step."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = module.compute_loss(images, torch.Generator().manual_seed(0))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def compose_run(name: str, overrides: list[str]) -> Any:

@@ -6,7 +6,7 @@ from emfm.models.encoders import create_encoder
 from emfm.pretrain.base import PretrainModule
 from emfm.pretrain.mae import MAE
 from emfm.pretrain.masking import masked_mse, patchify, random_masking, unpatchify
-from tests.conftest import tiny_encoder
+from tests.conftest import fixed_batch_losses, tiny_encoder
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.6, 0.75])
@@ -46,14 +46,7 @@ def test_mae_step_reduces_loss_on_a_fixed_batch() -> None:
     module = PretrainModule(tiny_encoder("vit2d"), {"mae": {"mask_ratio": 0.75, "decoder_dim": 32, "decoder_depth": 1,
                                                             "decoder_heads": 2}})
     images = torch.randn(4, 1, 32, 32).cumsum(-1) / 8  # smooth-ish structure to learn
-    optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(60):
-        loss = module.compute_loss(images, torch.Generator().manual_seed(0))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(module, images, steps=60, lr=2e-3)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -22,7 +22,7 @@ from emfm.pretrain.masking import tube_masking
 from emfm.pretrain.mim import MIM
 from emfm.pretrain.mocov3 import MoCoV3
 from emfm.pretrain.restore import Corruption
-from tests.conftest import tiny, tiny_encoder
+from tests.conftest import fixed_batch_losses, tiny, tiny_encoder
 
 MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}
 COMBINATIONS = [(model, objective) for model in MASKED
@@ -105,14 +105,7 @@ def test_restoration_trains_encoder_and_decoder_on_a_fixed_batch() -> None:
                             {"restore": {"head": {"name": "unet", "channels": 8}, "noise_std": [0.1, 0.1],
                                          "visible_weight": 0.5}})
     images = torch.randn(4, 1, 64, 64).cumsum(-1).cumsum(-2) / 64  # smooth: hidden cells can be guessed
-    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss = module.compute_loss(images, torch.Generator().manual_seed(0))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(module, images, steps=20, lr=3e-3)
     assert losses[-1] < 0.3 * losses[0]
     panels = module.visualize(images)
     assert list(panels) == ["input", "corrupted", "restored"] and panels["restored"].shape == images.shape
