@@ -20,10 +20,10 @@ python "$(dirname "$0")/label_efficiency.py" --recipe restore_unet --raw demo/sy
     --finetune-override data.patch_shape=[64,64] --finetune-override trainer.max_steps=150 \
     --finetune-override trainer.val_check_interval=150 "$@"
 
-runs="$out/REPORT"
-emfm predict checkpoint="$runs/slices0_seed0_pretrained_lr0.003/checkpoints/last.ckpt" input=demo/synth.zarr \
-    output="$out/prediction.zarr" hydra.run.dir="$out/predict"
-emfm cluster checkpoint="$runs/pretrain/checkpoints/last.ckpt" input=demo/synth.zarr k=4 \
+read -r finetuned pretrained < <(python -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print(r["pretrained"]["seeds"][0]["checkpoint"], r["config"]["encoder"])' "$out/REPORT.json")
+emfm predict checkpoint="$finetuned" input=demo/synth.zarr output="$out/prediction.zarr" hydra.run.dir="$out/predict"
+emfm cluster checkpoint="$pretrained" input=demo/synth.zarr k=4 \
     output="$out/clusters.zarr" labels=demo/truth.zarr/labels/membranes report="$out/clusters.json" \
     hydra.run.dir="$out/cluster"
 

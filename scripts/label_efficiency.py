@@ -290,7 +290,7 @@ def run_arms(plan: Plan, tuner: Finetuner, lrs: dict[str, float]) -> tuple[dict,
             for seed in plan.seeds:
                 checkpoint, training = tuner.train(arm, lrs[arm], slices, seed)
                 scores, example, scoring = tuner.score(checkpoint, plan.eval_slices)
-                rows.append({"seed": seed, **scores})
+                rows.append({"seed": seed, "checkpoint": str(checkpoint), **scores})
                 spent["train"], spent["evaluate"] = spent["train"] + training, spent["evaluate"] + scoring
                 examples.setdefault(arm, example)
             results[arm][tag(slices)], seconds[tag(slices)][arm] = summarize(rows), spent

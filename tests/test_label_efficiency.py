@@ -52,6 +52,7 @@ def test_every_arm_with_its_own_lr_and_paired_differences(synth_zarr: Path, tmp_
         for summary in info["slice_sets"].values():
             rows = summary["seeds"]
             assert [r["seed"] for r in rows] == [0, 1] and all(0 <= r[k] <= 1 for r in rows for k in ("iou", "vrand"))
+            assert all(Path(r["checkpoint"]).is_file() and arm.replace("+", "_") in r["checkpoint"] for r in rows)
             assert summary["iou"] == pytest.approx(np.mean([r["iou"] for r in rows]))
             assert summary["std"]["vrand"] == pytest.approx(np.std([r["vrand"] for r in rows], ddof=1))
     assert report["pretrained"] == report["arms"]["pretrained+semi"]["slice_sets"]["0"]
