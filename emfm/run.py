@@ -6,6 +6,7 @@ Each command is a plain function of its config, called by the CLI and by the tes
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ def prepare(cfg: DictConfig,
     datamodule = build(cfg.data)
     module = build(module_cfg, isotropic=datamodule.isotropic)
     checkpoint = resume_checkpoint(cfg.get("resume"), Path(cfg.paths.output_dir), module)
+    if checkpoint:   # a resumed run writes on into its own checkpoint directory, as it should
+        warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(str(Path(checkpoint).parent))}")
     return datamodule, module, build_trainer(cfg), checkpoint
 
 

@@ -24,7 +24,9 @@ set and seed, scored on ``--val-slices``; each takes the learning rate with the 
 Writes REPORT.json (``--out``; layout in docs/benchmarks.md), ``<stem>_curve.png`` (IoU and V_rand
 against the number of labeled slices, one line per arm, error bars one std over seeds),
 ``<stem>_slices<set>.png`` (raw | truth | every arm's probabilities on one eval slice, first seed)
-and the runs under ``<stem>/``.
+and the runs under ``<stem>/``. Every run resumes (``resume=auto``): the same command after a stop, or
+after a change of scoring, continues the unfinished runs and reuses the finished ones (the report
+lists them under ``seconds.reused``; their training time is the earlier invocation's).
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ COMPARISONS = (("pretrained+semi", "scratch"), ("pretrained", "scratch"),   # th
 LR_RULE = "highest IoU on --val-slices (to 3 decimals), then highest V_rand; +semi arms use their base arm's"
 LOGGING = ["logger=default", "~logger.tensorboard", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 OWN_KEYS = {  # what the harness sets itself; an override of these would make the arms differ
-    "pretrain": ("experiment", "data.volumes", "paths.output_dir"),
+    "pretrain": ("experiment", "data.volumes", "paths.output_dir", "resume"),
     "finetune": ("experiment", "init", "seed", "semi", "module.lr", "target", "data.raw", "data.labels",
-                 "data.labeled_slices", "data.val_slices", "data.unlabeled", "paths.output_dir"),
+                 "data.labeled_slices", "data.val_slices", "data.unlabeled", "paths.output_dir", "resume"),
 }
 REPORTED = {  # composed settings recorded in the report
     "pretrain": ("model", "head", "objective", "data.patch_shape", "data.batch_size", "trainer.max_steps"),
@@ -113,12 +115,12 @@ class Plan:
                 f"data.labels={self.labels}", f"data.labeled_slices=[{tag(slices)}]", "data.val_slices=null",
                 f"data.unlabeled=[{','.join(str(Path(v).resolve()) for v in self.unlabeled)}]",
                 "callbacks.model_checkpoint.monitor=null", "++trainer.limit_val_batches=0",
-                f"paths.output_dir={run_dir}", *LOGGING, *user]
+                f"paths.output_dir={run_dir}", "resume=auto", *LOGGING, *user]
 
     def pretrain(self) -> list[str]:
         volumes = ",".join(str(Path(v).resolve()) for v in [*self.unlabeled, self.raw])
         return [f"experiment={self.recipe}/pretrain", f"data.volumes=[{volumes}]",
-                f"paths.output_dir={self.work / 'pretrain'}", *LOGGING, *self.pretrain_overrides]
+                f"paths.output_dir={self.work / 'pretrain'}", "resume=auto", *LOGGING, *self.pretrain_overrides]
 
 
 def compose_config(command: str, overrides: list[str]) -> DictConfig:
@@ -235,6 +237,7 @@ class Finetuner:
         self.plan, self.encoder = plan, encoder
         self.data = LabeledVolume(plan.raw, plan.labels, ignore_label)
         self.runs: dict[tuple[str, float, str, int], tuple[Path, float]] = {}
+        self.reused: list[str] = []
 
     def train(self, arm: str, lr: float, slices: Sequence[int], seed: int) -> tuple[Path, float]:
         """(last checkpoint, training seconds) of this run."""
@@ -244,8 +247,11 @@ class Finetuner:
             name = f"slices{tag(slices).replace(',', '-')}_seed{seed}_{arm.replace('+', '_')}_lr{lr:g}"
             run_dir = self.plan.work / name
             init = self.encoder if arm.startswith("pretrained") else "scratch"
+            checkpoint = run_dir / "checkpoints" / "last.ckpt"
+            if checkpoint.is_file():
+                self.reused.append(name)
             run.finetune(compose_config("finetune", self.plan.finetune(arm, lr, slices, seed, run_dir, init)))
-            self.runs[key] = (run_dir / "checkpoints" / "last.ckpt", time.perf_counter() - start)
+            self.runs[key] = (checkpoint, time.perf_counter() - start)
         return self.runs[key]
 
     def score(self, checkpoint: Path, slices: Sequence[int]) -> tuple[dict[str, Any], tuple, float]:
@@ -357,10 +363,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plan.work.mkdir(parents=True, exist_ok=True)
     started, seconds = time.perf_counter(), {}
     encoder = plan.encoder
+    reused = []
     if plan.pretrains:
+        encoder = str(plan.work / "pretrain" / "checkpoints" / "last.ckpt")
+        reused += ["pretrain"] if Path(encoder).is_file() else []
         run.pretrain(compose_config("pretrain", plan.pretrain()))
         seconds["pretrain"] = time.perf_counter() - started
-        encoder = str(plan.work / "pretrain" / "checkpoints" / "last.ckpt")
     encoder = str(Path(encoder).resolve()) if encoder else None
 
     tuner = Finetuner(plan, encoder, settings["ignore_label"])
@@ -368,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lrs = {arm: sweep["chosen"][arm.split("+")[0]] for arm in plan.arms}
     results, seconds["arms"], pictures = run_arms(plan, tuner, lrs)
     seconds["lr_sweep"], seconds["total"] = sweep.pop("seconds"), time.perf_counter() - started
+    seconds["reused"] = reused + tuner.reused
 
     curve_png = plan.out.with_name(f"{plan.out.stem}_curve.png")
     plot_curve(curve_png, [len(s) for s in plan.labeled_sets],

@@ -11,7 +11,10 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from emfm.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = ["model.name=test_resnet", "data.patch_shape=[64,64]", "head.channels=8", "data.batch_size=2",
@@ -95,12 +98,23 @@ def test_every_arm_with_its_own_lr_and_paired_differences(synth_zarr: Path, tmp_
     assert "pretrained+semi - scratch" in printed and str(report["curve_png"]) in printed
 
 
-def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep(synth_zarr: Path, tmp_path: Path) -> None:
-    report = load_harness().main(harness_args(synth_zarr, tmp_path / "r.json", "--labeled-slices", "0",
-                                              "--eval-slices", "13", "--arms", "scratch", "--lrs", "2e-3"))
+def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep_and_reruns_reuse_it(synth_zarr: Path,
+                                                                              tmp_path: Path) -> None:
+    args = harness_args(synth_zarr, tmp_path / "r.json", "--labeled-slices", "0", "--eval-slices", "13",
+                        "--arms", "scratch", "--lrs", "2e-3")
+    report = load_harness().main(args)
     assert list(report["arms"]) == ["scratch"] and "pretrained" not in report and "pretrain" not in report["seconds"]
     assert report["lr_sweep"]["runs"] == [] and report["arms"]["scratch"]["lr"] == 2e-3
     assert report["differences"] == {"0": {}} and not (tmp_path / "r" / "pretrain").exists()
+    assert report["seconds"]["reused"] == []
+
+    checkpoint = Path(report["scratch"]["seeds"][0]["checkpoint"])
+    weights = {k: w.clone() for k, w in read_checkpoint(checkpoint)["state_dict"].items()}
+    again = load_harness().main(args)    # the finished run is reused as it is, not trained further
+    assert again["seconds"]["reused"] == [checkpoint.parents[1].name]
+    assert read_checkpoint(checkpoint)["global_step"] == 2
+    assert all(torch.equal(w, read_checkpoint(checkpoint)["state_dict"][k]) for k, w in weights.items())
+    assert again["scratch"] == report["scratch"]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -34,7 +34,7 @@ from emfm.finetune.segmentation import SegmentationModule, load_segmenter, overl
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def predicted_instances(probs: np.ndarray, target: Mapping[str, Any], threshold: float,
