@@ -1,5 +1,6 @@
 """Trainer pieces shared by every command: the optimiser and its schedule, atomic checkpoints, a clean
-stop on preemption, metrics appended across resumes, a run stopped when its loss stops being finite."""
+stop on preemption, metrics appended across resumes, a run stopped when its loss stops being finite,
+and the projected time of a CPU run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import io
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -93,6 +95,52 @@ class StopOnNonFinite(pl.Callback):
             loss = float(self.loss) if self.loss is not None else float("nan")
             raise EmfmError(f"{what} is not finite at step {trainer.global_step} (train/loss {loss:.4g}); stopped "
                             f"before the weights took it, nothing saved: lower the learning rate or check the data")
+
+
+# Patch and batch sizes of the CPU runs in docs/benchmarks.md (the restore_unet recipe; the 3-D objective checks).
+CPU_SIZED = {2: "data.patch_shape=[128,128] data.batch_size=8", 3: "data.patch_shape=[8,64,64] data.batch_size=4"}
+
+
+class ProjectedTime(pl.Callback):
+    """On a CPU, say after the first steps how long the run will take, and how to make it CPU-sized.
+
+    GPU-sized settings (3-D patches, large batches) can take minutes a step on a CPU before the
+    progress bar moves; a user should learn that after seconds, not after the night. The first step
+    (start-up, first batches) is not timed.
+    """
+
+    def __init__(self, after_steps: int = 10, hint_over_hours: float = 1.0) -> None:
+        self.after_steps, self.hint_over = after_steps, hint_over_hours * 3600
+        self.start: tuple[float, int] | None = None
+        self.said = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.said or trainer.strategy.root_device.type != "cpu" or trainer.max_steps < 0:
+            return
+        now, step = time.perf_counter(), trainer.global_step
+        if self.start is None:
+            self.start = (now, step)
+            return
+        timed = step - self.start[1]
+        if timed < self.after_steps:
+            return
+        self.said = True
+        per_step, left = (now - self.start[0]) / timed, trainer.max_steps - step
+        message = (f"on a CPU: {per_step:.2f} s/step (steps {self.start[1] + 1}-{step}); the {left} steps left of "
+                   f"trainer.max_steps={trainer.max_steps} take about {duration(left * per_step)}")
+        dims = len(getattr(trainer.datamodule, "patch_shape", ()))
+        if left * per_step > self.hint_over and dims in CPU_SIZED:
+            message += f"; for a CPU-sized run: {CPU_SIZED[dims]} (or fewer trainer.max_steps)"
+        rank_zero_info(message)
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``17 min``, ``3.5 h`` or ``2.1 days``: as precise as a projection deserves."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}" if unit != "min" else f"{seconds / size:.0f} min"
+    return f"{seconds:.0f} s"
 
 
 class AppendingCSVLogger(CSVLogger):
