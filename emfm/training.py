@@ -129,7 +129,7 @@ class ProjectedTime(pl.Callback):
         per_step, left = (now - self.start[0]) / timed, trainer.max_steps - step
         message = (f"on a CPU: {per_step:.2f} s/step (steps {self.start[1] + 1}-{step}); the {left} steps left of "
                    f"trainer.max_steps={trainer.max_steps} take about {duration(left * per_step)}")
-        dims = len(getattr(trainer.datamodule, "patch_shape", ()))
+        dims = len(getattr(getattr(trainer, "datamodule", None), "patch_shape", ()))
         if left * per_step > self.hint_over and dims in CPU_SIZED:
             message += f"; for a CPU-sized run: {CPU_SIZED[dims]} (or fewer trainer.max_steps)"
         rank_zero_info(message)
