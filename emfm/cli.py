@@ -113,7 +113,8 @@ def ingest(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="emfm ingest", description="Convert a volume to OME-Zarr.")
     parser.add_argument("input", help="multi-page TIFF, folder of TIFF/PNG slices, file.h5:/dataset, MRC or .npy")
     parser.add_argument("--out", required=True, help="output .zarr path")
-    parser.add_argument("--voxel-size", type=float, nargs="+", metavar="S", help="per axis, e.g. Z Y X in nm")
+    parser.add_argument("--voxel-size", type=float, nargs="+", metavar="S", help="per axis, e.g. Z Y X (in --unit)")
+    parser.add_argument("--unit", default="nanometer", help="of the voxel size: nanometer (default), micrometer, ...")
     parser.add_argument("--axes", help="axis names, e.g. zyx (default) or yx")
     parser.add_argument("--chunks", type=int, nargs="+", metavar="C", help="chunk shape per axis")
     parser.add_argument("--labels", action="store_true", help="a label volume: integer dtype kept, nearest pyramid")
@@ -126,7 +127,7 @@ def ingest(argv: list[str]) -> None:
     from emfm.data.ingest import ingest as run_ingest
 
     out = run_ingest(
-        args.input, args.out, voxel_size=args.voxel_size, axes=args.axes, chunks=args.chunks,
+        args.input, args.out, voxel_size=args.voxel_size, unit=args.unit, axes=args.axes, chunks=args.chunks,
         is_label=args.labels, mask=args.mask, zarr_format=args.zarr_format, overwrite=args.overwrite,
     )
     print(f"wrote {out}")

@@ -7,6 +7,7 @@ before anything is touched, whatever ``overwrite`` says.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,3 +48,11 @@ def remove(path: str | Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def cache_dir() -> Path:
+    """Where emfm keeps what it computes about inputs it never writes into (their intensity normalisation):
+    ``$EMFM_CACHE_DIR``, else ``$XDG_CACHE_HOME/emfm``, else ``~/.cache/emfm``."""
+    if given := os.environ.get("EMFM_CACHE_DIR"):
+        return Path(given).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "emfm"

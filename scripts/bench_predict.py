@@ -51,7 +51,8 @@ from hydra import compose, initialize_config_module
 from emfm import run
 with initialize_config_module("emfm.configs", version_base="1.3"):
     cfg = compose("predict", ["checkpoint={checkpoint}", "input={volume}", "output={output}", "overwrite=true",
-                              "progress=false", "batch_size={batch}", "paths.output_dir={output}.run"])
+                              "progress=false", "batch_size={batch}", "dtype=float16",
+                              "paths.output_dir={output}.run"])
 start = time.perf_counter()
 out = run.predict(cfg)
 print(json.dumps({{"seconds": time.perf_counter() - start, "blocks": out["blocks"],

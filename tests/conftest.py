@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,19 @@ def overflowing(volume: Path, out: Path) -> Path:
     raw = Volume(volume).read().astype(np.float32) / 510
     raw[..., ::16, ::16] = np.finfo(np.float32).max
     return write_ome_zarr(raw, out, levels=1)    # no pyramid: its means would overflow
+
+
+@pytest.fixture(scope="session", autouse=True)
+def emfm_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """emfm's cache folder (normalisations of inputs it never writes into) in the session's temporary folder, not
+    the user's; commands run in subprocesses inherit it."""
+    path, before = tmp_path_factory.mktemp("emfm-cache"), os.environ.get("EMFM_CACHE_DIR")
+    os.environ["EMFM_CACHE_DIR"] = str(path)
+    yield path
+    if before is None:
+        del os.environ["EMFM_CACHE_DIR"]
+    else:
+        os.environ["EMFM_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

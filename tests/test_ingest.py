@@ -373,3 +373,13 @@ def test_tiff_variants_rgb_planar_imagej2d_and_big_endian(tmp_path):
     v = Volume(write_ome_zarr(open_source(tmp_path / "be.npy"), tmp_path / "be.zarr"))
     assert v.dtype == np.dtype("u2") and v.dtype.isnative
     np.testing.assert_array_equal(v.read(), g)
+
+
+def test_voxel_size_in_micrometres_is_written_in_micrometres(tmp_path):
+    np.save(tmp_path / "um.npy", _rand((4, 64, 64)))
+    out = ingest(tmp_path / "um.npy", tmp_path / "um.zarr", voxel_size=(0.04, 0.008, 0.008), unit="micrometer",
+                 progress=False)
+    v = Volume(out)
+    assert v.units == ("micrometer",) * 3 and v.voxel_size == pytest.approx((0.04, 0.008, 0.008))
+    with pytest.raises(EmfmError, match=r"unit 'micrometer' applies to a given voxel size"):
+        ingest(tmp_path / "um.npy", tmp_path / "other.zarr", unit="micrometer", progress=False)

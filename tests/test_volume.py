@@ -1,6 +1,8 @@
-"""Volume: lazy, picklable reads of plain zarr and OME-Zarr, with normalisation computed once and cached."""
+"""Volume: lazy, picklable reads of plain zarr and OME-Zarr, with normalisation computed once and cached (in the
+store emfm ingested, or in emfm's cache folder: never in an input)."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -12,7 +14,7 @@ from emfm.data import volume as volume_mod
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from tests.conftest import tiny
+from tests.conftest import file_hashes, tiny
 
 
 def _rand(shape, dtype=np.uint16, seed=0) -> np.ndarray:
@@ -103,14 +105,18 @@ def test_nan_read_raises_but_clean_region_reads(tmp_path):
         v.normalization()
 
 
-def test_normalization_computed_once_and_cached_in_attrs(tmp_path, monkeypatch):
+def test_normalization_of_a_foreign_store_is_cached_outside_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMFM_CACHE_DIR", str(tmp_path / "cache"))
     a = _rand((6, 50, 50))
     arr = _plain(tmp_path / "n.zarr", a)
     arr.attrs["emfm"] = {"source": "keep me"}
+    before = file_hashes(tmp_path / "n.zarr")
     lo, hi = Volume(tmp_path / "n.zarr").normalization()
     assert (lo, hi) == pytest.approx(tuple(np.percentile(a, volume_mod.NORM_PERCENTILES)))
-    emfm = zarr.open_array(str(tmp_path / "n.zarr"), mode="r").attrs["emfm"]
-    assert emfm["source"] == "keep me" and emfm["normalization"] == {"percentiles": [1.0, 99.5], "values": [lo, hi]}
+    assert file_hashes(tmp_path / "n.zarr") == before                  # the input is never written
+    [cached] = (tmp_path / "cache" / "normalization").iterdir()
+    assert json.loads(cached.read_text()) == {"input": str((tmp_path / "n.zarr").resolve()),
+                                              "percentiles": [1.0, 99.5], "values": [lo, hi]}
 
     def boom(_vol):
         raise AssertionError("recomputed")
@@ -120,6 +126,21 @@ def test_normalization_computed_once_and_cached_in_attrs(tmp_path, monkeypatch):
     assert v.normalization() == (lo, hi)
     x = v.normalize(a[:2])
     assert x.dtype == np.float32 and np.allclose(x, (a[:2] - lo) / (hi - lo))
+    monkeypatch.undo()
+    monkeypatch.setenv("EMFM_CACHE_DIR", str(tmp_path / "cache"))
+    _plain(tmp_path / "n.zarr", a * 2)                                  # rewritten: measured afresh
+    assert Volume(tmp_path / "n.zarr").normalization() == pytest.approx((2 * lo, 2 * hi))
+    assert len(list((tmp_path / "cache" / "normalization").iterdir())) == 2
+
+
+def test_bad_cache_file_is_refused_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMFM_CACHE_DIR", str(tmp_path / "cache"))
+    _plain(tmp_path / "n.zarr", _rand((3, 20, 20)))
+    Volume(tmp_path / "n.zarr").normalization()
+    [cached] = (tmp_path / "cache" / "normalization").iterdir()
+    cached.write_text(json.dumps({"percentiles": [1.0, 99.5], "values": [5, 5]}))
+    with pytest.raises(EmfmError, match=rf"{cached}: values is \[5, 5\]; .* delete the file to have it recomputed"):
+        Volume(tmp_path / "n.zarr").normalization()
 
 
 @pytest.mark.parametrize("values", [[7.0, 7.0], [9.0, 2.0], ["1", "200"], [1.0], "auto", [True, 5], None])
@@ -161,19 +182,16 @@ def test_constant_and_label_volumes(tmp_path):
         Volume(out).normalization()
 
 
-def test_read_only_store_keeps_normalization_in_memory(tmp_path, monkeypatch):
+def test_unwritable_cache_keeps_normalization_in_memory(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("EMFM_CACHE_DIR", str(tmp_path / "file" / "cache"))    # cannot be created
     a = _rand((3, 20, 20))
     _plain(tmp_path / "ro.zarr", a)
-
-    async def denied(*args, **kwargs):
-        raise PermissionError("read-only file system")
-
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", denied)
+    before = file_hashes(tmp_path / "ro.zarr")
     v = Volume(tmp_path / "ro.zarr")
     np.testing.assert_array_equal(v.read(), a)
     assert v.normalization() == pytest.approx(tuple(np.percentile(a, volume_mod.NORM_PERCENTILES)))
-    monkeypatch.undo()
-    assert "emfm" not in zarr.open_array(str(tmp_path / "ro.zarr"), mode="r").attrs
+    assert file_hashes(tmp_path / "ro.zarr") == before
 
 
 def test_pickle_after_read_is_small_and_reopens(tmp_path):

@@ -14,56 +14,28 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import zarr
-from numcodecs import Blosc
 from tqdm.auto import tqdm
-from zarr.codecs import ZstdCodec
 
+from emfm.data.ngff import (
+    NGFF_UNITS,
+    Level,
+    build_pyramid,
+    check_zarr_format,
+    create_array,
+    image_attrs,
+    labels_attrs,
+    pyramid_plan,
+)
 from emfm.data.sources import Source, open_source, source_path
-from emfm.data.volume import Volume
+from emfm.data.volume import store_normalization
 from emfm.errors import EmfmError, first_line
 from emfm.paths import refuse_overlap, remove
 
 log = logging.getLogger(__name__)
-
-MIN_PYRAMID_SIZE = 64   # keep downsampling while the smallest in-plane size is at least this
-NGFF_UNITS = ("angstrom", "nanometer", "micrometer", "millimeter", "centimeter", "meter", "picometer")
-
-
-class _Level(NamedTuple):
-    shape: tuple[int, ...]
-    factors: tuple[int, ...]    # downsampling relative to the previous level
-    scale: tuple[float, ...]    # voxel size at this level
-
-
-def _pyramid_plan(shape: tuple[int, ...], voxel_size: tuple[float, ...], levels: int | None) -> list[_Level]:
-    """Halve the finest axes each level; a thick axis (ssTEM z) waits until the others catch up."""
-    plan = [_Level(shape, (1,) * len(shape), voxel_size)]
-    while (len(plan) < levels) if levels is not None else (min(plan[-1].shape[-2:]) >= MIN_PYRAMID_SIZE):
-        shp, sc = plan[-1].shape, plan[-1].scale
-        finest = min((v for s, v in zip(shp, sc) if s > 1), default=0.0)
-        f = tuple(2 if s > 1 and v <= 1.5 * finest else 1 for s, v in zip(shp, sc))
-        if max(f) == 1:
-            break
-        plan.append(_Level(tuple(-(-s // k) for s, k in zip(shp, f)), f, tuple(v * k for v, k in zip(sc, f))))
-    return plan
-
-
-def _downsample(block: np.ndarray, factors: tuple[int, ...], is_label: bool) -> np.ndarray:
-    """Mean pooling for intensities (same dtype, rounded ints); stride pick for labels (never mixes ids)."""
-    if is_label:
-        return block[tuple(slice(None, None, k) for k in factors)]
-    pad = [(0, -s % k) for s, k in zip(block.shape, factors)]
-    if any(p for _, p in pad):
-        block = np.pad(block, pad, mode="edge")
-    split = [n for s, k in zip(block.shape, factors) for n in (s // k, k)]
-    acc = np.float32 if block.dtype.itemsize <= 2 or block.dtype == np.float32 else np.float64
-    mean = block.reshape(split).mean(axis=tuple(range(1, len(split), 2)), dtype=acc)
-    return (np.rint(mean) if block.dtype.kind in "ui" else mean).astype(block.dtype)
-
 
 def _out_dtype(dtype: np.dtype, is_label: bool, name: str) -> np.dtype:
     if dtype.kind == "b":
@@ -89,38 +61,13 @@ def _prepare_slab(slab: np.ndarray, start: int, name: str, is_label: bool, dtype
     return slab.astype(dtype, copy=False)
 
 
-def _create(group: Any, name: str, shape: tuple, chunks: tuple, dtype: np.dtype, axes: str, fmt: int) -> Any:
-    ch = tuple(min(c, s) for c, s in zip(chunks, shape))
-    if fmt == 3:
-        return group.create_array(name, shape=shape, chunks=ch, dtype=dtype, fill_value=0,
-                                  compressors=ZstdCodec(level=3), dimension_names=tuple(axes))
-    return group.create_array(name, shape=shape, chunks=ch, dtype=dtype, fill_value=0,
-                              compressors=Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE),
-                              chunk_key_encoding={"name": "v2", "separator": "/"})
-
-
-def _image_attrs(fmt: int, title: str, axes: str, unit: str, plan: list[_Level], is_label: bool, source: str,
-                 image_label: bool) -> dict:
-    datasets = []
-    for i, lv in enumerate(plan):
-        ct: list[dict] = [{"type": "scale", "scale": list(lv.scale)}]
-        shift = [(s - s0) / 2 for s, s0 in zip(lv.scale, plan[0].scale)]   # mean pooling moves voxel centres
-        if not is_label and any(shift):
-            ct.append({"type": "translation", "translation": shift})
-        datasets.append({"path": str(i), "coordinateTransformations": ct})
-    ms = {"name": title, "axes": [{"name": a, "type": "space", "unit": unit} for a in axes],
-          "datasets": datasets, "type": "nearest" if is_label else "mean",
-          "metadata": {"method": "stride pick" if is_label else "mean pooling", "writer": "emfm.data.ingest"}}
-    ome: dict = {"multiscales": [ms]}
-    if image_label:
-        ome["image-label"] = {"source": {"image": "../../"}}
-    emfm = {"emfm": {"source": source, "kind": "labels" if is_label else "image"}}
-    if fmt == 3:
-        return {"ome": {"version": "0.5", **ome}, **emfm}
-    ms["version"] = "0.4"
-    if image_label:
-        ome["image-label"]["version"] = "0.4"
-    return {**ome, **emfm}
+def _image_attrs(fmt: int, title: str, axes: str, unit: str | None, plan: list[Level], is_label: bool, source: str,
+                 under_image: bool) -> dict:
+    """A label image (``--labels``, ``--mask``, or one of ``labels``) carries ``image-label``: viewers open it as
+    labels; one under an image's ``labels`` group names that image as its source."""
+    label = ({"source": {"image": "../../"}} if under_image else {}) if is_label else None
+    attrs = image_attrs(title, axes, [unit] * len(axes), plan, [0.0] * len(axes), fmt, is_label=is_label, label=label)
+    return {**attrs, "emfm": {"source": source, "kind": "labels" if is_label else "image"}}
 
 
 def _read_slab(src: Any, a: int, b: int, name: str) -> np.ndarray:
@@ -133,11 +80,11 @@ def _read_slab(src: Any, a: int, b: int, name: str) -> np.ndarray:
         raise EmfmError(f"{name}: cannot read slices {a}:{b} ({type(err).__name__}: {first_line(err)})") from None
 
 
-def _write_image(group: Any, title: str, src: Any, name: str, plan: list[_Level], chunks: tuple, axes: str, unit: str,
-                 is_label: bool, fmt: int, bar: Any, image_label: bool = False) -> None:
+def _write_image(group: Any, title: str, src: Any, name: str, plan: list[Level], chunks: tuple, axes: str,
+                 unit: str | None, is_label: bool, fmt: int, bar: Any, under_image: bool = False) -> None:
     """Level 0 from the source in chunk-aligned slabs, then each level from the zarr level above."""
     dtype = _out_dtype(np.dtype(src.dtype), is_label, name)
-    arrays = [_create(group, str(i), lv.shape, chunks, dtype, axes, fmt) for i, lv in enumerate(plan)]
+    arrays = [create_array(group, str(i), lv.shape, chunks, dtype, axes) for i, lv in enumerate(plan)]
     full = plan[0].shape
     for a in range(0, full[0], arrays[0].chunks[0]):
         b = min(a + arrays[0].chunks[0], full[0])
@@ -146,13 +93,8 @@ def _write_image(group: Any, title: str, src: Any, name: str, plan: list[_Level]
             raise EmfmError(f"{name}: reading [{a}:{b}] gave shape {slab.shape}, expected {(b - a,) + full[1:]}")
         arrays[0][a:b] = _prepare_slab(slab, a, name, is_label, dtype)
         bar.update()
-    for prev, cur, lv in zip(arrays, arrays[1:], plan[1:]):
-        f0 = lv.factors[0]
-        for a in range(0, lv.shape[0], cur.chunks[0]):
-            b = min(a + cur.chunks[0], lv.shape[0])
-            cur[a:b] = _downsample(prev[a * f0:b * f0], lv.factors, is_label)
-            bar.update()
-    group.attrs.update(_image_attrs(fmt, title, axes, unit, plan, is_label, name, image_label))
+    build_pyramid(arrays, plan, is_label, bar=bar)
+    group.attrs.update(_image_attrs(fmt, title, axes, unit, plan, is_label, name, under_image))
 
 
 def _check_axes(axes: str | None, nd: int) -> str:
@@ -240,7 +182,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
-                   voxel_size: Sequence[float] | None = None, unit: str = "nanometer",
+                   voxel_size: Sequence[float] | None = None, unit: str | None = "nanometer",
                    chunks: Sequence[int] | None = None, levels: int | None = None, is_label: bool = False,
                    labels: Mapping[str, Any] | None = None, zarr_format: Literal[2, 3] = 3, overwrite: bool = False,
                    progress: bool = False, inputs: Mapping[str, str | Path] | None = None) -> Path:
@@ -260,17 +202,16 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
     axes = _check_axes(axes, len(shape))
     vs = voxel_size if voxel_size is not None else getattr(source, "voxel_size", None)
     vs = _check_voxel_size((1.0,) * len(shape) if vs is None else vs, len(shape), axes)
-    if zarr_format not in (2, 3):
-        raise EmfmError(f"zarr_format {zarr_format!r}: expected 2 (OME-Zarr 0.4) or 3 (OME-Zarr 0.5)")
-    if unit not in NGFF_UNITS:
-        raise EmfmError(f"unit {unit!r}: expected one of {', '.join(NGFF_UNITS)}")
+    check_zarr_format(zarr_format)
+    if unit is not None and unit not in NGFF_UNITS:
+        raise EmfmError(f"unit {unit!r}: expected one of {', '.join(NGFF_UNITS)}, or None (no unit known)")
     if levels is not None and (not isinstance(levels, (int, np.integer)) or levels < 1):
         raise EmfmError(f"levels {levels!r}: expected a positive integer")
     chunks = _check_chunks(chunks, shape)
     label_srcs = _check_labels(labels, shape)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise EmfmError(f"{out} exists; pass --overwrite")
-    plan = _pyramid_plan(shape, vs, levels)
+    plan = pyramid_plan(shape, vs, levels)
     if levels is not None and len(plan) < levels:
         log.warning("%s: only %d pyramid levels possible for shape %s", out, len(plan), shape)
     images: list[tuple[str | None, Any, str, bool]] = [(None, source, name, is_label)]
@@ -285,14 +226,11 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
             for key, src, src_name, lab in images:
                 group = root if key is None else root.require_group("labels").create_group(key)
                 _write_image(group, key or out.name.split(".")[0], src, src_name, plan, chunks, axes, unit, lab,
-                             zarr_format, bar,
-                             image_label=key is not None)
+                             zarr_format, bar, under_image=key is not None)
         if label_srcs:
-            names = list(label_srcs)
-            root["labels"].attrs.update({"ome": {"version": "0.5", "labels": names}} if zarr_format == 3
-                                        else {"labels": names})
+            root["labels"].attrs.update(labels_attrs(list(label_srcs), zarr_format))
         if not is_label:
-            Volume(tmp).normalization()    # computed once here and cached in attrs for every reader
+            store_normalization(tmp)       # computed once here, in the store's attrs for every reader
         _swap_into_place(tmp, out)
     except OSError as e:          # reading the sources raises EmfmError: this is the output's disk
         _discard(tmp)
@@ -311,10 +249,11 @@ def binarized(src: Source) -> Source:
                   src.voxel_size, handle=src)
 
 
-def ingest(path: str | Path, out: str | Path, *, voxel_size: Sequence[float] | None = None,
+def ingest(path: str | Path, out: str | Path, *, voxel_size: Sequence[float] | None = None, unit: str = "nanometer",
            axes: str | None = None, chunks: Sequence[int] | None = None, is_label: bool = False,
            zarr_format: Literal[2, 3] = 3, overwrite: bool = False, progress: bool = True, mask: bool = False) -> Path:
-    """Convert one EM file or slice folder to OME-Zarr; voxel size: given, else file metadata, else 1.0 (warned).
+    """Convert one EM file or slice folder to OME-Zarr; voxel size: given (in `unit`), else file metadata (nm),
+    else 1.0 nm (warned).
 
     `mask=True` reads a binary mask drawn as an image (anti-aliased edges, 255 = structure) as 0/1 labels.
     """
@@ -323,13 +262,15 @@ def ingest(path: str | Path, out: str | Path, *, voxel_size: Sequence[float] | N
         src, is_label = binarized(src), True
     try:
         axes = _check_axes(axes, src.ndim)
+        if voxel_size is None and unit != "nanometer":
+            raise EmfmError(f"unit {unit!r} applies to a given voxel size; pass the voxel size in {unit}s too")
         if voxel_size is None:
             voxel_size = src.voxel_size
             if voxel_size is None:
                 log.warning("%s: no voxel size given or found in metadata; using 1.0 nm, pass voxel_size", path)
             else:
                 log.info("%s: voxel size %s nm from file metadata", path, voxel_size)
-        return write_ome_zarr(src, out, axes=axes, voxel_size=voxel_size, chunks=chunks, is_label=is_label,
+        return write_ome_zarr(src, out, axes=axes, voxel_size=voxel_size, unit=unit, chunks=chunks, is_label=is_label,
                               zarr_format=zarr_format, overwrite=overwrite, progress=progress,
                               inputs={"input": source_path(path)})
     finally:

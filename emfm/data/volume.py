@@ -1,11 +1,16 @@
 """Lazy, picklable reader for one EM volume in zarr (v2/v3) or OME-Zarr (0.4/0.5), at any pyramid level.
 
 Only metadata is read on construction and the zarr handle is reopened in each process, so a Volume
-can be handed to DataLoader workers cheaply. Intensity percentiles are computed once per volume and
-cached in the image's attrs, so training and inference normalise identically.
+can be handed to DataLoader workers cheaply. Intensity percentiles are computed once per volume, so
+training and inference normalise identically: ``emfm ingest`` stores them in the attrs of the store
+it writes; for any other input they are kept in emfm's cache folder (:func:`emfm.paths.cache_dir`),
+keyed by the input's path and metadata files -- a job never writes into its input.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
@@ -16,6 +21,7 @@ import numpy as np
 import zarr
 
 from emfm.errors import EmfmError
+from emfm.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +30,7 @@ NORM_MIN_VOXELS = 1_000_000      # use the coarsest level that still has this ma
 NORM_SAMPLE_VOXELS = 2_000_000   # upper bound (in whole chunks) on what is read to estimate percentiles
 NORM_SEED = 0                    # fixed: the same volume always gets the same normalisation
 SPATIAL = "zyx"
+METADATA_FILES = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
 
 
 def _open_node(path: Path, mode: Literal["r", "r+"] = "r") -> Any:
@@ -56,13 +63,14 @@ def _objects(value: Any, path: Path, key: str) -> list[dict[str, Any]]:
     return value
 
 
-def _axes(value: Any, path: Path) -> tuple[list[str], list[str | None]]:
-    """(names, types) of OME axes: objects with a ``name`` (0.4+), or plain names (0.3)."""
+def _axes(value: Any, path: Path) -> tuple[list[str], list[str | None], list[str | None]]:
+    """(names, types, units) of OME axes: objects with a ``name`` (0.4+), or plain names (0.3)."""
     if not isinstance(value, list) or not all(isinstance(a, str) or isinstance(a, dict) and isinstance(
             a.get("name"), str) for a in value):
         raise _malformed(path, "multiscales[0].axes", value, "a list of axes, each an object with a 'name'")
-    return ([a["name"] if isinstance(a, dict) else a for a in value],
-            [a.get("type") if isinstance(a, dict) else None for a in value])
+    fields = [a if isinstance(a, dict) else {"name": a} for a in value]
+    units = [a.get("unit") if isinstance(a.get("unit"), str) else None for a in fields]
+    return [a["name"] for a in fields], [a.get("type") for a in fields], units
 
 
 def _scale(transforms: Any, n: int, path: Path, key: str) -> list[float]:
@@ -87,12 +95,13 @@ class Volume:
         emfm = _mapping(attrs.get("emfm"), self.path, "emfm")
         names: list[str]
         types: list[str | None]
+        units: list[str | None]
         scale: list[float] | None = None
         if isinstance(node, zarr.Array):
             self._level_paths = [str(self.path)]
             given = node.metadata.dimension_names if node.metadata.zarr_format == 3 else None
             names = [str(n) for n in given] if given and all(given) else _default_names(node.ndim)
-            types = [None] * node.ndim
+            types = units = [None] * node.ndim
         else:
             found = _objects(ome.get("multiscales") or attrs.get("multiscales"), self.path, "multiscales")
             if not found:
@@ -107,7 +116,7 @@ class Volume:
                 raise EmfmError(f"{self.path}: level {level} not available; levels: "
                                 f"{', '.join(map(str, range(len(datasets))))}")
             node = _open_node(Path(self._level_paths[self.level]))
-            names, types = _axes(ms.get("axes") or _default_names(node.ndim), self.path)
+            names, types, units = _axes(ms.get("axes") or _default_names(node.ndim), self.path)
             top = _scale(ms.get("coordinateTransformations"), len(names), self.path,
                          "multiscales[0].coordinateTransformations")
             own = _scale(datasets[self.level].get("coordinateTransformations"), len(names), self.path,
@@ -131,6 +140,7 @@ class Volume:
         self.chunks = tuple(int(node.chunks[i]) for i in self._keep)
         self.dtype = np.dtype(node.dtype)
         self.voxel_size = None if scale is None else tuple(scale[i] for i in self._keep)
+        self.units = tuple(units[i] for i in self._keep)     # of the spatial axes; None where the input names none
         self.levels = len(self._level_paths)
         self.is_label = emfm.get("kind") == "labels" or "image-label" in attrs or "image-label" in ome
         self._norm: tuple[float, float] | None = None
@@ -173,30 +183,42 @@ class Volume:
     __getitem__ = read
 
     def normalization(self) -> tuple[float, float]:
-        """(lo, hi) intensity percentiles NORM_PERCENTILES: from attrs if cached, else computed and cached."""
+        """(lo, hi) intensity percentiles NORM_PERCENTILES: stored by ingest in the attrs, else cached in emfm's
+        cache folder, else computed (and cached there; never in the input)."""
         if self.is_label:
             raise EmfmError(f"{self.path}: label volume; intensity normalization does not apply")
         if self._norm is None:
-            self._norm = self._cached_normalization()
-            if self._norm is None:
-                self._norm = compute_normalization(self)
-                _save_normalization(self.path, self._norm)
+            self._norm = self._find_normalization()
         return self._norm
 
-    def _cached_normalization(self) -> tuple[float, float] | None:
-        """The cached (lo, hi) of NORM_PERCENTILES, checked: equal or non-numeric values would train on NaN."""
+    def _find_normalization(self) -> tuple[float, float]:
+        """From the attrs (ingest's output), else from the cache folder, else computed and cached there."""
         emfm = dict(_open_node(self.path).attrs).get("emfm")
-        cached = emfm.get("normalization") if isinstance(emfm, dict) else None
-        if not isinstance(cached, dict) or cached.get("percentiles") != list(NORM_PERCENTILES):
-            return None                  # none cached, or for other percentiles: computed afresh
-        values = cached.get("values")
-        if not (isinstance(values, list) and len(values) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-                and values[0] < values[1]):
-            raise EmfmError(f"{self.path}: attribute emfm.normalization.values is {values!r}; expected two finite "
-                            f"numbers low < high (the {list(NORM_PERCENTILES)} intensity percentiles); fix it, or "
-                            f"delete emfm.normalization to have it recomputed")
-        return float(values[0]), float(values[1])
+        stored = _checked(emfm.get("normalization") if isinstance(emfm, dict) else None,
+                          f"{self.path}: attribute emfm.normalization.values",
+                          "fix it, or delete emfm.normalization to have it recomputed")
+        if stored is not None:
+            return stored
+        cache = self._cache_file()
+        cached = _checked(_read_json(cache), f"{cache}: values", "delete the file to have it recomputed")
+        if cached is not None:
+            return cached
+        values = compute_normalization(self)
+        _write_cache(cache, {"input": str(self.path.resolve()), "percentiles": list(NORM_PERCENTILES),
+                             "values": list(values)})
+        return values
+
+    def _cache_file(self) -> Path:
+        """The cache file of this input's normalisation: named by its resolved path and the bytes and modification
+        times of its metadata files (the store's and every level's), so a rewritten store is measured afresh."""
+        identity: list[Any] = [str(self.path.resolve())]
+        for folder in dict.fromkeys([self.path, *map(Path, self._level_paths)]):
+            for name in METADATA_FILES:
+                file = folder / name
+                if file.is_file():
+                    identity.append([str(file), file.stat().st_mtime_ns, hashlib.sha256(file.read_bytes()).hexdigest()])
+        key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+        return cache_dir() / "normalization" / f"{key}.json"
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """float32 (x - lo) / (hi - lo); not clipped, so saturated voxels stay distinguishable."""
@@ -240,13 +262,46 @@ def _sample_chunks(vol: Volume) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _save_normalization(path: Path, values: tuple[float, float]) -> None:
-    """Merge into attrs["emfm"]; a read-only store just keeps the values in memory."""
+def _checked(cached: Any, where: str, remedy: str) -> tuple[float, float] | None:
+    """The (lo, hi) of a stored normalisation of NORM_PERCENTILES, checked: equal or non-numeric values would
+    train on NaN. None if none is stored, or one for other percentiles (then it is computed afresh)."""
+    if not isinstance(cached, dict) or cached.get("percentiles") != list(NORM_PERCENTILES):
+        return None
+    values = cached.get("values")
+    if not (isinstance(values, list) and len(values) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+            and values[0] < values[1]):
+        raise EmfmError(f"{where} is {values!r}; expected two finite numbers low < high (the "
+                        f"{list(NORM_PERCENTILES)} intensity percentiles); {remedy}")
+    return float(values[0]), float(values[1])
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content; None if it is missing or unreadable (a cache file: then it is rewritten)."""
     try:
-        node = zarr.open(str(path), mode="r+")
-        stored = node.attrs.get("emfm")
-        emfm = dict(stored) if isinstance(stored, dict) else {}
-        emfm["normalization"] = {"percentiles": list(NORM_PERCENTILES), "values": [float(v) for v in values]}
-        node.attrs["emfm"] = emfm
-    except Exception as e:   # read-only FS, permissions, remote store: caching is only an optimisation
-        log.info("%s: could not cache normalization in attrs (%s); keeping it in memory", path, e)
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cache(path: Path, content: dict[str, Any]) -> None:
+    """Write a cache file atomically; where it cannot be written the values are only kept in memory."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(content) + "\n")
+        os.replace(partial, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        log.info("%s: could not write the cache file (%s); keeping the normalization in memory", path, e)
+
+
+def store_normalization(path: Path) -> None:
+    """Compute the normalisation of an image store emfm is writing (ingest's output) into its own attrs, where
+    every reader finds it. Never called on an input."""
+    values = compute_normalization(Volume(path))
+    node = zarr.open(str(path), mode="r+")
+    stored = node.attrs.get("emfm")
+    node.attrs["emfm"] = {**(stored if isinstance(stored, dict) else {}),
+                          "normalization": {"percentiles": list(NORM_PERCENTILES), "values": list(values)}}

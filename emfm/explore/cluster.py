@@ -27,6 +27,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from emfm.checkpoints import load_encoder
+from emfm.data.ngff import check_zarr_format, image_attrs, label_colors, set_label_colors
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
@@ -41,9 +42,9 @@ from emfm.explore.features import (
     stored_pca,
 )
 from emfm.models.encoders import Encoder
-from emfm.paths import refuse_overlap
+from emfm.paths import refuse_overlap, remove
 from emfm.predict.blocks import BlockGrid, Executor, parse_roi
-from emfm.predict.store import add_attrs, create_array, finish, ome_attrs, read_attrs, write
+from emfm.predict.store import add_attrs, create_array, finish, placement, read_attrs, write
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ class Plan:
 def plan(request: ClusterRequest) -> Plan:
     """Check every input and setting before anything is created: a refused run leaves nothing behind."""
     clusterer = Clusterer(request.method, request.k, request.backend, request.seed)
+    check_zarr_format(request.zarr_format)
     if request.k > request.sample:
         raise EmfmError(f"k={request.k} is larger than sample={request.sample}: the clustering is fitted on that "
                         f"many feature vectors; lower k or raise sample")
@@ -278,7 +280,8 @@ def plan(request: ClusterRequest) -> Plan:
     store, output = request.store, str(Path(request.output).resolve())
     settings = {"input": str(volume.path), "input_shape": list(volume.shape), "roi": [[r.start, r.stop] for r in roi],
                 "k": request.k, "method": request.method, "backend": request.backend, "seed": request.seed,
-                "sample": request.sample, "pca": request.pca, "features": store, "labels": request.labels}
+                "sample": request.sample, "pca": request.pca, "features": store, "labels": request.labels,
+                "zarr_format": request.zarr_format}
     given = request.labels                           # None, a path or {name: path}
     inputs = {"input": request.input, "checkpoint": request.checkpoint,
               **({f"labels {k}": v for k, v in given.items()} if isinstance(given, dict) else {"labels": given}),
@@ -308,19 +311,31 @@ def prepare_output(request: ClusterRequest, run: Plan) -> zarr.Group:
             raise EmfmError(f"output={out} already holds a cluster map of other settings; choose another output "
                             f"or set overwrite=true")
         root = zarr.open_group(str(out), mode="r+")
-        for name in (CLUSTERS, BASELINE):
-            if name in root:
-                del root[name]
-    else:
+        if root.metadata.zarr_format != request.zarr_format:     # the other format: replaced whole
+            remove(out)
+        else:
+            for name in (CLUSTERS, BASELINE):
+                if name in root:
+                    del root[name]
+    if not out.exists():
         try:
-            root = zarr.open_group(str(out), mode="w-")
+            root = zarr.open_group(str(out), mode="w-", zarr_format=check_zarr_format(request.zarr_format))
         except OSError as e:
             raise EmfmError(f"output={out}: cannot create the cluster map ({e.strerror or e})") from None
     volume, roi = run.volume, run.roi
-    vs = list(volume.voxel_size or (1.0,) * volume.ndim)
-    root.attrs.update(ome_attrs("clusters", volume.axes, vs, [r.start * v for r, v in zip(roi, vs)])
+    plan, origin = placement(volume, tuple(r.stop - r.start for r in roi), [r.start for r in roi])
+    label = {"colors": label_colors(dict(enumerate(cluster_colors(request.k))))}
+    root.attrs.update(image_attrs("clusters", volume.axes, volume.units, plan, origin, request.zarr_format,
+                                  is_label=True, label=label)
                       | {"emfm": {"kind": "clusters", "clusters": run.settings, "complete": False}})
     return root
+
+
+def cluster_colors(k: int) -> np.ndarray:
+    """(k, 3) the colours of clusters 0..k-1 in the pictures' legend, also stored with the map for viewers."""
+    from emfm.explore.pictures import palette
+
+    return palette(k)
 
 
 @dataclass
@@ -457,7 +472,7 @@ class SeedLabels:
         if meta.get("kind") != "clusters" or not meta.get("complete"):
             raise EmfmError(f"{clusters}: not a complete emfm cluster map (make one with `emfm cluster`)")
         settings = meta["clusters"]
-        k = int(settings["k"])
+        self.k = k = int(settings["k"])
         if bad := [c for c in mapping if not 0 <= int(c) < k]:
             raise EmfmError(f"clusters {bad} do not exist in {clusters} (clusters 0..{k - 1})")
         if bad := [v for v in mapping.values() if not 0 <= int(v) < 256 or int(v) == ignore]:
@@ -492,7 +507,13 @@ def clusters_to_labels(clusters: str | Path, mapping: Mapping[int, int], out: st
     from emfm.data.ingest import write_ome_zarr
 
     seeds = SeedLabels(str(clusters), mapping, slices, ignore)
-    written = write_ome_zarr(seeds, out, is_label=True, overwrite=overwrite, inputs={"cluster map": clusters})
-    add_attrs(zarr.open_group(str(written), mode="r+"), seeds={
+    fmt = zarr.open_group(str(clusters), mode="r").metadata.zarr_format
+    written = write_ome_zarr(seeds, out, axes=seeds.map.axes, unit=seeds.map.units[0], is_label=True,
+                             zarr_format=fmt, overwrite=overwrite, inputs={"cluster map": clusters})
+    group = zarr.open_group(str(written), mode="r+")
+    # Each class in the colour of the first cluster that became it, as in the cluster picture; ignored: clear.
+    colors = cluster_colors(seeds.k)
+    set_label_colors(group, {ignore: (0, 0, 0, 0)} | {v: colors[c] for c, v in sorted(mapping.items(), reverse=True)})
+    add_attrs(group, seeds={
         "clusters": str(clusters), "mapping": {str(c): int(v) for c, v in mapping.items()}, "ignore_label": ignore})
     return written

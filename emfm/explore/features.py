@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from emfm.checkpoints import load_encoder
+from emfm.data.ngff import ZarrFormat, check_zarr_format, image_attrs
 from emfm.data.volume import SPATIAL, Volume
 from emfm.errors import EmfmError
 from emfm.inference import covering_tiles, sliding_window
@@ -37,7 +38,7 @@ from emfm.predict.store import (
     create_array,
     fingerprint,
     finish,
-    ome_attrs,
+    placement,
     read_attrs,
     write,
 )
@@ -65,6 +66,7 @@ class FeatureRequest:
     pca: int | None = None        # also store the features projected on this many principal components
     sample: int = 20000           # feature vectors sampled to fit the projection
     seed: int = 0
+    zarr_format: int = 3          # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
     threads: int | None = None    # torch threads of a local run
     overwrite: bool = False
     progress: bool = True
@@ -96,6 +98,7 @@ class FeatureJob:
     overlap: float
     blend: str
     batch_size: int
+    zarr_format: ZarrFormat = 3
     threads: int | None = None
 
     @property
@@ -224,17 +227,17 @@ def make_job(request: FeatureRequest, encoder: Encoder, volume: Volume, threads:
                       output=str(Path(request.output).resolve()), level=volume.level,
                       roi=tuple((r.start, r.stop) for r in region), tile=tile, stride=stride,
                       layer=request.layer % len(encoder.feature_strides), block=block, overlap=float(request.overlap),
-                      blend=str(request.blend), batch_size=int(request.batch_size), threads=threads)
+                      blend=str(request.blend), batch_size=int(request.batch_size),
+                      zarr_format=check_zarr_format(request.zarr_format), threads=threads)
 
 
 def create_store(job: FeatureJob, stamp: dict[str, Any], channels: int, volume: Volume) -> None:
-    """The new feature store: ``0`` (F, *cells) float16, placed on the volume by its OME scale and translation."""
-    vs = list(volume.voxel_size or (1.0,) * volume.ndim)
-    # A cell's centre sits (stride - 1) / 2 voxels after its first voxel.
-    origin = [(a + (k - 1) / 2) * v for (a, _), k, v in zip(job.roi, job.stride, vs)]
-    root = create(job.output, ome_attrs("features", "c" + volume.axes, [1.0, *(k * v for k, v in zip(job.stride, vs))],
-                                        [0.0, *origin])
-                  | {"emfm": {"kind": "features", "features": stamp, "complete": False}}, "feature store")
+    """The new feature store: ``0`` (F, *cells) float16, placed on the volume (its units; each cell's centre
+    on the centre of its voxels) by its OME scale and translation."""
+    plan, origin = placement(volume, job.grid.shape, [a for a, _ in job.roi], stride=job.stride)
+    attrs = image_attrs("features", "c" + volume.axes, volume.units, plan, origin, job.zarr_format, is_label=False)
+    root = create(job.output, attrs | {"emfm": {"kind": "features", "features": stamp, "complete": False}},
+                  "feature store", job.zarr_format)
     create_array(root, FEATURES, (channels, *job.grid.shape), (channels, *job.block), "float16", "c" + volume.axes)
 
 

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from omegaconf import DictConfig
 
+from emfm.data.ngff import Level, ZarrFormat, build_pyramid, check_zarr_format, image_attrs, labels_attrs
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.finetune.segmentation import SegmentationModule, load_segmenter
@@ -36,7 +38,7 @@ from emfm.predict.store import (
     encode,
     fingerprint,
     finish,
-    ome_attrs,
+    placement,
     write,
 )
 
@@ -61,6 +63,8 @@ class Job:
     tta: bool
     batch_size: int
     dtype: str
+    zarr_format: ZarrFormat = 3           # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
+    pyramid: bool = False                 # also downsampled levels, as ingest writes them
     threads: int | None = None            # torch threads per task process (Dask workers); None: torch's default
 
     @property
@@ -123,7 +127,7 @@ def predict_block(job: Job, index: Block) -> Block:
 
 def make_job(module: SegmentationModule, volume: Volume, *, checkpoint: str, output: str, roi: Any,
              block_shape: Any, overlap: float, blend: str, tta: bool, batch_size: int, dtype: str,
-             threads: int | None) -> Job:
+             zarr_format: int, pyramid: bool, threads: int | None) -> Job:
     """Check the settings against the model and the volume, and build the job."""
     patch = tuple(module.model.encoder.input_shape)
     if len(patch) == 3 and volume.ndim == 2:
@@ -142,27 +146,43 @@ def make_job(module: SegmentationModule, volume: Volume, *, checkpoint: str, out
     return Job(checkpoint=str(Path(checkpoint).resolve()), input=str(volume.path.resolve()),
                output=str(Path(output).resolve()), level=volume.level, roi=tuple((r.start, r.stop) for r in region),
                tile=tuple(int(t) for t in tile), block=tuple(int(b) for b in block), overlap=float(overlap),
-               blend=str(blend), tta=bool(tta), batch_size=int(batch_size), dtype=str(dtype), threads=threads)
+               blend=str(blend), tta=bool(tta), batch_size=int(batch_size), dtype=str(dtype),
+               zarr_format=check_zarr_format(zarr_format), pyramid=bool(pyramid), threads=threads)
 
 
 def create_output(job: Job, stamp: dict[str, Any], channels: int, volume: Volume, instances: bool) -> None:
-    """The new output store: probabilities ``0`` (c, *region) and, for instances, ``labels/instances`` and the
-    seeds of the first pass."""
+    """The new output store: probabilities ``0`` (c, *region) (and its pyramid) and, for instances, the label
+    image ``labels/instances`` and the seeds of the first pass."""
     spatial = volume.axes
-    vs = list(volume.voxel_size or (1.0,) * volume.ndim)
-    origin = [a * v for (a, _), v in zip(job.roi, vs)]
-    root = create(job.output, ome_attrs("probabilities", "c" + spatial, [1.0, *vs], [0.0, *origin])
-                  | {"emfm": {"kind": "prediction", "predict": stamp, "complete": False}}, "output")
-    create_array(root, "0", (channels, *job.grid.shape), (channels, *job.block), job.dtype, "c" + spatial)
+    plan, origin = levels(job, volume)
+    attrs = image_attrs("probabilities", "c" + spatial, volume.units, plan, origin, job.zarr_format, is_label=False)
+    root = create(job.output, attrs | {"emfm": {"kind": "prediction", "predict": stamp, "complete": False}}, "output",
+                  job.zarr_format)
+    for i, level in enumerate(plan):
+        create_array(root, str(i), (channels, *level.shape), (channels, *job.block), job.dtype, "c" + spatial)
     if instances:
         labels = root.create_group("labels")
-        labels.attrs.update({"ome": {"version": "0.5", "labels": ["instances"]}})
+        labels.attrs.update(labels_attrs(["instances"], job.zarr_format))
         group = labels.create_group("instances")
-        attrs = ome_attrs("instances", spatial, vs, origin)
-        attrs["ome"]["image-label"] = {"source": {"image": "../../"}}
-        group.attrs.update(attrs)
-        create_array(group, "0", job.grid.shape, job.block, "uint64", spatial)
+        group.attrs.update(image_attrs("instances", spatial, volume.units, plan, origin, job.zarr_format,
+                                       is_label=True, label={"source": {"image": "../../"}}))
+        for i, level in enumerate(plan):
+            create_array(group, str(i), level.shape, job.block, "uint64", spatial)
         create_array(root.create_group(WORK), "seeds", job.grid.shape, job.block, "uint64", spatial)
+
+
+def levels(job: Job, volume: Volume) -> tuple[list[Level], list[float]]:
+    """(levels, origin) of the output: one level, or with ``pyramid`` as many as ingest would write."""
+    return placement(volume, job.grid.shape, [a for a, _ in job.roi], None if job.pyramid else 1)
+
+
+def write_pyramid(job: Job, volume: Volume, instances: bool) -> None:
+    """Levels 1.. of the probabilities (mean pooling) and instances (stride pick) from level 0, as ingest does."""
+    plan, _ = levels(job, volume)
+    images = [("", False, True)] + ([("/labels/instances", True, False)] if instances else [])
+    for path, is_label, channels in images:
+        arrays = [zarr.open_array(f"{job.output}{path}/{i}", mode="r+") for i in range(len(plan))]
+        build_pyramid(arrays, plan, is_label, channels)
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -173,7 +193,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     volume = Volume(cfg.input, cfg.level)
     job = make_job(module, volume, checkpoint=cfg.checkpoint, output=cfg.output, roi=cfg.roi,
                    block_shape=cfg.block_shape, overlap=cfg.overlap, blend=cfg.blend, tta=cfg.tta,
-                   batch_size=cfg.batch_size, dtype=cfg.dtype, threads=executor.threads(cfg.threads))
+                   batch_size=cfg.batch_size, dtype=cfg.dtype, zarr_format=cfg.zarr_format, pyramid=cfg.pyramid,
+                   threads=executor.threads(cfg.threads))
     instances = stitch.settings(module.hparams["target"]["kind"], cfg.threshold, cfg.instance_halo) \
         if cfg.instances else None
     return run_prediction(job, module, volume, instances, executor, overwrite=cfg.overwrite, progress=cfg.progress)
@@ -201,6 +222,8 @@ def run_prediction(job: Job, module: SegmentationModule, volume: Volume, instanc
         if instances is not None:
             stitching = stitch.InstanceJob(job.output, job.grid, job.per_slice, instances)
             summary["seconds"].update(stitch.instances(stitching, client, progress))
+    if job.pyramid:
+        write_pyramid(job, volume, instances is not None)
     finish(job.output)
     voxels = np.prod(job.grid.shape) * len(pending) / max(len(job.grid), 1)
     summary["voxels_per_second"] = float(voxels / max(summary["seconds"]["predict"], 1e-9))

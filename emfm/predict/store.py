@@ -13,21 +13,23 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 
+from emfm.data import ngff
+from emfm.data.ngff import Level, ZarrFormat, pyramid_plan
+from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.paths import refuse_file, refuse_overlap, remove
 from emfm.predict.blocks import Block, BlockGrid
 
 PROGRESS, WORK = "_progress", "_work"    # removed when the store is complete
-DTYPES = ("float16", "uint8")            # how probabilities are stored
+DTYPES = ("uint8", "float32", "float16")  # how probabilities are stored (uint8: 255 = probability 1)
 
 
 def checkpoint_digest(path: str | Path) -> str:
@@ -89,10 +91,10 @@ def claim(output: str | Path, key: str, stamp: Mapping[str, Any], overwrite: boo
     return None
 
 
-def create(output: str | Path, attrs: Mapping[str, Any], describe: str) -> zarr.Group:
-    """A new store at ``output`` with ``attrs`` and an empty progress record."""
+def create(output: str | Path, attrs: Mapping[str, Any], describe: str, zarr_format: ZarrFormat = 3) -> zarr.Group:
+    """A new store at ``output`` (zarr v3 or v2) with ``attrs`` and an empty progress record."""
     try:
-        root = zarr.open_group(str(output), mode="w-")
+        root = zarr.open_group(str(output), mode="w-", zarr_format=zarr_format)
         root.attrs.update(dict(attrs))
         root.create_group(PROGRESS)
     except OSError as e:
@@ -100,22 +102,21 @@ def create(output: str | Path, attrs: Mapping[str, Any], describe: str) -> zarr.
     return root
 
 
-def ome_attrs(name: str, axes: str, scale: list[float], translation: list[float]) -> dict[str, Any]:
-    """OME-Zarr 0.5 attributes of a one-level image with ``axes`` (``c`` a channel axis, others in nm)."""
-    kinds = [{"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space", "unit": "nanometer"}
-             for a in axes]
-    transforms = [{"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]
-    return {"ome": {"version": "0.5", "multiscales": [
-        {"name": name, "axes": kinds, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}}
+def placement(volume: Volume, shape: tuple[int, ...], start: Sequence[int], levels: int | None = 1,
+              stride: Sequence[int] | None = None) -> tuple[list[Level], list[float]]:
+    """(levels, origin) of an output of ``shape`` on the input's physical grid: cells of ``stride`` voxels from the
+    input voxel ``start``, each centred on its voxels; ``levels``: how many pyramid levels (None: as ingest)."""
+    vs = volume.voxel_size or (1.0,) * volume.ndim
+    stride = stride or (1,) * volume.ndim
+    origin = [(a + (k - 1) / 2) * v for a, k, v in zip(start, stride, vs)]
+    return pyramid_plan(shape, [k * v for k, v in zip(stride, vs)], levels), origin
 
 
 def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str,
                  axes: str) -> zarr.Array:
-    """A zstd-compressed zero-filled array of the store, its chunks clipped to its shape."""
+    """A new array of the store (:func:`emfm.data.ngff.create_array`); a disk that refuses it is named."""
     try:
-        return group.create_array(name, shape=shape, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
-                                  dtype=dtype, fill_value=0, compressors=ZstdCodec(level=3),
-                                  dimension_names=tuple(axes))
+        return ngff.create_array(group, name, shape, chunks, dtype, axes)
     except OSError as e:
         raise EmfmError(f"output={group.store}: cannot create {name} ({e.strerror or e})") from None
 
@@ -156,10 +157,10 @@ def finish(output: str, **attrs: Any) -> None:
 
 
 def encode(probs: np.ndarray, dtype: str) -> np.ndarray:
-    """Probabilities as stored: float16 as they are, or uint8 with 255 = probability 1."""
+    """Probabilities as stored: uint8 with 255 = probability 1 (what every viewer shows), or floats as they are."""
     if dtype == "uint8":
         return np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
-    return probs.astype(np.float16)
+    return probs.astype(dtype)
 
 
 def decode(data: np.ndarray) -> np.ndarray:
