@@ -150,10 +150,12 @@ class Progress:
 
 def finish(output: str, **attrs: Any) -> None:
     """Mark the store complete (with ``attrs``) and drop the bookkeeping: done last, so an incomplete store never
-    looks complete."""
+    looks complete. A writer killed mid-chunk leaves zarr's ``<chunk>.<id>.partial`` file; it goes too."""
     add_attrs(zarr.open_group(output, mode="r+"), **attrs, complete=True)
     for name in (PROGRESS, WORK):
         shutil.rmtree(Path(output) / name, ignore_errors=True)
+    for leftover in Path(output).rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
 
 
 def encode(probs: np.ndarray, dtype: str) -> np.ndarray:
