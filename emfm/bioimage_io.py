@@ -26,7 +26,7 @@ from PIL import Image
 from emfm.checkpoints import fill, read_checkpoint, read_segmenter
 from emfm.data.synthetic import make_synthetic_em
 from emfm.data.volume import NORM_PERCENTILES, Volume
-from emfm.errors import EmfmError
+from emfm.errors import EmfmError, first_line
 from emfm.export import check_output
 from emfm.finetune.segmentation import Segmenter
 from emfm.paths import remove
@@ -47,7 +47,7 @@ def normalise(raw: np.ndarray) -> np.ndarray:
     return ((raw - lo) / (hi - lo + EPS)).astype(np.float32)
 
 
-def test_image(sample: str | Path | None, shape: Sequence[int], channels: int) -> np.ndarray:
+def sample_tile(sample: str | Path | None, shape: Sequence[int], channels: int) -> np.ndarray:
     """A (1, C, *shape) float32 raw tile: the centre of ``sample`` (a zarr volume), else synthetic EM."""
     if sample is None:
         depth = shape[0] if len(shape) == 3 else 1
@@ -76,7 +76,7 @@ def save_torchscript(segmenter: Segmenter, example: torch.Tensor, path: Path) ->
 
 
 def cover(raw: np.ndarray, probs: np.ndarray, path: Path) -> None:
-    """raw | first output channel, side by side (the central slice of 3-D tiles), as PNG."""
+    """raw | the last output channel (a softmax's last class), side by side (the central slice of 3-D tiles), as PNG."""
     image, prob = raw[0, 0], probs[0, -1]
     if image.ndim == 3:
         image, prob = image[image.shape[0] // 2], prob[prob.shape[0] // 2]
@@ -99,6 +99,7 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, sample: str |
     """Write ``out_dir``, a bioimage.io model package of a fine-tuning checkpoint; returns ``out_dir``."""
     try:
         from bioimageio.spec import save_bioimageio_package_as_folder
+        from pydantic import ValidationError  # what bioimageio.spec raises
     except ImportError:
         raise EmfmError("a bioimage.io package needs bioimageio.spec: pip install 'emfm[bioimageio]'") from None
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -108,7 +109,7 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, sample: str |
     segmenter = Segmenter(**configs).eval()
     fill(segmenter, {k: v for k, v in weights.items() if k.startswith("model.")}, str(checkpoint))
     encoder = segmenter.model.encoder
-    raw = test_image(sample, encoder.input_shape, encoder.in_chans)
+    raw = sample_tile(sample, encoder.input_shape, encoder.in_chans)
     example = torch.from_numpy(normalise(raw))
     with torch.no_grad():
         probs = segmenter(example).numpy()
@@ -121,7 +122,11 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, sample: str |
         cover(raw, probs, files / "cover.png")
         steps = read_checkpoint(checkpoint).get("global_step")
         (files / "README.md").write_text(package_card(hparams, checkpoint, steps, encoder.input_shape))
-        descr = describe(files, configs, raw.shape, probs.shape, authors or [getpass.getuser()], license)
+        try:
+            descr = describe(files, configs, raw.shape, probs.shape, authors or [getpass.getuser()], license)
+        except ValidationError as err:   # a value given (--license, --author) that the spec refuses
+            told = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise EmfmError(first_line(f"{checkpoint}: no valid bioimage.io description ({told})")) from None
         partial = out_dir.with_name(f".{out_dir.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         save_bioimageio_package_as_folder(descr, output_path=partial)
@@ -184,8 +189,8 @@ def package_card(hparams: Mapping[str, Any], checkpoint: Path, steps: Any, shape
     return "\n".join([
         f"# emfm {encoder['family']} `{encoder.get('name', '')}`: {target['kind']} probabilities",
         "",
-        f"- Network: emfm encoder {encoder['family']} `{encoder.get('name', '')}` with a "
-        f"`{hparams['head'].get('name', 'auto')}` segmentation head, fine-tuned with `emfm finetune` for {steps} "
+        f"- Network: emfm encoder {encoder['family']} `{encoder.get('name', '')}` with segmentation head "
+        f"`{hparams['head'].get('name', 'auto')}`, fine-tuned with `emfm finetune` for {steps} "
         f"steps from `init={hparams.get('init', 'scratch')}` (checkpoint `{checkpoint.resolve()}`).",
         f"- Input `{INPUT}`: one {axes} tile of {' x '.join(map(str, shape))} voxels, "
         f"{hparams['encoder'].get('in_chans', 1)} channel(s), raw intensities. Preprocessing maps the "
@@ -214,5 +219,10 @@ def package_card(hparams: Mapping[str, Any], checkpoint: Path, steps: Any, shape
         "same = model(torch.from_numpy(normalised)).detach().numpy()",
         "assert np.allclose(same, probabilities, atol=1e-4)",
         "```",
+        "",
+        "## Validation",
+        "",
+        "The package's test checks that the weights reproduce the test output, not that the segmentation is good;",
+        "score held-out labelled slices with `emfm evaluate checkpoint=... raw=... labels=... slices=...`.",
         "",
     ])

@@ -136,3 +136,9 @@ def test_a_fine_tuned_checkpoint_exports_as_a_bioimage_io_package_that_passes_it
 def test_export_options_of_a_package_are_refused_for_an_encoder(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(EmfmError, match="a pretraining checkpoint, exported as its encoder; --sample"):
         export(checkpoints["cnn2d"], tmp_path / "out", sample=tmp_path)
+
+
+def test_a_license_the_bioimage_io_spec_refuses_is_named(segmenters: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(EmfmError, match=r"no valid bioimage.io description \(license: .*'no-such-license'"):
+        export(segmenters["vit2d"], tmp_path / "pkg", license="no-such-license")
+    assert not (tmp_path / "pkg").exists()
