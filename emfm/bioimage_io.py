@@ -125,7 +125,7 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, sample: str |
         try:
             descr = describe(files, configs, raw.shape, probs.shape, authors or [getpass.getuser()], license)
         except ValidationError as err:   # a value given (--license, --author) that the spec refuses
-            told = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            told = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'][:100]}" for e in err.errors())
             raise EmfmError(first_line(f"{checkpoint}: no valid bioimage.io description ({told})")) from None
         partial = out_dir.with_name(f".{out_dir.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -150,7 +150,7 @@ def describe(files: Path, configs: dict[str, Any], in_shape: Sequence[int],
                     f"{head.get('name', 'auto')} head fine-tuned on EM",
         authors=[spec.Author(name=name) for name in authors],
         cite=[spec.CiteEntry(text=text, doi=spec.Doi(doi))],
-        license=spec.LicenseId(license),
+        license=license_id(license),
         documentation=spec.FileDescr(source=files / "README.md"),
         covers=[spec.FileDescr(source=files / "cover.png")],
         tags=["electron-microscopy", "segmentation", "emfm", "pytorch", f"{len(axes)}d"],
@@ -180,6 +180,18 @@ def describe(files: Path, configs: dict[str, Any], in_shape: Sequence[int],
                 source=files / "weights_torchscript.pt", pytorch_version=version, parent="pytorch_state_dict"),
         ),
     )
+
+
+def license_id(license: str) -> Any:
+    """``license`` as the spec's SPDX id; one it does not know is named without the spec's list of all of them."""
+    from bioimageio.spec.model import v0_5 as spec
+    from pydantic import ValidationError
+
+    try:
+        return spec.LicenseId(license)
+    except ValidationError:
+        raise EmfmError(f"--license {license}: not an SPDX license id bioimage.io takes (e.g. CC-BY-4.0, MIT)") \
+            from None
 
 
 def package_card(hparams: Mapping[str, Any], checkpoint: Path, steps: Any, shape: Sequence[int]) -> str:
