@@ -20,6 +20,7 @@ from torch import nn
 
 from emfm.errors import EmfmError, first_line
 from emfm.models.encoders import Encoder, create_encoder
+from emfm.models.public import PublicWeights, listed, recognise
 
 WEIGHTS, CONFIG, CARD = "encoder.safetensors", "config.json", "README.md"    # an export folder
 FORMAT = "emfm-encoder/1"
@@ -126,6 +127,19 @@ def read_network(path: str | Path, key: str | None = None) -> Network:
     return Network(encoder_config(hparams["encoder"], where), encoder, head)
 
 
+def read_init(path: str | Path, key: str | None = "init") -> tuple[Network | None, PublicWeights | None]:
+    """What ``init=`` names: an emfm checkpoint or export (the first), or a public encoder's weights file whose
+    layout :mod:`emfm.models.public` recognises (the second)."""
+    if Path(path).is_dir() or not Path(path).is_file():
+        return read_network(path, key), None
+    where = named(path, key)
+    state: dict[str, Any] = read_safetensors(path, where) if Path(path).suffix == ".safetensors" \
+        else read_checkpoint(path, key)
+    if "hyper_parameters" in state:      # emfm's, to be checked as such
+        return read_network(path, key), None
+    return None, recognise(state, where)
+
+
 def _under(weights: Mapping[str, torch.Tensor], prefix: str) -> Weights:
     return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
@@ -164,14 +178,18 @@ def read_export(path: str | Path, key: str | None = None) -> tuple[dict[str, Any
         raise EmfmError(f"{config_file}: format {config.get('format')!r}, expected {FORMAT!r}")
     model = encoder_config(config.get("model"), f"{config_file}: model")
     encoder = build_encoder(model, str(config_file))
+    fill(exported_module(encoder), read_safetensors(weights_file, str(weights_file)), str(weights_file))
+    return model, encoder
+
+
+def read_safetensors(path: str | Path, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged one is named in one line."""
     try:
         from safetensors.torch import load_file
 
-        tensors = load_file(weights_file)
+        return load_file(path)
     except Exception as err:  # safetensors raises its own error type, OSError, ...
-        raise EmfmError(first_line(f"{weights_file}: not a readable safetensors file ({err})")) from None
-    fill(exported_module(encoder), tensors, str(weights_file))
-    return model, encoder
+        raise EmfmError(first_line(f"{where}: not a readable safetensors file ({err})")) from None
 
 
 def build_encoder(model: Mapping[str, Any], where: str) -> Encoder:
@@ -185,11 +203,18 @@ def build_encoder(model: Mapping[str, Any], where: str) -> Encoder:
 
 
 def fill(module: nn.Module, weights: Mapping[str, torch.Tensor], where: str) -> None:
-    """Load ``weights`` into ``module``; weights of another architecture are named with their file."""
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as err:
-        raise EmfmError(first_line(f"{where}: the weights do not fit the encoder ({err})")) from None
+    """Load ``weights`` into ``module``; keys missing, left over or of another shape are named with the file."""
+    own = module.state_dict()
+    problems = {
+        "missing": [k for k in own if k not in weights],
+        "unexpected": [k for k in weights if k not in own],
+        "of another shape": [f"{k} {list(weights[k].shape)} (expected {list(own[k].shape)})"
+                             for k in own if k in weights and weights[k].shape != own[k].shape],
+    }
+    if any(problems.values()):
+        told = "; ".join(f"{what}: {listed(keys)}" for what, keys in problems.items() if keys)
+        raise EmfmError(f"{where}: the weights do not fit the {type(module).__name__} ({told})")
+    module.load_state_dict(weights)
 
 
 @overload

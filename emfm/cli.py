@@ -31,7 +31,7 @@ USAGE = """usage: emfm COMMAND [ARGS]
 commands:
   ingest    convert TIFF / PNG slices / HDF5 / MRC / npy into OME-Zarr
   synth     write a synthetic EM volume with ground truth (OME-Zarr or TIFF)
-  export    write a checkpoint's encoder as safetensors + config + model card
+  export    a fine-tuned model as a bioimage.io package, or a pretrained encoder (safetensors + card)
   seeds     turn chosen clusters of `emfm cluster` into sparse labels for `emfm finetune`
 {hydra}
 
@@ -150,15 +150,23 @@ def synth(argv: list[str]) -> None:
 
 def export(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="emfm export", description="Export a pretrained encoder for others: emfm.load_encoder(OUT_DIR)."
-    )
-    parser.add_argument("checkpoint", help="an emfm pretraining checkpoint (.ckpt)")
-    parser.add_argument("out_dir", help="directory to write encoder.safetensors, config.json, README.md")
+        prog="emfm export", description="A fine-tuning checkpoint as a bioimage.io model package (ilastik, deepImageJ, "
+        "Fiji, the model zoo); a pretraining checkpoint as its encoder: emfm.load_encoder(OUT_DIR).")
+    parser.add_argument("checkpoint", help="an emfm fine-tuning or pretraining checkpoint (.ckpt)")
+    parser.add_argument("out_dir", help="directory to write (bioimage.io: rdf.yaml and its files; encoder: "
+                                        "encoder.safetensors, config.json, README.md)")
+    parser.add_argument("--sample", help="bioimage.io: a raw volume (zarr / OME-Zarr) whose centre is the test input "
+                                         "and cover (default: synthetic EM)")
+    parser.add_argument("--author", action="append", default=[], help="bioimage.io: an author's name (repeatable; "
+                                                                      "default: your user name)")
+    parser.add_argument("--license", default="CC-BY-4.0", help="bioimage.io: SPDX license id (default CC-BY-4.0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
     args = parser.parse_args(argv)
-    from emfm.export import export_encoder
+    from emfm.export import export as run_export
 
-    print(f"wrote {export_encoder(args.checkpoint, args.out_dir, overwrite=args.overwrite)}")
+    out = run_export(args.checkpoint, args.out_dir, sample=args.sample, authors=args.author, license=args.license,
+                     overwrite=args.overwrite)
+    print(f"wrote {out}")
 
 
 def seeds(argv: list[str]) -> None:

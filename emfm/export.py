@@ -1,6 +1,7 @@
-"""Hand a pretrained encoder to someone else: safetensors weights, a config, a model card.
+"""Hand a model to someone else: a fine-tuned one as a bioimage.io package, a pretrained encoder as safetensors
+weights, a config and a model card.
 
-The export holds only the encoder (no objective heads, no optimiser state) and everything needed
+The encoder export holds only the encoder (no objective heads, no optimiser state) and everything needed
 to use it right: architecture, input channels and patch size, and the voxel size and intensity
 normalisation it was trained with. 2-D timm encoders are saved with plain timm parameter names,
 so the weights also load into ``timm.create_model`` without emfm.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from emfm.checkpoints import (
     build_encoder,
     exported_module,
     fill,
+    hyper_parameters,
+    read_checkpoint,
     read_pretraining,
 )
 from emfm.errors import EmfmError
@@ -30,15 +34,39 @@ from emfm.models.encoders import Encoder
 from emfm.paths import refuse_file, refuse_overlap, remove
 
 
+def export(checkpoint: str | Path, out_dir: str | Path, *, sample: str | Path | None = None,
+           authors: Sequence[str] = (), license: str = "CC-BY-4.0", overwrite: bool = False) -> Path:
+    """``emfm export``: a fine-tuning checkpoint as a bioimage.io package, a pretraining one as its encoder."""
+    if not is_segmenter(checkpoint):
+        if sample is not None or authors:
+            raise EmfmError(f"{checkpoint}: a pretraining checkpoint, exported as its encoder; --sample and "
+                            f"--author apply to fine-tuning checkpoints (bioimage.io packages)")
+        return export_encoder(checkpoint, out_dir, overwrite=overwrite)
+    from emfm.bioimage_io import export_package
+
+    return export_package(checkpoint, out_dir, sample=sample, authors=authors, license=license, overwrite=overwrite)
+
+
+def is_segmenter(checkpoint: str | Path) -> bool:
+    """Whether ``checkpoint`` holds a fine-tuned segmentation model (a head and a target)."""
+    hparams = hyper_parameters(read_checkpoint(checkpoint), str(checkpoint))
+    return "head" in hparams and "target" in hparams
+
+
+def check_output(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse an export folder that is or holds the checkpoint, is a file, or exists (unless ``overwrite``)."""
+    refuse_overlap("out_dir", out_dir, {"checkpoint": checkpoint})
+    refuse_file("out_dir", out_dir)
+    if out_dir.exists() and not overwrite:
+        raise EmfmError(f"{out_dir} exists; pass --overwrite to replace it")
+
+
 def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``out_dir`` with the encoder of an emfm pretraining checkpoint; returns ``out_dir``."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     state = read_pretraining(checkpoint)
     hparams, model = state["hyper_parameters"], dict(state["hyper_parameters"]["encoder"])
-    refuse_overlap("out_dir", out_dir, {"checkpoint": checkpoint})
-    refuse_file("out_dir", out_dir)
-    if out_dir.exists() and not overwrite:
-        raise EmfmError(f"{out_dir} exists; pass --overwrite to replace it")
+    check_output(checkpoint, out_dir, overwrite)
     encoder = build_encoder(model, str(checkpoint))
     fill(encoder, {k.removeprefix("encoder."): v for k, v in state["state_dict"].items() if k.startswith("encoder.")},
          str(checkpoint))
@@ -91,10 +119,18 @@ def model_card(config: dict[str, Any], encoder: Encoder) -> str:
         "Inputs were normalised per volume as `(x - p_low) / (p_high - p_low)` with the percentiles above;",
         "normalise new data the same way (`emfm.data.volume.Volume.normalize` does).",
         "",
+        f"Load it in Python, in this folder ({'a timm model' if config['timm_model'] else 'an emfm Encoder'}, "
+        "in eval mode):",
+        "",
         "```python",
+        "import torch",
+        "",
         "import emfm",
-        'encoder = emfm.load_encoder("path/to/this/directory")'
-        + ("; a timm model" if config["timm_model"] else ""),
+        "",
+        'encoder = emfm.load_encoder(".")',
+        "with torch.no_grad():",
+        f"    embedding = encoder(torch.rand(1, {config['in_chans']}, {', '.join(map(str, model['input_shape']))}))",
+        f"assert embedding.shape == (1, {config['embed_dim']})",
         "```",
         "",
     ]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -294,3 +295,112 @@ def test_joint_restoration_trains_its_own_output_layer_and_the_decoder(compose_c
     assert module.semi.out.weight.grad.abs().sum() > 0
     assert module.model.head.out.weight.grad is None  # the segmentation output is not part of this task
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.head.blocks.parameters())
+
+
+def resnet_weights(name: str = "test_resnet", in_chans: int = 1) -> dict[str, torch.Tensor]:
+    """A ResNet's weights with a classifier ``fc``, as MoCo's query encoder and SwAV's trunk hold them."""
+    torch.manual_seed(1)
+    return timm.create_model(name, pretrained=False, num_classes=8, in_chans=in_chans).state_dict()
+
+
+def moco_v2(weights: dict[str, torch.Tensor]) -> dict:
+    """CEM500K's MoCo v2 file: query and momentum encoders under module.*, the queue, the norms."""
+    return {"epoch": 200, "arch": "resnet50", "norms": [0.58, 0.15], "state_dict": {
+        **{f"module.encoder_q.{k}": v for k, v in weights.items()},
+        **{f"module.encoder_k.{k}": v + 1 for k, v in weights.items()},
+        "module.queue": torch.randn(8, 16), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}}
+
+
+def swav(weights: dict[str, torch.Tensor]) -> dict:
+    """CEM1.5M's SwAV file: the ResNet under module.*, beside its projection head and prototypes."""
+    trunk = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+    return {"epoch": 200, "norms": [0.58, 0.15], "state_dict": {
+        **{f"module.{k}": v for k, v in trunk.items()}, "module.projection_head.0.weight": torch.randn(16, 96),
+        "module.projection_head.0.bias": torch.randn(16), "module.prototypes.weight": torch.randn(10, 16)}}
+
+
+@pytest.mark.parametrize("layout", [moco_v2, swav])
+def test_init_from_a_cem_resnet_checkpoint_loads_its_encoder_and_fine_tunes(
+        compose_config, synth_zarr: Path, tmp_path: Path, layout) -> None:
+    source = resnet_weights()
+    torch.save(layout(source), tmp_path / "cem.pth.tar")
+    args = [*finetune_args(synth_zarr, "cnn2d", steps=2), f"init={tmp_path / 'cem.pth.tar'}"]
+    cnn = run.build(compose_config("finetune", args).module).model.encoder.cnn
+    for key, value in cnn.state_dict().items():
+        assert torch.equal(value, source[key]), key
+    assert run.finetune(compose_config("finetune", args))["train/loss"] > 0
+
+
+def test_a_torchvision_resnet50_in_the_moco_layout_fills_model_resnet50(
+        compose_config, synth_zarr: Path, tmp_path: Path) -> None:
+    """The key names of CEM500K's real file (a torchvision ResNet-50); its RGB first convolution summed to grey."""
+    import torchvision
+
+    source = torchvision.models.resnet50(weights=None).state_dict()
+    torch.save(moco_v2(source), tmp_path / "cem500k_mocov2_resnet50_200ep.pth.tar")
+    args = [*finetune_args(synth_zarr, "cnn2d"), "model.name=resnet50",
+            f"init={tmp_path / 'cem500k_mocov2_resnet50_200ep.pth.tar'}"]
+    cnn = run.build(compose_config("finetune", args).module).model.encoder.cnn
+    loaded = cnn.state_dict()
+    assert torch.allclose(loaded["conv1.weight"], source["conv1.weight"].sum(1, keepdim=True))
+    for key in loaded.keys() - {"conv1.weight"}:
+        assert torch.equal(loaded[key], source[key]), key
+
+
+def test_init_from_timm_safetensors_fills_the_vit_and_fine_tunes(
+        compose_config, synth_zarr: Path, tmp_path: Path) -> None:
+    """A timm ViT saved as safetensors, with an RGB patch embedding, its classifier and another position grid."""
+    from safetensors.torch import save_file
+
+    source = timm.create_model("test_vit", pretrained=False, num_classes=10, in_chans=3, img_size=64,
+                               patch_size=8).state_dict()
+    save_file(source, tmp_path / "model.safetensors")
+    args = [*finetune_args(synth_zarr, steps=2), f"init={tmp_path / 'model.safetensors'}"]
+    vit = run.build(compose_config("finetune", args).module).model.encoder.vit
+    loaded = vit.state_dict()
+    assert torch.allclose(loaded["patch_embed.proj.weight"], source["patch_embed.proj.weight"].sum(1, keepdim=True))
+    assert loaded["pos_embed"].shape == (1, 1 + 4 * 4, 64) != source["pos_embed"].shape    # resampled to 32x32 input
+    for key in loaded.keys() - {"patch_embed.proj.weight", "pos_embed"}:
+        assert torch.equal(loaded[key], source[key]), key
+    assert run.finetune(compose_config("finetune", args))["train/loss"] > 0
+
+
+def sam_image_encoder(prefix: str = "") -> dict[str, torch.Tensor]:
+    """The keys of SAM ViT-B (12 blocks of width 768), tiny tensors but the patch embedding."""
+    weights = {f"{prefix}image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+               f"{prefix}image_encoder.neck.0.weight": torch.zeros(1),
+               f"{prefix}prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": torch.zeros(1),
+               f"{prefix}mask_decoder.iou_token.weight": torch.zeros(1)}
+    for block in range(12):
+        for name in ("attn.rel_pos_h", "attn.qkv.weight", "mlp.lin1.weight"):
+            weights[f"{prefix}image_encoder.blocks.{block}.{name}"] = torch.zeros(1)
+    return weights
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("sam_vit_b.pth", sam_image_encoder(), r"a SAM / micro-sam image encoder \(image_encoder\.\*, ViT-B\); SAM's ViT "
+                                           r"has windowed attention .* so it is not loaded"),
+    ("micro_sam.pt", {"model_state": sam_image_encoder("sam.")}, "a SAM / micro-sam image encoder"),
+    ("detectron.pth", {"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(1)}},
+     r"\(timm state dict\): none of its 1 weights \(backbone.bottom_up.stem.conv1.weight\) is named as in timm's "
+     r"test_vit: a layout emfm does not know"),
+    ("moco.pth.tar", moco_v2(resnet_weights()), r"a MoCo v2 layout \(.*\); it loads into model=cnn2d .* but this "
+                                                r"run builds model.family='vit2d'"),
+    ("optimizer.pt", {"lr": 0.1, "step": 3}, r"no weights \(a mapping of names to tensors\) in it.*keys: lr, step"),
+])
+def test_init_from_a_file_of_another_layout_is_refused_naming_it(
+        compose_config, synth_zarr: Path, tmp_path: Path, name: str, content: dict, message: str) -> None:
+    torch.save(content, tmp_path / name)
+    cfg = compose_config("finetune", [*finetune_args(synth_zarr), f"init={tmp_path / name}"])
+    with pytest.raises(EmfmError, match=message):
+        run.build(cfg.module)
+
+
+def test_init_names_the_keys_a_public_file_lacks_or_adds(compose_config, synth_zarr: Path, tmp_path: Path) -> None:
+    weights = resnet_weights()
+    weights["extra.weight"] = weights.pop("layer1.0.conv1.weight")
+    torch.save(moco_v2(weights), tmp_path / "cem.pth.tar")
+    cfg = compose_config("finetune", [*finetune_args(synth_zarr, "cnn2d"), f"init={tmp_path / 'cem.pth.tar'}"])
+    with pytest.raises(EmfmError, match=r"\(MoCo v2 layout .*\): the weights do not fit the ResNet \(missing: "
+                                        r"layer1.0.conv1.weight; unexpected: extra.weight\)"):
+        run.build(cfg.module)

@@ -16,16 +16,17 @@ import torch
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.layers import resample_abs_pos_embed
 
-from emfm.checkpoints import fill, read_network, read_segmenter
+from emfm.checkpoints import PretrainedHead, fill, read_init, read_segmenter
 from emfm.data.augment import Augment
 from emfm.data.labeled import LabeledDataModule
-from emfm.data.targets import IGNORE, make_target
+from emfm.data.targets import IGNORE, Target, make_target
 from emfm.errors import EmfmError
 from emfm.finetune.losses import SegmentationLoss
 from emfm.finetune.semi import create_semi
 from emfm.inference import sliding_window
-from emfm.models.encoders import ViTEncoder, create_encoder
+from emfm.models.encoders import Encoder, ViTEncoder, create_encoder
 from emfm.models.heads import SegmentationModel, create_head, head_settings
+from emfm.models.public import PublicWeights, fit_timm
 from emfm.training import adamw_warmup_cosine, param_groups
 
 # Settings that must agree between a pretrained encoder and the one fine-tuned (the input shape may differ).
@@ -36,32 +37,87 @@ def load_pretrained(model: SegmentationModel, config: Mapping[str, Any], head: M
     """Copy the weights of ``init`` into ``model`` after checking they are the same architecture.
 
     The encoder always; the decoder too when ``init`` has one, all but its output layer, which
-    belongs to the pretraining task (or another target) and starts fresh.
+    belongs to the pretraining task (or another target) and starts fresh. A public encoder's file
+    (:mod:`emfm.models.public`) fills the run's timm model.
     """
-    network = read_network(init, "init")
-    source, weights, decoder = network.encoder, network.weights, network.head
-    for key in ARCHITECTURE:
-        if source.get(key) != config.get(key):
-            raise EmfmError(f"init={init}: encoder has {key}={source.get(key)!r} but this run builds "
-                            f"model.{key}={config.get(key)!r}; use the same model settings as in pretraining")
+    network, public = read_init(init)
     encoder = model.encoder
-    own = encoder.state_dict()
+    if public is not None:
+        target, where = public_target(encoder, config, public, init), f"init={init} ({public.layout})"
+        weights = fit_timm(target, public.weights, where)
+    else:
+        assert network is not None
+        check_architecture(network.encoder, config, init)
+        target, weights, where = encoder, network.weights, f"init={init}"
+    own = target.state_dict()
     for key, value in weights.items():  # learned 2-D positions follow another patch shape
         if isinstance(encoder, ViTEncoder) and key.endswith("pos_embed") and key in own \
                 and value.shape != own[key].shape:
             weights[key] = resample_abs_pos_embed(value, list(encoder.grid_size),
                                                   num_prefix_tokens=encoder.num_prefix_tokens)
-    fill(encoder, weights, f"init={init}")
-    if decoder is not None:
-        theirs, ours = head_settings(decoder.config, encoder), head_settings(head, encoder)
-        if theirs != ours:
-            raise EmfmError(f"init={init}: its decoder is head {theirs} but this run builds head {ours}; "
-                            f"use the same head settings as in pretraining")
-        kept = {k: v for k, v in decoder.weights.items() if not k.startswith("out.")}
-        missing, unexpected = model.head.load_state_dict(kept, strict=False)
-        if unexpected or any(not k.startswith("out.") for k in missing):
-            raise EmfmError(f"init={init}: decoder weights do not fit head {ours} "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    fill(target, weights, where)
+    if network is not None and network.head is not None:
+        load_decoder(model, network.head, head, init)
+
+
+def check_architecture(source: Mapping[str, Any], config: Mapping[str, Any], init: str) -> None:
+    """An emfm encoder is refused unless built as this run's (the input shape may differ)."""
+    for key in ARCHITECTURE:
+        if source.get(key) != config.get(key):
+            raise EmfmError(f"init={init}: encoder has {key}={source.get(key)!r} but this run builds "
+                            f"model.{key}={config.get(key)!r}; use the same model settings as in pretraining")
+
+
+def public_target(encoder: Encoder, config: Mapping[str, Any], public: PublicWeights, init: str) -> torch.nn.Module:
+    """The timm model a public file fills: a 2-D timm encoder, of the family its layout fits."""
+    model = encoder.timm_model
+    if model is None or public.family not in (None, config.get("family")):
+        wanted = public.family or "vit2d or model=cnn2d"
+        raise EmfmError(f"init={init}: a {public.layout}; it loads into model={wanted} (a timm model), but this run "
+                        f"builds model.family={config.get('family')!r}")
+    return model
+
+
+def load_decoder(model: SegmentationModel, decoder: PretrainedHead, head: Mapping[str, Any], init: str) -> None:
+    """A pretrained decoder's weights, all but its output layer, after checking it is this run's head."""
+    theirs, ours = head_settings(decoder.config, model.encoder), head_settings(head, model.encoder)
+    if theirs != ours:
+        raise EmfmError(f"init={init}: its decoder is head {theirs} but this run builds head {ours}; "
+                        f"use the same head settings as in pretraining")
+    kept = {k: v for k, v in decoder.weights.items() if not k.startswith("out.")}
+    missing, unexpected = model.head.load_state_dict(kept, strict=False)
+    if unexpected or any(not k.startswith("out.") for k in missing):
+        raise EmfmError(f"init={init}: decoder weights do not fit head {ours} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def segmentation_network(encoder: Mapping[str, Any], head: Mapping[str, Any],
+                         target: Mapping[str, Any]) -> tuple[SegmentationModel, Target]:
+    """The network of a ``model``, ``head`` and ``target`` config (random weights), and its target."""
+    settings = dict(target)
+    made = make_target(settings.pop("kind"), ignore_label=IGNORE, **settings)
+    net = create_encoder(**encoder)
+    return SegmentationModel(net, create_head(encoder=net, out_channels=made.channels, **head)), made
+
+
+def activate(logits: torch.Tensor, target: Target) -> torch.Tensor:
+    """Probabilities: softmax over classes, or a sigmoid per channel."""
+    return logits.softmax(1) if target.loss == "softmax" else logits.sigmoid()
+
+
+class Segmenter(torch.nn.Module):
+    """A fine-tuned network with its activation: images (N, C, *spatial) -> probabilities (N, K, *spatial).
+
+    What ``emfm export`` traces into a bioimage.io package, and the architecture its state dict
+    names: bioimage.io tools rebuild it from the three configs kept in the package.
+    """
+
+    def __init__(self, encoder: Mapping[str, Any], head: Mapping[str, Any], target: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model, self.target = segmentation_network(encoder, head, target)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return activate(self.model(x), self.target)
 
 
 def overlap_counts(probs: torch.Tensor, truth: torch.Tensor, kind: str) -> torch.Tensor:
@@ -126,10 +182,8 @@ class SegmentationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        target = dict(target)
-        self.target = make_target(target.pop("kind"), ignore_label=IGNORE, **target)
-        net = create_encoder(**encoder)
-        self.model = SegmentationModel(net, create_head(encoder=net, out_channels=self.target.channels, **head))
+        self.model, self.target = segmentation_network(encoder, head, target)
+        net = self.model.encoder
         if str(init) != "scratch":
             load_pretrained(self.model, encoder, head, str(init))
         self.loss = SegmentationLoss(self.target.loss, ignore_index=IGNORE, **(loss or {}))
@@ -147,7 +201,7 @@ class SegmentationModule(pl.LightningModule):
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities: softmax over classes, or a sigmoid per channel."""
-        return logits.softmax(1) if self.target.loss == "softmax" else logits.sigmoid()
+        return activate(logits, self.target)
 
     @torch.no_grad()
     def predict_region(self, image: torch.Tensor, overlap: float | None = None) -> torch.Tensor:
