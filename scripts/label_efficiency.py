@@ -25,8 +25,9 @@ Writes REPORT.json (``--out``; layout in docs/benchmarks.md), ``<stem>_curve.png
 against the number of labeled slices, one line per arm, error bars one std over seeds),
 ``<stem>_slices<set>.png`` (raw | truth | every arm's probabilities on one eval slice, first seed)
 and the runs under ``<stem>/``. Every run resumes (``resume=auto``): the same command after a stop, or
-after a change of scoring, continues the unfinished runs and reuses the finished ones (the report
-lists them under ``seconds.reused``; their training time is the earlier invocation's).
+after a change of scoring, continues the unfinished runs and only scores the finished ones (the
+report lists every run an earlier invocation started under ``seconds.reused``; the time it trained
+then is not in this report).
 """
 
 from __future__ import annotations
