@@ -88,8 +88,6 @@ def prepare(cfg: DictConfig,
     datamodule = build(cfg.data)
     module = build(module_cfg, isotropic=datamodule.isotropic)
     checkpoint = resume_checkpoint(cfg.get("resume"), Path(cfg.paths.output_dir), module)
-    if checkpoint:   # a resumed run writes on into its own checkpoint directory, as it should
-        warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(str(Path(checkpoint).parent))}")
     return datamodule, module, build_trainer(cfg), checkpoint
 
 
@@ -101,7 +99,10 @@ def fit(cfg: DictConfig, module_cfg: DictConfig) -> dict[str, float]:
     datamodule, module, trainer, checkpoint = prepare(cfg, module_cfg)
     record_config(cfg, run_dir)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+        with warnings.catch_warnings():
+            if checkpoint:   # a resumed run writes on into its own checkpoint directory, as it should
+                warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(str(run_dir))}")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     except SIGTERMException:  # SaveOnPreemption wrote last.ckpt and said so
         log.info("stopped by SIGTERM at step %d; continue with resume=auto", trainer.global_step)
         return {}
