@@ -29,7 +29,7 @@ VERB_ENV = "EMFM_HYDRA_VERB"
 USAGE = """usage: emfm COMMAND [ARGS]
 
 commands:
-  ingest    convert TIFF / PNG slices / HDF5 / MRC / npy into OME-Zarr
+  ingest    convert TIFF / PNG slices / HDF5 / MRC / npy / (remote) zarr into OME-Zarr
   synth     write a synthetic EM volume with ground truth (OME-Zarr or TIFF)
   export    a fine-tuned model as a bioimage.io package, or a pretrained encoder (safetensors + card)
   seeds     turn chosen clusters of `emfm cluster` into sparse labels for `emfm finetune`
@@ -111,7 +111,8 @@ def run_hydra(verb: str, overrides: list[str]) -> None:
 
 def ingest(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="emfm ingest", description="Convert a volume to OME-Zarr.")
-    parser.add_argument("input", help="multi-page TIFF, folder of TIFF/PNG slices, file.h5:/dataset, MRC or .npy")
+    parser.add_argument("input", help="multi-page TIFF, folder of TIFF/PNG slices, file.h5:/dataset, MRC, .npy, or "
+                                      "zarr / OME-Zarr (a folder, or an http(s):// or s3:// URL)")
     parser.add_argument("--out", required=True, help="output .zarr path")
     parser.add_argument("--voxel-size", type=float, nargs="+", metavar="S", help="per axis, e.g. Z Y X (in --unit)")
     parser.add_argument("--unit", default="nanometer", help="of the voxel size: nanometer (default), micrometer, ...")

@@ -1,29 +1,66 @@
-"""The rules every command that deletes or replaces a path follows: never an input, whatever is there.
+"""Where inputs and outputs are, and the rules every command that deletes or replaces a path follows.
 
-An output that is the input, holds it (a parent folder) or lies inside it (a store within the
-input store) would be deleted, replaced or mixed into before the input is read, so it is refused
-before anything is touched, whatever ``overwrite`` says.
+An input is a local path or the URL of a remote store (``http(s)://``, ``s3://``), kept as text:
+pathlib would fold a URL's ``//``. Outputs are local folders. An output that is the input, holds it
+(a parent folder) or lies inside it (a store within the input store) would be deleted, replaced or
+mixed into before the input is read, so it is refused before anything is touched, whatever
+``overwrite`` says.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 from emfm.errors import EmfmError
 
+URL_SCHEMES = ("http", "https", "s3")       # what remote inputs are read from (through fsspec)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(location: str | Path) -> bool:
+    """Whether ``location`` names a remote store (``scheme://...``) rather than a local path."""
+    return isinstance(location, str) and _URL.match(location) is not None
+
+
+def location(given: str | Path) -> str | Path:
+    """An input's location: a URL as text (without a trailing ``/``), anything else a local path."""
+    return given.rstrip("/") if isinstance(given, str) and is_url(given) else Path(given)
+
+
+def join(base: str | Path, *parts: str) -> str | Path:
+    """``base/part/...`` for a local path or a URL alike."""
+    if isinstance(base, Path):
+        return base.joinpath(*parts)
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def resolved(given: str | Path) -> str:
+    """A location written down to be found again (jobs, checkpoints, cache keys): a URL as given, a path absolute."""
+    return str(location(given)) if is_url(str(given)) else str(Path(given).expanduser().resolve())
+
+
+def local_output(key: str, output: str | Path) -> Path:
+    """The absolute path of an output; a URL is refused: emfm reads remote stores but writes only local folders."""
+    if is_url(str(output)):
+        raise EmfmError(f"{key}={output}: emfm reads remote inputs but writes its outputs to local folders only; "
+                        f"choose a local {key}")
+    return Path(output).expanduser().resolve()
+
 
 def refuse_overlap(key: str, output: str | Path, inputs: Mapping[str, str | Path | None]) -> None:
     """Raise if ``output`` (named ``key`` in the message) is, contains or lies inside one of ``inputs``.
 
     Paths are compared resolved (relative parts and symlinks followed), so another spelling of the
-    same place is caught; ``None`` inputs are skipped.
+    same place is caught; ``None`` inputs and remote ones (URLs, never written) are skipped. An
+    output URL is refused.
     """
-    out = Path(output).expanduser().resolve()
+    out = local_output(key, output)
     for name, given in inputs.items():
-        if given is None:
+        if given is None or is_url(str(given)):
             continue
         path = Path(given).expanduser().resolve()
         relation = ("is" if out == path else "contains" if out in path.parents else

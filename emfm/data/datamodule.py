@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from emfm.data.patches import BatchStream, FixedPatches, PatchSampler, RandomPatches
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
+from emfm.paths import resolved
 
 # Voxel sizes within this ratio of each other count as isotropic (3-D rotations allowed).
 ISOTROPY_TOLERANCE = 1.5
@@ -48,7 +49,7 @@ class PatchDataModule(pl.LightningDataModule):
     patch stream exactly where it stopped (see :class:`~emfm.data.patches.RandomPatches`).
 
     Args:
-        volumes: zarr / OME-Zarr paths.
+        volumes: zarr / OME-Zarr paths or URLs (http(s)://, s3://).
         patch_shape: (Y, X) for 2-D encoders, (Z, Y, X) for 3-D ones.
         weights: relative sampling frequency per volume.
         level: multiscale level to read (0 = full resolution).
@@ -115,7 +116,7 @@ class PatchDataModule(pl.LightningDataModule):
         """What the encoder was trained on, for the exported model card."""
         return {
             "volumes": [
-                {"path": str(v.path.resolve()), "shape": list(v.shape), "axes": v.axes,
+                {"path": resolved(v.path), "shape": list(v.shape), "axes": v.axes,
                  "voxel_size": None if v.voxel_size is None else list(v.voxel_size),
                  "normalization_percentiles": list(v.normalization())}
                 for v in self.patches().volumes

@@ -23,6 +23,7 @@ from emfm.data.datamodule import PatchDataModule, volume_list
 from emfm.data.patches import BatchStream, RandomPatches
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
+from emfm.paths import resolved
 
 IGNORE = -1
 
@@ -246,7 +247,7 @@ class LabeledDataModule(PatchDataModule):
 
     def describe(self) -> dict[str, Any]:
         self.volume()
-        return {"raw": str(Path(self.raw_path).resolve()), "labels": str(Path(self.label_path).resolve()),
+        return {"raw": resolved(self.raw_path), "labels": resolved(self.label_path),
                 "labeled_slices": self.labeled, "val_slices": self.val, "patch_shape": self.patch_shape}
 
     @property

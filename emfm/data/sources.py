@@ -1,4 +1,5 @@
-"""Lazy readers for EM data in common formats: multi-page TIFF, slice folders, HDF5, MRC, npy.
+"""Lazy readers for EM data in common formats: multi-page TIFF, slice folders, HDF5, MRC, npy, and zarr /
+OME-Zarr stores, local or remote (``http(s)://``, ``s3://``).
 
 Each returns a :class:`Source`, an array-like that reads only the slices asked for, so volumes larger
 than memory are never loaded whole.
@@ -15,16 +16,21 @@ from typing import Any
 
 import numpy as np
 
+from emfm.data.volume import Volume
 from emfm.errors import EmfmError, first_line
+from emfm.paths import is_url, location
 
 SLICE_EXTS = (".tif", ".tiff", ".png")
 MRC_EXTS = (".mrc", ".map", ".rec")
 SUPPORTED = ("TIFF (.tif/.tiff, multi-page = 3-D), PNG, a folder of 2-D TIFF/PNG slices, "
-             "HDF5 ('file.h5:/dataset'), MRC (.mrc/.map/.rec), NumPy (.npy)")
+             "HDF5 ('file.h5:/dataset'), MRC (.mrc/.map/.rec), NumPy (.npy), zarr / OME-Zarr (a folder or an "
+             "http(s):// or s3:// URL)")
+ZARR_FILES = ("zarr.json", ".zarray", ".zgroup")
 _H5 = re.compile(r"^(?P<file>.+?\.(?:h5|hdf5|hdf|he5))(?::(?P<key>.*))?$", re.IGNORECASE)
 _UNIT_NM = {"nm": 1.0, "nanometer": 1.0, "nanometers": 1.0, "um": 1e3, "micron": 1e3, "microns": 1e3,
             "micrometer": 1e3, "\u00b5m": 1e3, "\u03bcm": 1e3, "\\u00b5m": 1e3, "mm": 1e6,
-            "a": 0.1, "\u00e5": 0.1, "angstrom": 0.1}
+            "a": 0.1, "\u00e5": 0.1, "angstrom": 0.1, "picometer": 1e-3, "millimeter": 1e6, "centimeter": 1e7,
+            "meter": 1e9}
 # PIL mode -> dtype of the grey image we deliver (colour modes are accepted only with equal channels)
 _PIL_DTYPES = {"L": "u1", "1": "u1", "P": "u1", "PA": "u1", "LA": "u1", "RGB": "u1", "RGBA": "u1", "I;16": "u2",
                "I;16L": "u2", "I;16B": "u2", "I": "i4", "F": "f4"}
@@ -300,8 +306,20 @@ def _open_mrc(path: Path) -> Source:
     return _array_source(str(path), data, (z, y, x)[-data.ndim:], handle=mrc)
 
 
-def source_path(path: str | Path) -> Path:
-    """The file or folder an input names (``file.h5:/dataset`` -> ``file.h5``)."""
+def _open_zarr(path: str | Path) -> Source:
+    """A zarr array or an OME-Zarr image's full-resolution level, local or remote, read chunk by chunk; its voxel
+    size converted to nm where the axes name their units."""
+    volume = Volume(path)
+    nm = [_UNIT_NM.get(u.lower()) if u else None for u in volume.units]
+    known = volume.voxel_size is not None and all(f is not None for f in nm)
+    voxel_size = [v * f for v, f in zip(volume.voxel_size or (), nm) if f is not None] if known else None
+    return Source(str(volume.path), volume.shape, volume.dtype, volume.read, voxel_size)
+
+
+def source_path(path: str | Path) -> str | Path:
+    """The file, folder or URL an input names (``file.h5:/dataset`` -> ``file.h5``)."""
+    if is_url(str(path)):
+        return location(str(path))
     h5 = _H5.match(str(path))
     return Path(h5["file"] if h5 else path)
 
@@ -310,12 +328,16 @@ def open_source(path: str | Path) -> Source:
     """Open an EM image/volume lazily; errors explain what was expected."""
     text = str(path)
     h5 = _H5.match(text)
-    p = source_path(text)
-    if not p.exists():
-        raise EmfmError(f"{p}: no such file or folder")
+    p = Path(h5["file"] if h5 else text)
     ext = p.suffix.lower()
-    if h5:
+    if is_url(text):
+        src = _open_zarr(text)
+    elif not p.exists():
+        raise EmfmError(f"{p}: no such file or folder")
+    elif h5:
         src = _open_h5(p, h5["key"])
+    elif p.is_dir() and any((p / name).is_file() for name in ZARR_FILES):
+        src = _open_zarr(p)
     elif p.is_dir():
         src = _open_folder(p)
     elif ext in (".tif", ".tiff"):

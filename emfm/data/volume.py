@@ -1,10 +1,12 @@
 """Lazy, picklable reader for one EM volume in zarr (v2/v3) or OME-Zarr (0.4/0.5), at any pyramid level.
 
 Only metadata is read on construction and the zarr handle is reopened in each process, so a Volume
-can be handed to DataLoader workers cheaply. Intensity percentiles are computed once per volume, so
-training and inference normalise identically: ``emfm ingest`` stores them in the attrs of the store
-it writes; for any other input they are kept in emfm's cache folder (:func:`emfm.paths.cache_dir`),
-keyed by the input's path and metadata files -- a job never writes into its input.
+can be handed to DataLoader workers cheaply. A volume is a local path or the URL of a remote store
+(``http(s)://``, ``s3://``, through fsspec), read chunk by chunk as regions are asked for. Intensity
+percentiles are computed once per volume, so training and inference normalise identically: ``emfm
+ingest`` stores them in the attrs of the store it writes; for any other input they are kept in
+emfm's cache folder (:func:`emfm.paths.cache_dir`), keyed by the input's path or URL and metadata
+files -- a job never writes into its input.
 """
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import zarr
 
-from emfm.errors import EmfmError
-from emfm.paths import cache_dir
+from emfm.errors import EmfmError, first_line
+from emfm.paths import URL_SCHEMES, cache_dir, is_url, join, location, resolved
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +35,58 @@ SPATIAL = "zyx"
 METADATA_FILES = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
 
 
-def _open_node(path: Path, mode: Literal["r", "r+"] = "r") -> Any:
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for a remote store: S3 is read anonymously (public data) unless fsspec's own configuration
+    says otherwise, e.g. ``FSSPEC_S3='{"anon": false}'`` to use the usual AWS credentials."""
+    if url.startswith("s3://"):
+        import fsspec.config
+
+        if "anon" not in fsspec.config.conf.get("s3", {}):
+            return {"anon": True}
+    return {}
+
+
+def _open_node(path: str | Path, array: bool = False) -> Any:
+    """The zarr group or array at a local path or URL (``array``: an array only), read-only."""
+    opener = zarr.open_array if array else zarr.open
+    if not is_url(str(path)):
+        try:
+            return opener(str(path), mode="r")
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
+            raise EmfmError(f"{path}: no zarr array or OME-Zarr image found") from None
+    url = str(path)
+    scheme = url.split("://")[0].lower()
+    if scheme not in URL_SCHEMES:
+        raise EmfmError(f"{url}: unsupported URL scheme; emfm reads {', '.join(s + '://' for s in URL_SCHEMES)} "
+                        f"stores and local paths")
     try:
-        return zarr.open(str(path), mode=mode)
+        _probe(url)
+        return opener(url, mode="r", storage_options=storage_options(url))
+    except ImportError as e:
+        raise EmfmError(f"{url}: reading {scheme}:// stores needs {e.name or 'fsspec'}: "
+                        f"pip install 'emfm[remote]'") from None
     except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
-        raise EmfmError(f"{path}: no zarr array or OME-Zarr image found") from None
+        raise EmfmError(f"{url}: no zarr array or OME-Zarr image found (no zarr metadata at that URL)") from None
+    except Exception as e:       # unreachable host, refused access, timeouts: each library has its own types
+        raise EmfmError(f"{url}: cannot read ({type(e).__name__}: {first_line(e)})") from None
 
 
-def _malformed(path: Path, key: str, value: Any, expected: str) -> EmfmError:
+def _probe(url: str) -> None:
+    """Reach the store with one request before zarr sends several at once: a failure (host, network, access)
+    then comes from that one request alone (several failing together leave noise from the S3 client behind)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **storage_options(url))
+    with contextlib.suppress(FileNotFoundError):            # a zarr v2 store, or no store: zarr says which
+        fs.cat_file(f"{root}/zarr.json")
+
+
+def _malformed(path: str | Path, key: str, value: Any, expected: str) -> EmfmError:
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     return EmfmError(f"{path}: malformed attributes: {key} is {shown}, expected {expected}")
 
 
-def _mapping(value: Any, path: Path, key: str) -> dict[str, Any]:
+def _mapping(value: Any, path: str | Path, key: str) -> dict[str, Any]:
     """An attribute that must be a JSON object (absent: empty)."""
     if value is None:
         return {}
@@ -54,7 +95,7 @@ def _mapping(value: Any, path: Path, key: str) -> dict[str, Any]:
     return value
 
 
-def _objects(value: Any, path: Path, key: str) -> list[dict[str, Any]]:
+def _objects(value: Any, path: str | Path, key: str) -> list[dict[str, Any]]:
     """An attribute that must be a list of JSON objects (absent: empty)."""
     if value is None:
         return []
@@ -63,7 +104,7 @@ def _objects(value: Any, path: Path, key: str) -> list[dict[str, Any]]:
     return value
 
 
-def _axes(value: Any, path: Path) -> tuple[list[str], list[str | None], list[str | None]]:
+def _axes(value: Any, path: str | Path) -> tuple[list[str], list[str | None], list[str | None]]:
     """(names, types, units) of OME axes: objects with a ``name`` (0.4+), or plain names (0.3)."""
     if not isinstance(value, list) or not all(isinstance(a, str) or isinstance(a, dict) and isinstance(
             a.get("name"), str) for a in value):
@@ -73,7 +114,7 @@ def _axes(value: Any, path: Path) -> tuple[list[str], list[str | None], list[str
     return [a["name"] for a in fields], [a.get("type") for a in fields], units
 
 
-def _scale(transforms: Any, n: int, path: Path, key: str) -> list[float]:
+def _scale(transforms: Any, n: int, path: str | Path, key: str) -> list[float]:
     """The scale of a list of OME coordinate transformations (1 per axis if it has none)."""
     for t in _objects(transforms, path, key):
         scale = t.get("scale")
@@ -88,7 +129,7 @@ class Volume:
     """Lazy reader of one EM volume in zarr (v2, v3, OME-Zarr 0.4/0.5, any multiscale level)."""
 
     def __init__(self, path: str | Path, level: int = 0) -> None:
-        self.path, self.level = Path(path), int(level)
+        self.path, self.level = location(path), int(level)
         node = _open_node(self.path)
         attrs = dict(node.attrs)
         ome = _mapping(attrs.get("ome"), self.path, "ome")
@@ -105,17 +146,18 @@ class Volume:
         else:
             found = _objects(ome.get("multiscales") or attrs.get("multiscales"), self.path, "multiscales")
             if not found:
-                inside = ", ".join(sorted(node.keys())[:10]) or "nothing"
+                inside = _members(node)
+                holding = "" if inside is None else f", holding: {', '.join(inside[:10]) or 'nothing'}"
                 raise EmfmError(f"{self.path}: no zarr array or OME-Zarr image found (group without "
-                                f"multiscales, holding: {inside})")
+                                f"multiscales{holding})")
             ms, datasets = found[0], _objects(found[0].get("datasets"), self.path, "multiscales[0].datasets")
             if not datasets or not all(isinstance(d.get("path"), str) for d in datasets):
                 raise EmfmError(f"{self.path}: malformed OME multiscales: each dataset needs a 'path'")
-            self._level_paths = [str(self.path / d["path"]) for d in datasets]
+            self._level_paths = [str(join(self.path, d["path"])) for d in datasets]
             if not 0 <= self.level < len(datasets):
                 raise EmfmError(f"{self.path}: level {level} not available; levels: "
                                 f"{', '.join(map(str, range(len(datasets))))}")
-            node = _open_node(Path(self._level_paths[self.level]))
+            node = _open_node(self._level_paths[self.level], array=True)
             names, types, units = _axes(ms.get("axes") or _default_names(node.ndim), self.path)
             top = _scale(ms.get("coordinateTransformations"), len(names), self.path,
                          "multiscales[0].coordinateTransformations")
@@ -154,7 +196,7 @@ class Volume:
     @property
     def _arr(self) -> Any:
         if self._array is None or self._pid != os.getpid():
-            self._array, self._pid = zarr.open_array(self._level_paths[self.level], mode="r"), os.getpid()
+            self._array, self._pid = _open_node(self._level_paths[self.level], array=True), os.getpid()
         return self._array
 
     def __getstate__(self) -> dict:
@@ -171,7 +213,14 @@ class Volume:
         return tuple(key)
 
     def _read_raw(self, region: Any) -> np.ndarray:
-        return np.asarray(self._arr[self._key(region)])
+        if not isinstance(self.path, str):
+            return np.asarray(self._arr[self._key(region)])
+        try:
+            return np.asarray(self._arr[self._key(region)])
+        except (IndexError, EmfmError):
+            raise
+        except Exception as e:   # a remote store: the connection, not the data, failed
+            raise EmfmError(f"{self.path}: cannot read region {region} ({type(e).__name__}: {first_line(e)})") from None
 
     def read(self, region: tuple[slice | int, ...] = ()) -> np.ndarray:
         """Numpy array of `region` (slices over the spatial axes), native dtype; NaN/Inf refused."""
@@ -204,21 +253,40 @@ class Volume:
         if cached is not None:
             return cached
         values = compute_normalization(self)
-        _write_cache(cache, {"input": str(self.path.resolve()), "percentiles": list(NORM_PERCENTILES),
+        _write_cache(cache, {"input": resolved(self.path), "percentiles": list(NORM_PERCENTILES),
                              "values": list(values)})
         return values
 
     def _cache_file(self) -> Path:
-        """The cache file of this input's normalisation: named by its resolved path and the bytes and modification
-        times of its metadata files (the store's and every level's), so a rewritten store is measured afresh."""
-        identity: list[Any] = [str(self.path.resolve())]
-        for folder in dict.fromkeys([self.path, *map(Path, self._level_paths)]):
-            for name in METADATA_FILES:
-                file = folder / name
-                if file.is_file():
-                    identity.append([str(file), file.stat().st_mtime_ns, hashlib.sha256(file.read_bytes()).hexdigest()])
+        """The cache file of this input's normalisation: named by its resolved path (or URL) and the bytes (and, on
+        disk, modification times) of its metadata files, the store's and every level's, so a rewritten store is
+        measured afresh."""
+        identity: list[Any] = [resolved(self.path)]
+        if isinstance(self.path, str):
+            identity += [[url, hashlib.sha256(data).hexdigest()] for url, data in self._remote_metadata()]
+        else:
+            for folder in dict.fromkeys([self.path, *map(Path, self._level_paths)]):
+                for name in METADATA_FILES:
+                    file = folder / name
+                    if file.is_file():
+                        identity.append([str(file), file.stat().st_mtime_ns,
+                                         hashlib.sha256(file.read_bytes()).hexdigest()])
         key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
         return cache_dir() / "normalization" / f"{key}.json"
+
+    def _remote_metadata(self) -> list[tuple[str, bytes]]:
+        """(URL, bytes) of the remote store's metadata files that exist, fetched together."""
+        import fsspec
+
+        url = str(self.path)
+        urls = [str(join(folder, name)) for folder in dict.fromkeys([url, *self._level_paths])
+                for name in METADATA_FILES]
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **storage_options(url))
+            found = fs.cat([root + u[len(url):] for u in urls], on_error="omit")
+        except Exception as e:
+            raise EmfmError(f"{url}: cannot read its metadata files ({type(e).__name__}: {first_line(e)})") from None
+        return [(u, found[root + u[len(url):]]) for u in urls if root + u[len(url):] in found]
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """float32 (x - lo) / (hi - lo); not clipped, so saturated voxels stay distinguishable."""
@@ -228,6 +296,14 @@ class Volume:
     def __repr__(self) -> str:
         return (f"Volume({str(self.path)!r}, level={self.level}, shape={self.shape}, dtype={self.dtype}, "
                 f"axes={self.axes!r}, voxel_size={self.voxel_size})")
+
+
+def _members(group: Any) -> list[str] | None:
+    """The names in a group; None where its store cannot list them (an HTTP server without folder pages)."""
+    try:
+        return sorted(group.keys())
+    except Exception:
+        return None
 
 
 def _default_names(ndim: int) -> list[str]:

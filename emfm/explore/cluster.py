@@ -42,7 +42,7 @@ from emfm.explore.features import (
     stored_pca,
 )
 from emfm.models.encoders import Encoder
-from emfm.paths import refuse_overlap, remove
+from emfm.paths import local_output, refuse_overlap, remove
 from emfm.predict.blocks import BlockGrid, Executor, parse_roi
 from emfm.predict.store import add_attrs, create_array, finish, placement, read_attrs, write
 
@@ -274,10 +274,11 @@ def plan(request: ClusterRequest) -> Plan:
     if request.k > request.sample:
         raise EmfmError(f"k={request.k} is larger than sample={request.sample}: the clustering is fitted on that "
                         f"many feature vectors; lower k or raise sample")
+    output = str(local_output("output", request.output))
     volume = Volume(request.input, request.level)
     roi = parse_roi(request.roi, volume.shape)
     labels = Labels(request.labels, volume.shape, request.ignore_label) if request.labels else None
-    store, output = request.store, str(Path(request.output).resolve())
+    store = request.store
     settings = {"input": str(volume.path), "input_shape": list(volume.shape), "roi": [[r.start, r.stop] for r in roi],
                 "k": request.k, "method": request.method, "backend": request.backend, "seed": request.seed,
                 "sample": request.sample, "pca": request.pca, "features": store, "labels": request.labels,

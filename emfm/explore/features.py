@@ -29,6 +29,7 @@ from emfm.data.volume import SPATIAL, Volume
 from emfm.errors import EmfmError
 from emfm.inference import covering_tiles, sliding_window
 from emfm.models.encoders import Encoder
+from emfm.paths import local_output, resolved
 from emfm.predict.blocks import Block, BlockGrid, Executor, executor_client, parse_roi, run_blocks
 from emfm.predict.store import (
     Progress,
@@ -223,8 +224,8 @@ def make_job(request: FeatureRequest, encoder: Encoder, volume: Volume, threads:
     block = _per_axis(request.block_shape, len(cells), "block_shape") if request.block_shape else default
     if request.batch_size < 1:
         raise EmfmError(f"batch_size={request.batch_size}: expected at least 1 tile per forward pass")
-    return FeatureJob(checkpoint=str(Path(request.checkpoint).resolve()), input=str(volume.path.resolve()),
-                      output=str(Path(request.output).resolve()), level=volume.level,
+    return FeatureJob(checkpoint=str(Path(request.checkpoint).resolve()), input=resolved(volume.path),
+                      output=str(local_output("output", request.output)), level=volume.level,
                       roi=tuple((r.start, r.stop) for r in region), tile=tile, stride=stride,
                       layer=request.layer % len(encoder.feature_strides), block=block, overlap=float(request.overlap),
                       blend=str(request.blend), batch_size=int(request.batch_size),

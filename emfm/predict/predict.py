@@ -26,6 +26,7 @@ from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.finetune.segmentation import SegmentationModule, load_segmenter
 from emfm.inference import covering_tiles, sliding_window
+from emfm.paths import local_output, resolved
 from emfm.predict import stitch
 from emfm.predict.blocks import Block, BlockGrid, Executor, executor_client, parse_roi, run_blocks
 from emfm.predict.store import (
@@ -143,8 +144,9 @@ def make_job(module: SegmentationModule, volume: Volume, *, checkpoint: str, out
         raise EmfmError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}")
     if batch_size < 1:
         raise EmfmError(f"batch_size={batch_size}: expected at least 1 tile per forward pass")
-    return Job(checkpoint=str(Path(checkpoint).resolve()), input=str(volume.path.resolve()),
-               output=str(Path(output).resolve()), level=volume.level, roi=tuple((r.start, r.stop) for r in region),
+    return Job(checkpoint=str(Path(checkpoint).resolve()), input=resolved(volume.path),
+               output=str(local_output("output", output)), level=volume.level,
+               roi=tuple((r.start, r.stop) for r in region),
                tile=tuple(int(t) for t in tile), block=tuple(int(b) for b in block), overlap=float(overlap),
                blend=str(blend), tta=bool(tta), batch_size=int(batch_size), dtype=str(dtype),
                zarr_format=check_zarr_format(zarr_format), pyramid=bool(pyramid), threads=threads)
