@@ -204,8 +204,8 @@ def compare_prediction(volumes: dict[str, Path], checkpoint: Path, work: Path,
             progress(c)
         import zarr
 
-        stored = [zarr.open_array(str(p), mode="r")[...] for p in (mine / "0", theirs)]
-        c.notes.append(differences(*stored, unit=1) + " (uint8 levels)")
+        stored = [np.asarray(zarr.open_array(str(p), mode="r")[...]) for p in (mine / "0", theirs)]
+        c.notes.append(differences(stored[0], stored[1], unit=1) + " (uint8 levels)")
         out.append(c)
     return out
 

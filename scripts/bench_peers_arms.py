@@ -1,9 +1,9 @@
 """The arms of ``bench_peers.py``: what emfm and each peer run, one call per fresh process.
 
-Each arm times only its own work (not the interpreter start), reads its peak RSS at the end and
-reports what it computed (``Result.facts``), read from the objects it built, so that the two
-sides of a comparison can be checked against each other. Peers are imported inside their arms:
-an emfm process never loads lightly or MONAI.
+Each arm times only its own work (not the interpreter start, nor imports), reads its peak RSS at
+the end and reports what it computed (``Result.facts``), read from the objects it built, so that
+the two sides of a comparison can be checked against each other. Peers are imported inside their
+arms: an emfm process never loads lightly or MONAI.
 """
 
 from __future__ import annotations
@@ -72,13 +72,15 @@ def emfm_train(args: list[str], steps: int) -> Result:
     cfg, module, images = bare_parts(args)
     run = plain_loop(lambda: module.compute_loss(images)["loss"], module, optimizer(module, cfg), steps,
                      cfg.data.batch_size)
-    ((name, method),) = module.objectives()
+    ((name, objective),) = module.objectives()
+    method: Any = objective                  # the attributes of its own class (MAE, SimCLR) are read below
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(steps):
             method.views(images, None) if isinstance(method, TwoViews) else method.augment(images)
     augment = (time.perf_counter() - start) / steps
-    encoder, on = module.encoder, [k for k in ("flip", "rot90", *OPTIONS) if getattr(method.augment, k)]
+    encoder: Any = module.encoder
+    on = [k for k in ("flip", "rot90", *OPTIONS) if getattr(method.augment, k)]
     facts = {"encoder": f"timm {type(encoder.timm_model).__name__}, {parameters(encoder.timm_model)}",
              "augmentation in the step": f"{', '.join(on)} ({1000 * augment:.0f} ms/step alone)"}
     if name == "mae":
@@ -141,8 +143,9 @@ def lightly_train(args: list[str], steps: int) -> Result:
     images = real_batch(cfg)
     model_cfg, ((name, hp),) = cfg.model, cfg.objective.methods.items()
     loss: Callable[[], torch.Tensor]
+    model: torch.nn.Module
     if name == "mae":
-        vit = timm.create_model(model_cfg.name, pretrained=False, num_classes=0, in_chans=model_cfg.in_chans,
+        vit: Any = timm.create_model(model_cfg.name, pretrained=False, num_classes=0, in_chans=model_cfg.in_chans,
                                 img_size=tuple(model_cfg.input_shape), patch_size=model_cfg.patch_size)
         model = LightlyMAE(vit, hp.decoder_dim, hp.decoder_depth, hp.decoder_heads, hp.mask_ratio, hp.norm_pix_loss)
         loss = lambda: model(images)  # noqa: E731
@@ -181,7 +184,7 @@ def lightly_train(args: list[str], steps: int) -> Result:
 # --- sliding window ---------------------------------------------------------------------------------------------
 
 
-def model_3d() -> torch.nn.Module:
+def model_3d() -> Any:
     """A 3-D ViT-Ti UNETR with seeded random weights: the same in every process."""
     from emfm.finetune.segmentation import Segmenter
 
@@ -228,7 +231,11 @@ def corner_weight(side: str, tile: tuple[int, ...]) -> str:
 
 
 def window_arm(side: str, checkpoint: Path | None, volume: Path, overlap: float, batch: int) -> Result:
-    """One side's sliding window over a normalised volume in memory, timed alone."""
+    """One side's sliding window over a normalised volume in memory, timed alone (imports before)."""
+    if side == "emfm":
+        from emfm.inference import sliding_window
+    else:
+        from monai.inferers import sliding_window_inference
     fn, tile = segment_fn(checkpoint)
     vol = Volume(volume)
     image = torch.from_numpy(vol.normalize(vol.read()))[None]                          # (1, Z, Y, X)
@@ -237,12 +244,8 @@ def window_arm(side: str, checkpoint: Path | None, volume: Path, overlap: float,
     tiles = [0]
     start = time.perf_counter()
     if side == "emfm":
-        from emfm.inference import sliding_window
-
         out = sliding_window(counted(fn, tiles), image, tile, overlap, batch, blend="gaussian")
     else:
-        from monai.inferers import sliding_window_inference
-
         with torch.no_grad():
             out = sliding_window_inference(image[None], tile, batch, counted(fn, tiles), overlap, mode="gaussian")[0]
     seconds = time.perf_counter() - start

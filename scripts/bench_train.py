@@ -56,7 +56,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import lightning.pytorch as pl
 import torch
@@ -206,7 +206,7 @@ def bare_parts(overrides: list[str]) -> tuple[DictConfig, PretrainModule, torch.
     """The config, the module in training mode and one batch of real patches of the configured stream."""
     cfg = config(overrides)
     datamodule, module, _, _ = prepare(cfg, cfg.objective)
-    return cfg, module.train(), real_batch(cfg, datamodule)
+    return cfg, cast(PretrainModule, module.train()), real_batch(cfg, datamodule)
 
 
 def real_batch(cfg: DictConfig, datamodule: Any = None) -> torch.Tensor:
