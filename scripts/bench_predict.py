@@ -43,7 +43,8 @@ def make_checkpoint(work: Path, volume: Path) -> Path:
     return work / "finetune" / "checkpoints" / "last.ckpt"
 
 
-def ours(checkpoint: Path, volume: Path, output: Path, batch: int) -> dict[str, float]:
+def ours(checkpoint: Path, volume: Path, output: Path, batch: int, blend: str = "linear",
+         dtype: str = "float16") -> dict[str, float]:
     """`emfm predict` in a fresh process: seconds in all and in the block phase, and its peak RSS."""
     code = f"""
 import json, resource, time
@@ -51,7 +52,7 @@ from hydra import compose, initialize_config_module
 from emfm import run
 with initialize_config_module("emfm.configs", version_base="1.3"):
     cfg = compose("predict", ["checkpoint={checkpoint}", "input={volume}", "output={output}", "overwrite=true",
-                              "progress=false", "batch_size={batch}", "dtype=float16",
+                              "progress=false", "batch_size={batch}", "dtype={dtype}", "blend={blend}",
                               "paths.output_dir={output}.run"])
 start = time.perf_counter()
 out = run.predict(cfg)

@@ -56,7 +56,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import lightning.pytorch as pl
 import torch
@@ -65,10 +65,12 @@ from omegaconf import DictConfig
 
 from emfm.data.patches import RandomPatches
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
-from emfm.run import prepare
+from emfm.pretrain.base import PretrainModule
+from emfm.run import build, prepare
 
 WARMUP = 3  # steps not timed: worker start-up, first allocations, the step-1 reconstruction image
 CLIP = 1.0  # configs/trainer/default.yaml gradient_clip_val
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -195,38 +197,62 @@ def ours(overrides: list[str], steps: int) -> Run:
 
 def bare(overrides: list[str], steps: int) -> Run:
     """The same module, batch shape and optimiser in a plain loop."""
+    cfg, module, images = bare_parts(overrides)
+    return plain_loop(lambda: module.compute_loss(images)["loss"], module, optimizer(module, cfg), steps,
+                      cfg.data.batch_size)
+
+
+def bare_parts(overrides: list[str]) -> tuple[DictConfig, PretrainModule, torch.Tensor]:
+    """The config, the module in training mode and one batch of real patches of the configured stream."""
     cfg = config(overrides)
     datamodule, module, _, _ = prepare(cfg, cfg.objective)
-    module.train()
+    return cfg, cast(PretrainModule, module.train()), real_batch(cfg, datamodule)
+
+
+def real_batch(cfg: DictConfig, datamodule: Any = None) -> torch.Tensor:
+    """The first batch of the configured patch stream (the same in every process)."""
+    datamodule = datamodule or build(cfg.data)
+    return RandomPatches(datamodule.patches(), cfg.data.batch_size, batches=1).batch(0)
+
+
+def optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
+    """AdamW over every parameter with the objective config's lr / betas / weight decay."""
     hp = cfg.objective
-    optimizer = torch.optim.AdamW(module.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                  weight_decay=hp.weight_decay)
-    images = RandomPatches(datamodule.patches(), cfg.data.batch_size, batches=1).batch(0)  # real patches
+    return torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+
+
+def plain_loop(loss: Callable[[], torch.Tensor], model: torch.nn.Module, optim: torch.optim.Optimizer,
+               steps: int, batch: int) -> Run:
+    """WARMUP + ``steps`` steps of loss, zero_grad, backward, gradient clipping and ``optim.step``, timed."""
     clock = Clock()
     for _ in range(WARMUP + steps):
         clock.start()
-        loss = module.compute_loss(images)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), CLIP)
-        optimizer.step()
+        value = loss()
+        optim.zero_grad()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optim.step()
         clock.end()
-    return clock.run(cfg.data.batch_size, steps)
+    return clock.run(batch, steps)
 
 
-def in_fresh_process(arm: Callable[[list[str], int], Run], overrides: list[str], steps: int) -> Run:
-    """Run ``arm`` in a spawned process whose DataLoader workers start as they would in ours.
+def in_fresh_process(arm: Callable[..., T], *args: Any, memory_gib: float | None = None) -> T:
+    """``arm(*args)`` in a spawned process whose DataLoader workers start as they would in ours.
 
     A spawned process inherits "spawn" as its default start method, which would make every
     epoch's workers re-import torch and emfm instead of forking as `emfm pretrain` does on Linux.
+    ``memory_gib``: the process's address-space limit (RLIMIT_AS); past it allocations fail there.
     """
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=use_start_method,
-                             initargs=(multiprocessing.get_start_method(),)) as pool:
-        return pool.submit(arm, overrides, steps).result()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=start_process,
+                             initargs=(multiprocessing.get_start_method(), memory_gib)) as pool:
+        return pool.submit(arm, *args).result()
 
 
-def use_start_method(method: str) -> None:
+def start_process(method: str, memory_gib: float | None = None) -> None:
     multiprocessing.set_start_method(method, force=True)
+    if memory_gib is not None:
+        limit = int(memory_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def bench(name: str, volume: Path, args: argparse.Namespace) -> tuple[Arm, dict[int, Arm]]:
