@@ -34,8 +34,9 @@ def tile_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[in
 def blend_weights(tile: Sequence[int], device: torch.device | str = "cpu", kind: str = "linear") -> torch.Tensor:
     """Separable weights, highest in the tile centre, never zero (edge tiles cover the border alone).
 
-    ``linear``: a ramp to the border; ``gaussian``: sigma of 1/8 of the tile (nnU-Net's choice),
-    floored at 1e-3 of the peak.
+    ``linear``: a ramp to the border; ``gaussian``: sigma of 1/8 of the tile (nnU-Net's choice), the
+    whole map floored at 1e-3 of its peak (as nnU-Net and MONAI do; a floor per axis would leave a
+    tile's corners at 1e-6 in 2-D and 1e-9 in 3-D).
     """
     if kind not in BLENDS:
         raise EmfmError(f"blend: expected one of {', '.join(BLENDS)}, got {kind!r}")
@@ -46,9 +47,9 @@ def blend_weights(tile: Sequence[int], device: torch.device | str = "cpu", kind:
             axis = ramp.float() / ramp.max()
         else:
             centre, sigma = (size - 1) / 2, max(size / 8, 1e-6)
-            axis = torch.exp(-0.5 * ((torch.arange(size, device=device) - centre) / sigma) ** 2).clamp(min=1e-3)
+            axis = torch.exp(-0.5 * ((torch.arange(size, device=device) - centre) / sigma) ** 2)
         weight = weight[..., None] * axis
-    return weight
+    return weight if kind == "linear" else weight.clamp(min=1e-3 * float(weight.max()))
 
 
 def tile_corners(size: Sequence[int], patch: Sequence[int], overlap: float,

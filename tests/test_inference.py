@@ -11,6 +11,9 @@ def test_tiles_cover_the_image_and_end_at_its_border() -> None:
     assert tile_starts(32, 32, 0.25) == [0] and tile_starts(20, 32, 0.5) == [0]
     weights = blend_weights((4, 6))
     assert weights.shape == (4, 6) and weights.min() > 0 and weights[1:3, 2:4].eq(weights.max()).all()
+    gaussian = blend_weights((64, 64, 64), kind="gaussian")
+    assert gaussian.min() == pytest.approx(1e-3 * float(gaussian.max()))   # the corners: floored as a whole map
+    assert gaussian[31, 31, 31] == gaussian.max() and gaussian[16, 31, 31] > 100 * gaussian.min()
 
 
 @pytest.mark.parametrize("shape, patch", [((1, 70, 90), (32, 32)), ((1, 11, 40, 37), (4, 16, 16)),
