@@ -213,13 +213,12 @@ class Volume:
         return tuple(key)
 
     def _read_raw(self, region: Any) -> np.ndarray:
-        if not isinstance(self.path, str):
-            return np.asarray(self._arr[self._key(region)])
         try:
             return np.asarray(self._arr[self._key(region)])
-        except (IndexError, EmfmError):
-            raise
-        except Exception as e:   # a remote store: the connection, not the data, failed
+        except Exception as e:
+            if isinstance(e, (IndexError, EmfmError)) or not isinstance(self.path, str):
+                raise
+            # a remote store: the connection, not the data, failed
             raise EmfmError(f"{self.path}: cannot read region {region} ({type(e).__name__}: {first_line(e)})") from None
 
     def read(self, region: tuple[slice | int, ...] = ()) -> np.ndarray:
