@@ -4,8 +4,6 @@ a fine-tuning checkpoint -> a bioimage.io package that bioimageio.core's own tes
 import json
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from emfm.export import export, export_encoder
 from emfm.finetune.segmentation import load_segmenter
 from emfm.models.encoders import Encoder
 from emfm.pretrain.base import PretrainModule
-from tests.conftest import finetuned, pretrained, tiny
+from tests.conftest import CommandLine, finetuned, pretrained, tiny
 
 FAMILIES = {"vit2d": "mae", "cnn2d": "mim", "vit3d": "mae", "cnn3d": "mim"}
 
@@ -32,9 +30,9 @@ def checkpoints(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_then_load_reproduces_the_encoder(checkpoints: dict[str, Path], tmp_path: Path, family: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "emfm", "export", str(checkpoints[family]), str(tmp_path / "enc")],
-                         capture_output=True, text=True)
+def test_export_then_load_reproduces_the_encoder(checkpoints: dict[str, Path], tmp_path: Path, family: str,
+                                                 run_cli: CommandLine) -> None:
+    [out] = run_cli([(["export", str(checkpoints[family]), str(tmp_path / "enc")], None)])
     assert out.returncode == 0, out.stderr[-2000:]
     original = PretrainModule.load_from_checkpoint(checkpoints[family], weights_only=True).encoder.eval()
     loaded = emfm.load_encoder(tmp_path / "enc")
@@ -107,11 +105,11 @@ def offline(*args: object) -> None:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")      # files open
 def test_a_fine_tuned_checkpoint_exports_as_a_bioimage_io_package_that_passes_its_test(
         segmenters: dict[str, Path], synth_zarr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        model: str) -> None:
+        run_cli: CommandLine, model: str) -> None:
     from bioimageio.core import test_model
 
-    out = subprocess.run([sys.executable, "-m", "emfm", "export", str(segmenters[model]), str(tmp_path / "pkg"),
-                          "--sample", str(synth_zarr), "--author", "A. Tester"], capture_output=True, text=True)
+    [out] = run_cli([(["export", str(segmenters[model]), str(tmp_path / "pkg"), "--sample", str(synth_zarr),
+                       "--author", "A. Tester"], None)])
     assert out.returncode == 0, out.stderr[-2000:]
     package = tmp_path / "pkg"
     assert {p.name for p in package.iterdir()} == {"rdf.yaml", "README.md", "cover.png", "test_input.npy",
