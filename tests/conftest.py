@@ -226,6 +226,35 @@ def vit_checkpoint(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -
     return pretrained(tmp_path_factory.mktemp("vit"), synth_zarr, 60, TINY_PRETRAIN)
 
 
+# The objective of each tiny encoder family's two-step pretraining checkpoint (two_step_pretrained).
+FAMILY_OBJECTIVES = {"vit2d": "mae", "cnn2d": "mim", "vit3d": "mae", "cnn3d": "mim"}
+
+
+@pytest.fixture(scope="session")
+def two_step_pretrained(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The checkpoint of a two-step pretraining of ``model=tiny/FAMILY`` (FAMILY_OBJECTIVES), made at its first use
+    and shared by every test that only reads it."""
+
+    @functools.cache
+    def checkpoint(family: str) -> Path:
+        objective = FAMILY_OBJECTIVES[family]
+        return pretrained(tmp_path_factory.mktemp(f"pre_{family}"), synth_zarr, 2, tiny(family, objective))
+
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def two_step_finetuned(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The checkpoint of a two-step fine-tuning of ``model=tiny/MODEL`` on the synthetic membranes, made at its first
+    use and shared by every test that only reads it."""
+
+    @functools.cache
+    def checkpoint(model: str) -> Path:
+        return finetuned(tmp_path_factory.mktemp(f"ft_{model}"), synth_zarr, model, 2)
+
+    return checkpoint
+
+
 @pytest.fixture(scope="session")
 def model_2d(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ViT + UNETR fine-tuned for 40 steps on the synthetic membranes."""

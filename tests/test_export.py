@@ -4,6 +4,7 @@ a fine-tuning checkpoint -> a bioimage.io package that bioimageio.core's own tes
 import json
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +18,15 @@ from emfm.export import export, export_encoder
 from emfm.finetune.segmentation import load_segmenter
 from emfm.models.encoders import Encoder
 from emfm.pretrain.base import PretrainModule
-from tests.conftest import CommandLine, finetuned, pretrained, tiny
+from tests.conftest import FAMILY_OBJECTIVES, CommandLine
 
-FAMILIES = {"vit2d": "mae", "cnn2d": "mim", "vit3d": "mae", "cnn3d": "mim"}
+FAMILIES = list(FAMILY_OBJECTIVES)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def checkpoints(two_step_pretrained: Callable[[str], Path]) -> dict[str, Path]:
     """A two-step pretraining checkpoint of every encoder family."""
-    return {family: pretrained(tmp_path_factory.mktemp(family), synth_zarr, 2, tiny(family, objective))
-            for family, objective in FAMILIES.items()}
+    return {family: two_step_pretrained(family) for family in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -89,10 +89,9 @@ def run_snippet(card: str, folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def segmenters(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def segmenters(two_step_finetuned: Callable[[str], Path]) -> dict[str, Path]:
     """Fine-tuning checkpoints of a 2-D ViT + UNETR and a 3-D CNN + U-Net, two steps each."""
-    return {model: finetuned(tmp_path_factory.mktemp(f"ft_{model}"), synth_zarr, model, 2)
-            for model in ("vit2d", "cnn3d")}
+    return {model: two_step_finetuned(model) for model in ("vit2d", "cnn3d")}
 
 
 def offline(*args: object) -> None:
