@@ -89,11 +89,13 @@ def finetuned(root: Path, volume: Path, model: str, steps: int, *extra: str) -> 
     return root / "checkpoints" / "last.ckpt"
 
 
-# Runs `emfm ARGV` for each case in a process of its own, forked from one interpreter that imported emfm's
-# commands (torch, Lightning, Hydra: seconds) once: the real command line, at the cost of the command alone.
-# A case may cap the size of the files it writes (RLIMIT_FSIZE), which makes writing fail as on a full disk;
-# its output goes through pipes, which the cap does not touch.
-CLI_CASES = """
+# `emfm ARGV` for each case in a process of its own, forked from one interpreter that imported emfm's commands
+# (torch, Lightning, Hydra: seconds) once for the whole session: the real command line, at the cost of the command
+# alone. Cases arrive one per line on stdin, with the environment and working directory of the test that asks, and
+# their exit status and output go back one line each on stdout. A case may cap the size of the files it writes
+# (RLIMIT_FSIZE), which makes writing fail as on a full disk; its output goes through pipes, which the cap does not
+# touch.
+CLI_SERVER = """
 import json, os, resource, signal, sys, traceback
 from concurrent.futures import ThreadPoolExecutor
 import emfm.cli, emfm.run
@@ -113,14 +115,19 @@ def command(argv, max_file_size):
         return 1
     return 0
 
-results = []
-for argv, max_file_size in json.loads(sys.argv[1]):
+replies = os.fdopen(os.dup(1), "w")
+for request in sys.stdin:
+    argv, max_file_size, environ, cwd = json.loads(request)
     pipes = [os.pipe(), os.pipe()]
     pid = os.fork()
     if pid == 0:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)      # the requests are not the command's input
         for (read, write), fd in zip(pipes, (1, 2)):
             os.dup2(write, fd)
             os.close(read)
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
         code = command(argv, max_file_size)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -129,18 +136,47 @@ for argv, max_file_size in json.loads(sys.argv[1]):
         os.close(write)
     with ThreadPoolExecutor(2) as pool:      # drained together, however much the command writes
         stdout, stderr = pool.map(lambda fd: os.fdopen(fd, errors="replace").read(), [read for read, _ in pipes])
-    results.append([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), stdout, stderr])
-print(json.dumps(results))
+    replies.write(json.dumps([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), stdout, stderr]) + "\\n")
+    replies.flush()
 """
 
 
-def run_cli(cases: Sequence[tuple[Sequence[str], int | None]]) -> list[subprocess.CompletedProcess]:
-    """``emfm ARGV`` of every ``(argv, max_file_size)`` case, each in its own process; their exit status and output."""
-    spec = [[list(argv), size] for argv, size in cases]
-    done = subprocess.run([sys.executable, "-c", CLI_CASES, json.dumps(spec)], capture_output=True, text=True,
-                          check=True)
-    return [subprocess.CompletedProcess(argv, code, stdout, stderr)
-            for (argv, _), (code, stdout, stderr) in zip(spec, json.loads(done.stdout))]
+class CommandLine:
+    """``emfm ARGV`` of ``(argv, max_file_size)`` cases, each in its own process forked from one server (CLI_SERVER)
+    started at the session's first case; their exit status and output, as ``subprocess.run`` gives them."""
+
+    def __init__(self) -> None:
+        self.server: subprocess.Popen | None = None
+
+    def __call__(self, cases: Sequence[tuple[Sequence[str], int | None]]) -> list[subprocess.CompletedProcess]:
+        if self.server is None:
+            self.server = subprocess.Popen([sys.executable, "-c", CLI_SERVER], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
+        assert self.server.stdin is not None and self.server.stdout is not None
+        done = []
+        for argv, max_file_size in cases:
+            self.server.stdin.write(json.dumps([list(argv), max_file_size, dict(os.environ), os.getcwd()]) + "\n")
+            self.server.stdin.flush()
+            reply = self.server.stdout.readline()
+            assert reply, f"the emfm command server exited with status {self.server.wait()}"
+            code, stdout, stderr = json.loads(reply)
+            done.append(subprocess.CompletedProcess(list(argv), code, stdout, stderr))
+        return done
+
+    def close(self) -> None:
+        if self.server is not None:
+            assert self.server.stdin is not None and self.server.stdout is not None
+            self.server.stdin.close()        # end of the requests: the server exits
+            self.server.wait(timeout=60)
+            self.server.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Iterator[CommandLine]:
+    """Runs ``emfm`` command lines in processes of their own at the cost of the command alone (CommandLine)."""
+    cli = CommandLine()
+    yield cli
+    cli.close()
 
 
 def file_hashes(path: Path) -> dict[str, str]:
@@ -188,6 +224,35 @@ def pretrained(root: Path, volume: Path, steps: int, overrides: list[str]) -> Pa
 def vit_checkpoint(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ViT (patch 8, 32x32 tiles) after a brief (60-step) MAE pretraining on the synthetic volume."""
     return pretrained(tmp_path_factory.mktemp("vit"), synth_zarr, 60, TINY_PRETRAIN)
+
+
+# The objective of each tiny encoder family's two-step pretraining checkpoint (two_step_pretrained).
+FAMILY_OBJECTIVES = {"vit2d": "mae", "cnn2d": "mim", "vit3d": "mae", "cnn3d": "mim"}
+
+
+@pytest.fixture(scope="session")
+def two_step_pretrained(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The checkpoint of a two-step pretraining of ``model=tiny/FAMILY`` (FAMILY_OBJECTIVES), made at its first use
+    and shared by every test that only reads it."""
+
+    @functools.cache
+    def checkpoint(family: str) -> Path:
+        objective = FAMILY_OBJECTIVES[family]
+        return pretrained(tmp_path_factory.mktemp(f"pre_{family}"), synth_zarr, 2, tiny(family, objective))
+
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def two_step_finetuned(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The checkpoint of a two-step fine-tuning of ``model=tiny/MODEL`` on the synthetic membranes, made at its first
+    use and shared by every test that only reads it."""
+
+    @functools.cache
+    def checkpoint(model: str) -> Path:
+        return finetuned(tmp_path_factory.mktemp(f"ft_{model}"), synth_zarr, model, 2)
+
+    return checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import zarr
 
 from emfm.data.ingest import write_ome_zarr
 from emfm.export import export_encoder
-from tests.conftest import TINY_FINETUNE, TINY_PRETRAIN, run_cli
+from tests.conftest import TINY_FINETUNE, TINY_PRETRAIN, CommandLine
 
 
 def damaged_tiffs(folder: Path) -> tuple[Path, Path]:
@@ -79,7 +79,8 @@ def broken_exports(checkpoint: Path, folder: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def results(synth_zarr: Path, vit_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def results(synth_zarr: Path, vit_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory,
+            run_cli: CommandLine) -> dict:
     """Every case of the table, run once: {name: (expected start of the message, completed process)}."""
     tmp = tmp_path_factory.mktemp("errors")
     corrupt, truncated = damaged_tiffs(tmp)

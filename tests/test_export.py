@@ -4,8 +4,7 @@ a fine-tuning checkpoint -> a bioimage.io package that bioimageio.core's own tes
 import json
 import re
 import socket
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +18,21 @@ from emfm.export import export, export_encoder
 from emfm.finetune.segmentation import load_segmenter
 from emfm.models.encoders import Encoder
 from emfm.pretrain.base import PretrainModule
-from tests.conftest import finetuned, pretrained, tiny
+from tests.conftest import FAMILY_OBJECTIVES, CommandLine
 
-FAMILIES = {"vit2d": "mae", "cnn2d": "mim", "vit3d": "mae", "cnn3d": "mim"}
+FAMILIES = list(FAMILY_OBJECTIVES)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def checkpoints(two_step_pretrained: Callable[[str], Path]) -> dict[str, Path]:
     """A two-step pretraining checkpoint of every encoder family."""
-    return {family: pretrained(tmp_path_factory.mktemp(family), synth_zarr, 2, tiny(family, objective))
-            for family, objective in FAMILIES.items()}
+    return {family: two_step_pretrained(family) for family in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_then_load_reproduces_the_encoder(checkpoints: dict[str, Path], tmp_path: Path, family: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "emfm", "export", str(checkpoints[family]), str(tmp_path / "enc")],
-                         capture_output=True, text=True)
+def test_export_then_load_reproduces_the_encoder(checkpoints: dict[str, Path], tmp_path: Path, family: str,
+                                                 run_cli: CommandLine) -> None:
+    [out] = run_cli([(["export", str(checkpoints[family]), str(tmp_path / "enc")], None)])
     assert out.returncode == 0, out.stderr[-2000:]
     original = PretrainModule.load_from_checkpoint(checkpoints[family], weights_only=True).encoder.eval()
     loaded = emfm.load_encoder(tmp_path / "enc")
@@ -91,10 +89,9 @@ def run_snippet(card: str, folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def segmenters(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def segmenters(two_step_finetuned: Callable[[str], Path]) -> dict[str, Path]:
     """Fine-tuning checkpoints of a 2-D ViT + UNETR and a 3-D CNN + U-Net, two steps each."""
-    return {model: finetuned(tmp_path_factory.mktemp(f"ft_{model}"), synth_zarr, model, 2)
-            for model in ("vit2d", "cnn3d")}
+    return {model: two_step_finetuned(model) for model in ("vit2d", "cnn3d")}
 
 
 def offline(*args: object) -> None:
@@ -107,11 +104,11 @@ def offline(*args: object) -> None:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")      # files open
 def test_a_fine_tuned_checkpoint_exports_as_a_bioimage_io_package_that_passes_its_test(
         segmenters: dict[str, Path], synth_zarr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        model: str) -> None:
+        run_cli: CommandLine, model: str) -> None:
     from bioimageio.core import test_model
 
-    out = subprocess.run([sys.executable, "-m", "emfm", "export", str(segmenters[model]), str(tmp_path / "pkg"),
-                          "--sample", str(synth_zarr), "--author", "A. Tester"], capture_output=True, text=True)
+    [out] = run_cli([(["export", str(segmenters[model]), str(tmp_path / "pkg"), "--sample", str(synth_zarr),
+                       "--author", "A. Tester"], None)])
     assert out.returncode == 0, out.stderr[-2000:]
     package = tmp_path / "pkg"
     assert {p.name for p in package.iterdir()} == {"rdf.yaml", "README.md", "cover.png", "test_input.npy",

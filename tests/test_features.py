@@ -1,5 +1,6 @@
 """emfm features: dense features on the expected grid, blockwise equal to the whole region, resumable store."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from emfm.checkpoints import load_encoder
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.explore.features import dense_features
-from tests.conftest import compose_run, pretrained, tiny
+from tests.conftest import compose_run
 
 
 def features(tmp_path: Path, checkpoint: Path, volume: Path, output: Path, *extra: str) -> dict:
@@ -42,8 +43,9 @@ def test_store_has_the_grid_and_equals_the_whole_region(synth_zarr: Path, vit_ch
     np.testing.assert_allclose(data.astype(np.float32), whole, atol=2e-2, rtol=1e-2)
 
 
-def test_cnn_features_at_a_chosen_scale(synth_zarr: Path, tmp_path: Path) -> None:
-    checkpoint = pretrained(tmp_path / "cnn", synth_zarr, 2, tiny("cnn3d", "mim"))
+def test_cnn_features_at_a_chosen_scale(synth_zarr: Path, tmp_path: Path,
+                                        two_step_pretrained: Callable[[str], Path]) -> None:
+    checkpoint = two_step_pretrained("cnn3d")
     encoder = load_encoder(checkpoint, as_timm=False)
     features(tmp_path, checkpoint, synth_zarr, tmp_path / "f.zarr", "layer=1")
     data = zarr.open_array(str(tmp_path / "f.zarr/0"), mode="r")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +82,9 @@ def test_fine_tuning_learns_membranes(compose_config, synth_zarr: Path, tmp_path
 
 
 @pytest.fixture(scope="module")
-def vit_mae(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def vit_mae(two_step_pretrained: Callable[[str], Path]) -> Path:
     """A two-step MAE pretraining checkpoint of the tiny ViT."""
-    return pretrained(tmp_path_factory.mktemp("pretrain"), synth_zarr, 2, tiny("vit2d", "mae"))
+    return two_step_pretrained("vit2d")
 
 
 def test_init_from_a_checkpoint_or_an_export_copies_the_encoder(

@@ -10,16 +10,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import file_hashes, overflowing, tiny
+from tests.conftest import CommandLine, file_hashes, overflowing, tiny
 
 MAX_STEPS = 60
 
 
-def start(run_dir: Path, volume: Path, *extra: str, multirun: bool = False) -> subprocess.Popen:
-    args = [*tiny("vit2d", "mae"), f"data.volumes=[{volume}]", f"trainer.max_steps={MAX_STEPS}",
+def pretrain(run_dir: Path, volume: Path, *extra: str) -> list[str]:
+    """The overrides of a tiny MAE run of MAX_STEPS steps (unless ``extra`` says otherwise) in ``run_dir``."""
+    return [*tiny("vit2d", "mae"), f"data.volumes=[{volume}]", f"trainer.max_steps={MAX_STEPS}",
             "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen([sys.executable, "-m", "emfm", "pretrain", *(["-m"] if multirun else []), *args],
+
+
+def start(run_dir: Path, volume: Path, *extra: str, multirun: bool = False) -> subprocess.Popen:
+    """``emfm pretrain`` started as a process of its own, for the tests that signal it."""
+    return subprocess.Popen([sys.executable, "-m", "emfm", "pretrain", *(["-m"] if multirun else []),
+                             *pretrain(run_dir, volume, *extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(cli: CommandLine, run_dir: Path, volume: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``emfm pretrain`` run to its end (CommandLine: a process of its own, forked from the session's server)."""
+    [done] = cli([(["pretrain", *pretrain(run_dir, volume, *extra)], None)])
+    return done
 
 
 def launch(run_dir: Path, volume: Path) -> subprocess.Popen:
@@ -87,50 +99,47 @@ def test_sigterm_saves_and_exits_cleanly(synth_zarr: Path, tmp_path: Path) -> No
     assert step == served and step < MAX_STEPS
 
 
-def refused(run_dir: Path, volume: Path, *extra: str) -> str:
+def refused(cli: CommandLine, run_dir: Path, volume: Path, *extra: str) -> str:
     """The one-line error of a command that must be refused."""
-    proc = start(run_dir, volume, *extra)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
-    return err.strip().splitlines()[-1]
+    proc = run(cli, run_dir, volume, *extra)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc.stderr.strip().splitlines()[-1]
 
 
-def test_a_used_run_dir_is_continued_only_explicitly_and_a_refusal_keeps_its_config(synth_zarr: Path,
-                                                                                  tmp_path: Path) -> None:
+def test_a_used_run_dir_is_continued_only_explicitly_and_a_refusal_keeps_its_config(
+        synth_zarr: Path, tmp_path: Path, run_cli: CommandLine) -> None:
     nowhere = tmp_path / "nowhere" / "last.ckpt"
-    assert f"resume={nowhere}: no checkpoint at {nowhere}" in refused(tmp_path / "new", synth_zarr, f"resume={nowhere}")
+    assert f"resume={nowhere}: no checkpoint at {nowhere}" in refused(run_cli, tmp_path / "new", synth_zarr,
+                                                                      f"resume={nowhere}")
     assert not (tmp_path / "new" / ".hydra").exists()              # nothing recorded for a run that never started
     run_dir = tmp_path / "a"
-    done = start(run_dir, synth_zarr, "trainer.max_steps=2")
-    done.communicate(timeout=120)
-    assert done.returncode == 0
+    done = run(run_cli, run_dir, synth_zarr, "trainer.max_steps=2")
+    assert done.returncode == 0, done.stderr[-2000:]
     kept = {name: file_hashes(run_dir / name) for name in (".hydra", "checkpoints", "csv")}
     assert "trainer.max_steps=2" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
     # Without resume, a second run would have started beside the first (last-v1.ckpt) and mixed their metrics.
-    assert refused(run_dir, synth_zarr, "trainer.max_steps=4") == (
+    assert refused(run_cli, run_dir, synth_zarr, "trainer.max_steps=4") == (
         f"emfm pretrain: error: hydra.run.dir={run_dir} already holds a run (checkpoints/last.ckpt); "
         f"continue it with resume=auto, or start a new run in another hydra.run.dir")
-    assert "was trained with encoder" in refused(run_dir, synth_zarr, "trainer.max_steps=4", "resume=auto",
+    assert "was trained with encoder" in refused(run_cli, run_dir, synth_zarr, "trainer.max_steps=4", "resume=auto",
                                                  "+model.depth=2")
     assert {name: file_hashes(run_dir / name) for name in kept} == kept   # config, checkpoints, metrics untouched
 
-    resumed = start(run_dir, synth_zarr, "trainer.max_steps=4", "resume=auto")
-    _, err = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, err[-2000:]
+    resumed = run(run_cli, run_dir, synth_zarr, "trainer.max_steps=4", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resume=auto" in (run_dir / ".hydra" / "overrides.yaml").read_text()   # the run's config, now continued
     assert checkpoint_state(run_dir / "checkpoints" / "last.ckpt")[0] == 4
     assert not list(run_dir.glob("checkpoints/last-v*"))
 
 
 def test_a_loss_that_stops_being_finite_stops_the_run_and_keeps_the_last_good_checkpoint(
-        synth_zarr: Path, tmp_path: Path) -> None:
-    done = start(tmp_path, synth_zarr, "trainer.max_steps=4", "trainer.val_check_interval=2")
-    done.communicate(timeout=120)
-    assert done.returncode == 0
+        synth_zarr: Path, tmp_path: Path, run_cli: CommandLine) -> None:
+    done = run(run_cli, tmp_path, synth_zarr, "trainer.max_steps=4", "trainer.val_check_interval=2")
+    assert done.returncode == 0, done.stderr[-2000:]
     good = file_hashes(tmp_path / "checkpoints")
     extreme = overflowing(synth_zarr, tmp_path / "extreme.zarr")
-    line = refused(tmp_path, synth_zarr, "trainer.max_steps=8", "resume=auto", f"data.volumes=[{extreme}]")
+    line = refused(run_cli, tmp_path, synth_zarr, "trainer.max_steps=8", "resume=auto", f"data.volumes=[{extreme}]")
     assert line.startswith("emfm pretrain: error: train/loss is not finite at step 4 (train/loss nan); stopped")
     assert file_hashes(tmp_path / "checkpoints") == good          # no NaN weights saved over the good ones
 

@@ -21,7 +21,7 @@ from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.explore.cluster import clusters_to_labels
 from emfm.explore.pictures import palette
-from tests.conftest import TINY_PRETRAIN, compose_run, file_hashes, run_cli
+from tests.conftest import TINY_PRETRAIN, CommandLine, compose_run, file_hashes
 
 VOXEL = (0.04, 0.008, 0.008)       # micrometres: a store another tool wrote in um, not nm
 ROI = "[2:6,8:88,0:96]"
@@ -127,7 +127,8 @@ def test_zarr_v2_outputs_open_with_ome_zarr_py(synth_zarr: Path, model_2d: Path,
 
 
 def test_a_read_only_input_works_and_stays_unchanged(synth_zarr: Path, model_2d: Path, vit_checkpoint: Path,
-                                                     tmp_path: Path, emfm_cache: Path) -> None:
+                                                     tmp_path: Path, emfm_cache: Path,
+                                                     run_cli: CommandLine) -> None:
     # A store another tool wrote: no normalisation of emfm's in it. Read-only, as a shared dataset is.
     store = Path(shutil.copytree(synth_zarr, tmp_path / "shared.zarr"))
     group = zarr.open_group(str(store), mode="r+")

@@ -3,8 +3,6 @@ and the input is unchanged byte for byte."""
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -16,7 +14,7 @@ from emfm.data.ingest import ingest, write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.paths import refuse_overlap
-from tests.conftest import compose_run, file_hashes
+from tests.conftest import CommandLine, compose_run, file_hashes
 
 
 def quoted(path: Path | str) -> str:
@@ -113,13 +111,13 @@ def test_ingest_never_replaces_its_input(tmp_path: Path) -> None:
         assert file_hashes(tmp_path) == before
 
 
-def test_export_into_the_run_it_exports_is_refused_in_one_line(vit_checkpoint: Path, tmp_path: Path) -> None:
+def test_export_into_the_run_it_exports_is_refused_in_one_line(vit_checkpoint: Path, tmp_path: Path,
+                                                               run_cli: CommandLine) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(vit_checkpoint.parent.parent, run_dir)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     before = file_hashes(run_dir)
-    out = subprocess.run([sys.executable, "-m", "emfm", "export", str(checkpoint), str(run_dir), "--overwrite"],
-                         capture_output=True, text=True)
+    [out] = run_cli([(["export", str(checkpoint), str(run_dir), "--overwrite"], None)])
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith(f"emfm export: error: out_dir={run_dir} contains the checkpoint {checkpoint};")
     assert file_hashes(run_dir) == before

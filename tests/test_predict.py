@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ from tests.conftest import compose_run, finetuned, pretrained, tiny
 
 
 @pytest.fixture(scope="module")
-def model_3d(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return finetuned(tmp_path_factory.mktemp("ft3d"), synth_zarr, "cnn3d", 2)
+def model_3d(two_step_finetuned: Callable[[str], Path]) -> Path:
+    return two_step_finetuned("cnn3d")
 
 
 def predict(tmp_path: Path, checkpoint: Path, volume: Path, output: Path, *extra: str) -> dict:

@@ -6,7 +6,7 @@ import json
 import shutil
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from emfm.data.ingest import ingest, write_ome_zarr
 from emfm.data.volume import Volume, compute_normalization, storage_options
 from emfm.errors import EmfmError
 from emfm.paths import join, location, refuse_overlap, resolved
-from tests.conftest import TINY_PRETRAIN, compose_run, finetuned, pretrained
+from tests.conftest import TINY_PRETRAIN, compose_run, pretrained
 
 
 class Handler(SimpleHTTPRequestHandler):
@@ -114,8 +114,8 @@ def test_bad_urls_are_one_line_naming_them(served: tuple[str, Path]) -> None:
 
 
 @pytest.fixture(scope="module")
-def segmenter(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return finetuned(tmp_path_factory.mktemp("ft"), synth_zarr, "vit2d", 2)
+def segmenter(two_step_finetuned: Callable[[str], Path]) -> Path:
+    return two_step_finetuned("vit2d")
 
 
 def test_pretraining_reads_an_ome_zarr_over_http(served: tuple[str, Path], tmp_path: Path) -> None:
