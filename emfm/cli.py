@@ -12,8 +12,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from emfm.errors import EmfmError, first_line
+from emfm.threads import default_workers, wait_passively
 
 HYDRA_COMMANDS = {
     "pretrain": "self-supervised pretraining of an encoder on unlabeled volumes",
@@ -87,17 +89,16 @@ def run_hydra(verb: str, overrides: list[str]) -> None:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from emfm import run
-
-    task = getattr(run, verb)
-
     @hydra.main(config_path="pkg://emfm.configs", config_name=verb, version_base="1.3")
     def app(cfg: DictConfig) -> None:
         with user_errors(verb):
             if missing := sorted(OmegaConf.missing_keys(cfg)):
                 raise EmfmError(f"missing required {'key' if len(missing) == 1 else 'keys'} {', '.join(missing)}: "
                                 f"emfm {verb} {' '.join(f'{key}=...' for key in missing)}")
-            task(cfg)
+            wait_passively(compute_processes(verb, cfg))     # before torch loads: OpenMP reads it once
+            from emfm import run
+
+            getattr(run, verb)(cfg)
 
     os.environ[VERB_ENV] = verb
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors (run dir, config) for us to print
@@ -107,6 +108,17 @@ def run_hydra(verb: str, overrides: list[str]) -> None:
             app()
         except (HydraException, OmegaConfBaseException) as err:
             raise EmfmError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
+
+
+def compute_processes(verb: str, cfg: Any) -> int:
+    """The processes a command will compute in at once on this machine: the training process and its DataLoader
+    workers, or a LocalCluster's Dask workers and this process (DDP ranks on CPU share the cores among themselves)."""
+    if verb in ("pretrain", "finetune"):
+        workers = cfg.data.get("num_workers")
+        return 1 + (workers if isinstance(workers, int) and workers >= 0 else default_workers())  # else refused later
+    if cfg.get("executor") == "dask" and not cfg.dask.get("address") and isinstance(cfg.dask.get("n_workers"), int):
+        return 1 + cfg.dask.n_workers
+    return 1
 
 
 def ingest(argv: list[str]) -> None:

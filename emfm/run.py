@@ -9,7 +9,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from emfm.checkpoints import hyper_parameters, read_checkpoint
 from emfm.errors import EmfmError, first_line
+from emfm.training import compiler_missing
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,14 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [build(entry) for entry in (group or {}).values() if entry is not None]
 
 
+# Keys of the trainer config that emfm reads itself; the rest are the Lightning Trainer's.
+EMFM_TRAINER_KEYS = ("compile",)
+
+
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    trainer_cfg = cfg.trainer
+    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(settings, dict)
+    trainer_cfg = OmegaConf.create({k: v for k, v in settings.items() if k not in EMFM_TRAINER_KEYS})
     loggers = instantiate_all(cfg.get("logger"))
     callbacks = instantiate_all(cfg.get("callbacks"))
     if not loggers:  # logger=none: the learning-rate monitor would have nowhere to write
@@ -88,7 +95,22 @@ def prepare(cfg: DictConfig,
     datamodule = build(cfg.data)
     module = build(module_cfg, isotropic=datamodule.isotropic)
     checkpoint = resume_checkpoint(cfg.get("resume"), Path(cfg.paths.output_dir), module)
+    if cfg.trainer.get("compile"):
+        compile_training(module, cfg.trainer.accelerator)
     return datamodule, module, build_trainer(cfg), checkpoint
+
+
+class Compilable(Protocol):
+    def compile_training(self) -> None: ...
+
+
+def compile_training(module: Compilable, accelerator: str) -> None:
+    """``trainer.compile=true``: the module's training loss through torch.compile (each module's
+    ``compile_training`` says what it compiles), or, where it cannot build kernels, a warning and eager steps."""
+    if problem := compiler_missing(on_cuda(accelerator)):
+        log.warning("trainer.compile=true: %s; training uncompiled", problem)
+        return
+    module.compile_training()
 
 
 def fit(cfg: DictConfig, module_cfg: DictConfig) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Trainer pieces shared by every command: the optimiser and its schedule, atomic checkpoints, a clean
 stop on preemption, metrics appended across resumes, a run stopped when its loss stops being finite,
-and the projected time of a CPU run."""
+the projected time of a CPU run, and compiled training steps."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -194,6 +194,32 @@ class AppendingWriter(ExperimentWriter):
             writer.writeheader()
             writer.writerows(rows)
         self._fs.mv(partial, self.metrics_file_path)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def compiled(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` through ``torch.compile`` (inductor), for ``trainer.compile=true``.
+
+    Random numbers are drawn by torch as without compiling (inductor's ``fallback_random``): a compiled run hides
+    the same tokens and adds the same noise as the uncompiled run of that seed, and differs only by rounding.
+    """
+    return torch.compile(fn, options={"fallback_random": True})
+
+
+def compiler_missing(on_gpu: bool) -> str | None:
+    """Why torch.compile cannot build kernels here, or None: on a CPU inductor compiles C++ (``$CXX`` or g++)."""
+    if on_gpu:
+        return None
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return "torch.compile builds C++ kernels on a CPU and found no C++ compiler (install g++, or set CXX)"
+    return None
 
 
 # Parameters that are positions/tokens rather than weights: AdamW must not decay them.

@@ -100,7 +100,7 @@ class Run:
     ``between``: wall seconds outside the step (ours: waiting for the next batch, Lightning's
     bookkeeping and logger writes between batches). ``cpu``: CPU seconds of the training process
     (all its threads). ``loader_cpu``: CPU seconds of the DataLoader workers per batch over the
-    whole run, start-up included.
+    whole run, start-up included. ``first``: wall seconds of the first step (not timed otherwise).
     """
 
     rate: float
@@ -109,6 +109,7 @@ class Run:
     loader_cpu: float
     rss_mib: float
     threads: int
+    first: float
 
 
 @dataclass
@@ -153,6 +154,7 @@ class Clock:
             loader_cpu=(children.ru_utime + children.ru_stime) / len(self.ends),
             rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             threads=torch.get_num_threads(),
+            first=self.ends[0] - self.starts[0],
         )
 
 
@@ -169,9 +171,9 @@ class StepTimer(pl.Callback):
         self.clock.end()
 
 
-def config(overrides: list[str]) -> DictConfig:
+def config(overrides: list[str], command: str = "pretrain") -> DictConfig:
     with initialize_config_module("emfm.configs", version_base="1.3"):
-        return compose("pretrain", overrides=overrides)
+        return compose(command, overrides=overrides)
 
 
 def overrides(setup: Setup, volume: Path, run_dir: Path, batch: int, steps: int, workers: int,
@@ -185,10 +187,10 @@ def overrides(setup: Setup, volume: Path, run_dir: Path, batch: int, steps: int,
             f"callbacks.reconstructions.every_n_steps={max_steps + 1}", *epoch]
 
 
-def ours(overrides: list[str], steps: int) -> Run:
-    """`emfm pretrain` as users run it, timed per batch."""
-    cfg = config(overrides)
-    datamodule, module, trainer, _ = prepare(cfg, cfg.objective)
+def ours(overrides: list[str], steps: int, command: str = "pretrain") -> Run:
+    """`emfm pretrain` (or `emfm finetune`) as users run it, timed per batch."""
+    cfg = config(overrides, command)
+    datamodule, module, trainer, _ = prepare(cfg, cfg.objective if command == "pretrain" else cfg.module)
     timer = StepTimer()
     trainer.callbacks.append(timer)  # last, so each end stamp follows every other callback's work
     trainer.fit(module, datamodule=datamodule)
@@ -311,10 +313,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="ours runs per worker count")
     parser.add_argument("--patches-per-epoch", type=int, help="default: the config's 8192")
     args = parser.parse_args()
+    report(bench_all(bench, args), args)
+
+
+def bench_all(bench: Callable[[str, Path, argparse.Namespace], Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``bench(name, volume, args)`` of every config in ``args.configs`` on one synthetic 64x256x256 OME-Zarr."""
     with tempfile.TemporaryDirectory() as tmp:
         volume = save_synthetic(make_synthetic_em((64, 256, 256)), Path(tmp) / "bench.zarr")
-        results = {name: bench(name, volume, args) for name in args.configs}
-    report(results, args)
+        return {name: bench(name, volume, args) for name in args.configs}
 
 
 if __name__ == "__main__":

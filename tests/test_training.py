@@ -1,4 +1,5 @@
-"""Trainer pieces shared by the training commands: metrics that survive resumes, the projected time on a CPU."""
+"""Trainer pieces shared by the training commands: metrics that survive resumes, the projected time on a CPU,
+compiled training steps."""
 
 import csv
 import logging
@@ -6,9 +7,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from torch._dynamo.utils import counters
 
+from emfm import run
+from emfm.finetune.segmentation import load_segmenter
+from emfm.pretrain.base import PretrainModule
 from emfm.training import AppendingCSVLogger, duration
-from tests.conftest import pretrained, tiny
+from tests.conftest import TINY_PRETRAIN, finetuned, pretrained, tiny
 
 
 def test_metrics_are_appended_across_runs_and_a_new_key_widens_the_header(tmp_path: Path) -> None:
@@ -47,3 +53,53 @@ def test_a_cpu_run_says_its_seconds_per_step_and_projected_time(synth_zarr: Path
 
 def test_durations_read_as_precisely_as_a_projection_deserves() -> None:
     assert [duration(s) for s in (42, 119, 1020, 12600, 181440)] == ["42 s", "119 s", "17 min", "3.5 h", "2.1 days"]
+
+
+SMALLEST = ["+model.depth=2"]     # of model=tiny/vit2d's 6 blocks
+
+
+@pytest.fixture(scope="module")
+def compiled_pretraining(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int]]:
+    """One tiny MAE pretraining (validation in between), eager and with trainer.compile=true: each arm's last
+    checkpoint and the graphs torch.compile built during it. Two blocks: compiling is most of the test's time."""
+    args, arms = [*TINY_PRETRAIN, *SMALLEST, "trainer.val_check_interval=3"], {}
+    for arm, extra in (("eager", []), ("compiled", ["trainer.compile=true"])):
+        graphs = counters["stats"]["unique_graphs"]
+        checkpoint = pretrained(tmp_path_factory.mktemp(arm), synth_zarr, 6, [*args, *extra])
+        arms[arm] = checkpoint, counters["stats"]["unique_graphs"] - graphs
+    return arms
+
+
+def test_a_compiled_pretraining_trains_as_the_eager_one_and_saves_uncompiled_weights(
+        compiled_pretraining: dict[str, tuple[Path, int]]) -> None:
+    (eager_path, eager_graphs), (compiled_path, compiled_graphs) = compiled_pretraining.values()
+    assert eager_graphs == 0 and compiled_graphs > 0
+    eager, compiled = (torch.load(path, weights_only=True) for path in (eager_path, compiled_path))
+    assert list(compiled["state_dict"]) == list(eager["state_dict"])      # no "_orig_mod." in a name
+    # The same masks and noise (random numbers drawn as eager), six AdamW steps: the same weights up to rounding.
+    for key, value in eager["state_dict"].items():
+        torch.testing.assert_close(compiled["state_dict"][key], value, rtol=1e-3, atol=1e-5, msg=key)
+    module = PretrainModule.load_from_checkpoint(compiled_path, weights_only=True)
+    assert module.compiled_loss is None                                    # loads into an uncompiled module
+
+
+def test_fine_tuning_compiled_from_a_compiled_pretraining_gives_a_segmenter(
+        compiled_pretraining: dict[str, tuple[Path, int]], synth_zarr: Path, tmp_path: Path) -> None:
+    graphs = counters["stats"]["unique_graphs"]
+    checkpoint = finetuned(tmp_path, synth_zarr, "vit2d", 4, f"init={compiled_pretraining['compiled'][0]}",
+                           *SMALLEST, "head=linear", "trainer.compile=true")
+    assert counters["stats"]["unique_graphs"] > graphs
+    state = torch.load(checkpoint, weights_only=True)
+    assert torch.isfinite(torch.stack([v.float().sum() for v in state["state_dict"].values()])).all()
+    segmenter = load_segmenter(checkpoint)
+    assert segmenter.compiled_loss is None
+    assert segmenter.predict_region(torch.rand(1, 32, 32)).shape[1:] == (32, 32)
+
+
+def test_without_a_cpp_compiler_training_stays_eager_and_says_so(compose_config, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-compiler++"))
+    module = run.build(compose_config("pretrain", [*tiny(), "data.volumes=[v.zarr]"]).objective, isotropic=False)
+    with caplog.at_level(logging.WARNING):
+        run.compile_training(module, "cpu")
+    assert module.compiled_loss is None
+    assert "trainer.compile=true: torch.compile builds C++ kernels on a CPU and found no C++ compiler" in caplog.text

@@ -154,6 +154,9 @@ class Augment(nn.Module):
         return f"spatial_dims={self.spatial_dims}, isotropic={self.isotropic}" + "".join(
             f", {k}={v}" for k, v in on.items())
 
+    # Never traced by torch.compile (trainer.compile=true): which samples a transform touches sets tensor sizes,
+    # which would break the graph at every transform and compile it again for every count.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Augmented copy of ``x`` (same shape, dtype and device); ``x`` itself is never modified.

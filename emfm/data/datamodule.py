@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,17 +14,10 @@ from emfm.data.patches import BatchStream, FixedPatches, PatchSampler, RandomPat
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.paths import resolved
+from emfm.threads import default_workers
 
 # Voxel sizes within this ratio of each other count as isotropic (3-D rotations allowed).
 ISOTROPY_TOLERANCE = 1.5
-MAX_WORKERS = 4
-
-
-def default_workers() -> int:
-    """DataLoader workers when ``data.num_workers`` is null: up to 4, leaving a core of this machine (its share of
-    them under affinity or a cgroup cpuset) to the training process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(MAX_WORKERS, cores - 1))
 
 
 def volume_list(volumes: str | Sequence[str], key: str) -> list[str]:

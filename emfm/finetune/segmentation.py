@@ -7,7 +7,7 @@ come from config. Validation predicts whole held-out slices with the same slidin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from emfm.inference import sliding_window
 from emfm.models.encoders import Encoder, ViTEncoder, create_encoder
 from emfm.models.heads import SegmentationModel, create_head, head_settings
 from emfm.models.public import PublicWeights, fit_timm
-from emfm.training import adamw_warmup_cosine, param_groups
+from emfm.training import adamw_warmup_cosine, compiled, param_groups
 
 # Settings that must agree between a pretrained encoder and the one fine-tuned (the input shape may differ).
 ARCHITECTURE = ("family", "name", "patch_size", "in_chans", "channels", "blocks", "strides", "stem_stride", "depth")
@@ -193,6 +193,18 @@ class SegmentationModule(pl.LightningModule):
         semi.pop("unlabeled_batch_size", None)  # read by the data module
         self.semi = create_semi(name, net.spatial_dims, self.model, isotropic, **semi) if name else None
         self.val_counts: list[torch.Tensor] = []
+        self.compiled_loss: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None
+
+    def compile_training(self) -> None:
+        """Compute the supervised loss of training steps (network and loss) through torch.compile
+        (``trainer.compile=true``). Augmentation, targets, the semi-supervised term and validation's sliding window
+        stay eager. The weights and their names stay the module's own, so checkpoints are those of an uncompiled
+        run."""
+        self.compiled_loss = compiled(self.supervised_loss)
+
+    def supervised_loss(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss of the network's output on ``images`` against ``target``, with its parts."""
+        return self.loss(self.model(images), target)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)   # set by Trainer.fit
@@ -216,7 +228,7 @@ class SegmentationModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = self.augment(batch["image"], labels=batch["labels"])
-        out = self.loss(self.model(images), self.target(labels[:, 0]))
+        out = (self.compiled_loss or self.supervised_loss)(images, self.target(labels[:, 0]))
         total = out["loss"]
         logs = {f"train/{k}": v for k, v in out.items() if k != "loss"}
         if self.semi is not None:

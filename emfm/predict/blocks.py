@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emfm.errors import EmfmError
+from emfm.threads import task_threads
 
 Block = tuple[int, ...]          # index of a block in the grid
 EXECUTORS = ("local", "dask")
@@ -95,8 +96,12 @@ class Executor:
                             f"expected at least 1 each")
 
     def threads(self, local: int | None) -> int | None:
-        """torch threads of each task process: a Dask worker's threads, or ``local`` here (None: torch's default)."""
-        return self.threads_per_worker if self.kind == "dask" else local
+        """torch threads of each task process: a Dask worker's threads (on a LocalCluster started here, fewer where
+        the workers' threads would be more than the cores: :func:`~emfm.threads.task_threads`), or ``local`` here
+        (None: torch's default)."""
+        if self.kind == "local":
+            return local
+        return self.threads_per_worker if self.address else task_threads(self.n_workers, self.threads_per_worker)
 
 
 def run_blocks(task: Callable[..., Block], blocks: Sequence[Block], *args: Any, client: Any = None,

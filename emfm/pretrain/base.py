@@ -20,7 +20,7 @@ from torch import nn
 from emfm.data.augment import Augment
 from emfm.errors import EmfmError
 from emfm.models.encoders import Encoder, ViTEncoder, create_encoder
-from emfm.training import adamw_warmup_cosine, param_groups
+from emfm.training import adamw_warmup_cosine, compiled, param_groups
 
 METHODS: dict[str, type[Objective]] = {}
 
@@ -117,6 +117,14 @@ class PretrainModule(pl.LightningModule):
                 self.methods[method] = METHODS[method](self.encoder, isotropic=isotropic, **settings)
             except TypeError as err:  # a misspelt key: name it, with the method's arguments
                 raise EmfmError(f"objective.methods.{name}: {err}") from None
+        self.compiled_loss: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
+
+    def compile_training(self) -> None:
+        """Compute the training steps' loss through torch.compile (``trainer.compile=true``): the encoder and every
+        method's heads and loss. Augmentation stays eager (:class:`~emfm.data.augment.Augment`), and so do
+        validation and pictures: infrequent, and compiling their graphs too would double the compile time. The
+        weights and their names stay the module's own, so checkpoints are those of an uncompiled run."""
+        self.compiled_loss = compiled(self.compute_loss)
 
     def objectives(self) -> list[tuple[str, Objective]]:
         """The methods by name (``self.methods`` registers them as submodules, untyped)."""
@@ -148,7 +156,7 @@ class PretrainModule(pl.LightningModule):
             method.before_step(self.encoder, progress)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        out = self.compute_loss(batch)
+        out = (self.compiled_loss or self.compute_loss)(batch)
         self.log("train/loss", out["loss"], prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"})
         return out["loss"]
