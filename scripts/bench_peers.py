@@ -59,7 +59,7 @@ from bench_train import Setup, in_fresh_process, overrides
 
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.sources import Source
-from emfm.data.synthetic import make_synthetic_em, save_synthetic
+from emfm.data.synthetic import SyntheticEM, make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
 from emfm.inference import blend_weights, covering_tiles
 from emfm.predict.blocks import BlockGrid
@@ -263,6 +263,15 @@ def mirrored(base: np.ndarray, shape: tuple[int, ...], voxel_size: Sequence[floa
     return Source("mirrored synthetic EM", shape, base.dtype, read, voxel_size)
 
 
+def grown(synthetic: SyntheticEM, shape: tuple[int, ...], work: Path) -> Path:
+    """``synthetic`` mirrored out to ``shape`` in a zarr under ``work``, written slab by slab (never whole in
+    memory); made once per shape."""
+    path = work / f"vol_{'x'.join(map(str, shape))}.zarr"
+    if not path.exists():
+        write_ome_zarr(mirrored(synthetic.raw, shape, synthetic.voxel_size), path)
+    return path
+
+
 def parse_shape(text: str) -> tuple[int, int, int]:
     try:
         z, y, x = (int(v) for v in text.lower().split("x"))
@@ -295,10 +304,7 @@ def main() -> None:
         base = save_synthetic(synthetic, work / "base.zarr")
 
         def volume(shape: tuple[int, ...]) -> Path:
-            path = work / f"vol_{'x'.join(map(str, shape))}.zarr"
-            if not path.exists():
-                write_ome_zarr(mirrored(synthetic.raw, shape, synthetic.voxel_size), path)
-            return path
+            return grown(synthetic, shape, work)
 
         checkpoint = make_checkpoint(work, base)           # ViT-Ti/16 UNETR, 128x128, after 1 step
         comparisons: list[Comparison] = []

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_train import bare_parts, config, optimizer, plain_loop, real_batch
+from bench_train import bare_loop, bare_parts, config, optimizer, plain_loop, real_batch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -44,8 +44,12 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def trained_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
 def parameters(module: torch.nn.Module) -> str:
-    return f"{sum(p.numel() for p in module.parameters() if p.requires_grad) / 1e6:.3f} M trained parameters"
+    return f"{trained_parameters(module) / 1e6:.3f} M trained parameters"
 
 
 def layers(module: torch.nn.Module) -> str:
@@ -70,8 +74,7 @@ def emfm_train(args: list[str], steps: int) -> Result:
     from emfm.pretrain.contrastive import TwoViews
 
     cfg, module, images = bare_parts(args)
-    run = plain_loop(lambda: module.compute_loss(images)["loss"], module, optimizer(module, cfg), steps,
-                     cfg.data.batch_size)
+    run = bare_loop(cfg, module, images, steps)
     ((name, objective),) = module.objectives()
     method: Any = objective                  # the attributes of its own class (MAE, SimCLR) are read below
     start = time.perf_counter()

@@ -199,7 +199,11 @@ def ours(overrides: list[str], steps: int, command: str = "pretrain") -> Run:
 
 def bare(overrides: list[str], steps: int) -> Run:
     """The same module, batch shape and optimiser in a plain loop."""
-    cfg, module, images = bare_parts(overrides)
+    return bare_loop(*bare_parts(overrides), steps)
+
+
+def bare_loop(cfg: DictConfig, module: PretrainModule, images: torch.Tensor, steps: int) -> Run:
+    """``plain_loop`` over the module's ``compute_loss`` on ``images`` with the config's optimiser."""
     return plain_loop(lambda: module.compute_loss(images)["loss"], module, optimizer(module, cfg), steps,
                       cfg.data.batch_size)
 
