@@ -30,7 +30,7 @@ objects it built; the table lists what differs, the lines below it what is alike
   (``--memory-gib``) so that the script fails there instead of taking the machine down;
   ``--large`` adds sizes meant to reach it (hours).
 
-    python scripts/bench_peers.py                     # full run: about 16-20 min on 2 idle CPU cores
+    python scripts/bench_peers.py                     # full run: 19 min on 2 idle CPU cores (1157 s, 2026-12-01)
     python scripts/bench_peers.py --quick             # smoke run, tiny sizes, one repeat
     python scripts/bench_peers.py --only cluster --cluster-sizes 8x512x512 64x2048x2048 --memory-gib 20
 
