@@ -40,6 +40,7 @@ Run it on an idle machine: under load, the arms' timings differ by more than wha
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import tempfile
@@ -303,8 +304,7 @@ def main() -> None:
         synthetic = make_synthetic_em(base_shape, seed=0)
         base = save_synthetic(synthetic, work / "base.zarr")
 
-        def volume(shape: tuple[int, ...]) -> Path:
-            return grown(synthetic, shape, work)
+        volume = functools.partial(grown, synthetic, work=work)
 
         checkpoint = make_checkpoint(work, base)           # ViT-Ti/16 UNETR, 128x128, after 1 step
         comparisons: list[Comparison] = []
