@@ -12,7 +12,8 @@ skips this), then fine-tunes these arms, which differ only in their start and th
 
 Every arm runs for each ``--labeled-slices`` set and ``--seeds`` seed with the recipe's steps and
 augmentation, and is scored on ``--eval-slices``: IoU / Dice of the target; V_rand, V_info and VI of
-the instances (ISBI 2012 convention, best of the same thresholds for every arm). Tuned with equal
+the instances (ISBI 2012 convention; cells made as ``emfm predict`` makes them, at the threshold each
+run scores best on ``--val-slices``). Tuned with equal
 effort: ``scratch`` and ``pretrained`` each fine-tune with every ``--lrs`` value on the first slice
 set and seed, scored on ``--val-slices``; each takes the learning rate with the highest val IoU (to
 3 decimals; then the highest V_rand), and its ``+semi`` arm uses the same.
@@ -49,10 +50,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from emfm import run
-from emfm.data.labeled import HeldOutSlices, LabeledVolume, parse_slices
+from emfm.data.labeled import LabeledVolume, parse_slices
 from emfm.errors import EmfmError
 from emfm.evaluation.comparison import METRICS, paired_differences, plot_curve, side_by_side, summarize
-from emfm.evaluation.evaluate import THRESHOLDS, evaluate_region, load_segmenter
+from emfm.evaluation.evaluate import SEEDING, THRESHOLDS, evaluate_slices, load_segmenter
 
 ARMS = ("scratch", "pretrained", "scratch+semi", "pretrained+semi")
 COMPARISONS = (("pretrained+semi", "scratch"), ("pretrained", "scratch"),   # the recipe; pretraining alone
@@ -256,11 +257,11 @@ class Finetuner:
         return self.runs[key]
 
     def score(self, checkpoint: Path, slices: Sequence[int]) -> tuple[dict[str, Any], tuple, float]:
-        """(scores, (raw, probs, labels) of the last slice, seconds) on ``slices``."""
+        """(scores, (raw, probs, labels) of the last slice, seconds) on ``slices``; the instance threshold
+        is chosen on the val slices (on ``slices`` when they are the val slices or there are none)."""
         start = time.perf_counter()
-        module = load_segmenter(checkpoint)
-        regions = HeldOutSlices(self.data, slices, module.model.encoder.input_shape)
-        scored = evaluate_region(module, regions, THRESHOLDS)
+        tune = [] if list(slices) == self.plan.val_slices else self.plan.val_slices
+        scored = evaluate_slices(load_segmenter(checkpoint), self.data, slices, tune, THRESHOLDS)
         return scored["report"], scored["example"], time.perf_counter() - start
 
 
@@ -351,7 +352,7 @@ def build_report(plan: Plan, encoder: str | None, results: dict, sweep: dict, lr
                    "target": plan.target, "encoder": encoder, "pretrained_here": plan.pretrains,
                    "arms": list(plan.arms), "semi": plan.semi, "labeled_slices": plan.labeled_sets,
                    "eval_slices": plan.eval_slices, "val_slices": plan.val_slices, "seeds": plan.seeds,
-                   "lrs": plan.lrs, "thresholds": list(THRESHOLDS),
+                   "lrs": plan.lrs, "thresholds": list(THRESHOLDS), "seeding": SEEDING,
                    "pretrain_overrides": plan.pretrain_overrides, "finetune_overrides": plan.finetune_overrides,
                    "torch_threads": torch.get_num_threads(),
                    "composed": {k: settings[k] for k in ("pretrain", "finetune")}},

@@ -214,8 +214,26 @@ def test_evaluate_writes_json_and_csv_reports(compose_config, synth_zarr: Path, 
     with (out / "report.csv").open() as f:
         rows = dict(csv.reader(f))
     assert float(rows["vrand"]) == pytest.approx(saved["vrand"])
+    assert saved["seeding"] == "components" and saved["threshold_chosen_on"] == "the scored slices (optimistic)"
     with pytest.raises(EmfmError, match="no segmentation head"):
         load_segmenter(vit_mae)
+
+
+def test_evaluate_chooses_the_threshold_on_tuning_slices(compose_config, synth_zarr: Path, tmp_path: Path,
+                                                          model_2d: Path) -> None:
+    args = [f"checkpoint={model_2d}", f"raw={synth_zarr}", f"labels={synth_zarr}/labels/membranes",
+            "thresholds=[0.2,0.5,0.8]", "seeding=watershed"]
+    tuned = run.evaluate(compose_config("evaluate", [*args, "slices=10-11", f"output_dir={tmp_path}/tune"]))
+    scored = run.evaluate(compose_config("evaluate", [*args, "slices=12-13", "tune_slices=10-11",
+                                                      f"output_dir={tmp_path}/eval"]))
+    assert scored["threshold"] == tuned["threshold"] and list(scored["per_threshold"]) == [str(tuned["threshold"])]
+    assert scored["threshold_chosen_on"] == "tune_slices [10, 11]" and scored["seeding"] == "watershed"
+    every = run.evaluate(compose_config("evaluate", [*args, "tune_slices=10-11", f"output_dir={tmp_path}/all"]))
+    assert every["slices"] == [z for z in range(16) if z not in (10, 11)]
+    with pytest.raises(EmfmError, match=r"tune_slices \[11\] are also scored"):
+        run.evaluate(compose_config("evaluate", [*args, "slices=11-13", "tune_slices=10-11"]))
+    with pytest.raises(EmfmError, match="seeding='h-maxima': expected one of watershed, components"):
+        run.evaluate(compose_config("evaluate", [*args, "slices=12", "seeding=h-maxima"]))
 
 
 def test_labeled_patches_keep_labels_only_on_their_slices(synth_zarr: Path) -> None:

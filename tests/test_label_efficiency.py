@@ -91,6 +91,11 @@ def test_every_arm_with_its_own_lr_and_paired_differences(synth_zarr: Path, tmp_
     config = report["config"]
     assert config["seeds"] == [0, 1] and config["semi"] == "restore" and config["eval_slices"] == [13]
     assert [config["composed"][phase]["trainer.max_steps"] for phase in ("pretrain", "finetune")] == [2, 2]
+    scored = [row for arm in report["arms"].values() for runs in arm["slice_sets"].values() for row in runs["seeds"]]
+    assert config["seeding"] == "components" and len(scored) == 16
+    for row in scored:      # instances at the threshold chosen on the val slice, not on the eval slice
+        assert row["threshold_chosen_on"] == "tune_slices [10]"
+        assert list(row["per_threshold"]) == [str(row["threshold"])]
     seconds = report["seconds"]
     assert seconds["pretrain"] > 0 and seconds["lr_sweep"]["train"] > 0
     assert all(t["train"] > 0 and t["evaluate"] > 0 for arms in seconds["arms"].values() for t in arms.values())
@@ -107,6 +112,7 @@ def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep_and_reruns_reuse_it(sy
     assert report["lr_sweep"]["runs"] == [] and report["arms"]["scratch"]["lr"] == 2e-3
     assert report["differences"] == {"0": {}} and not (tmp_path / "r" / "pretrain").exists()
     assert report["seconds"]["reused"] == []
+    assert report["scratch"]["seeds"][0]["threshold_chosen_on"] == "the scored slices (optimistic)"  # no val slices
 
     checkpoint = Path(report["scratch"]["seeds"][0]["checkpoint"])
     weights = {k: w.clone() for k, w in read_checkpoint(checkpoint)["state_dict"].items()}
