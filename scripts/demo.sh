@@ -11,9 +11,11 @@ mkdir -p demo
 [ -e demo/truth.zarr ] || emfm synth --out demo/truth.zarr --shape 48 256 256 --anisotropy 5  # same seed: its labels
 out="demo/$(date +%Y%m%d-%H%M%S)"
 
-# Pretrain once, then fine-tune both arms on slice 0; score on slices 40-47 (REPORT.json, side-by-side PNG).
+# Pretrain once, then fine-tune both arms on slice 0; score on slices 40-47 (REPORT.json, side-by-side PNG),
+# the instance threshold chosen on slices 30-31.
 python "$(dirname "$0")/label_efficiency.py" --recipe restore_unet --raw demo/synth.zarr \
     --labels demo/truth.zarr/labels/membranes --target membrane --labeled-slices 0 --eval-slices 40-47 \
+    --val-slices 30-31 \
     --seeds 0 --lrs 3e-3 --arms scratch,pretrained --out "$out/REPORT.json" \
     --pretrain-override data.patch_shape=[64,64] --pretrain-override trainer.max_steps=300 \
     --pretrain-override trainer.val_check_interval=100 --pretrain-override callbacks.reconstructions.every_n_steps=100 \
