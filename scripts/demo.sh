@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo, the whole story in about six minutes on 2 CPU cores:
 # synthetic EM -> TIFF -> OME-Zarr -> whole-U-Net restoration pretraining (the restore_unet recipe, shrunk)
-# -> fine-tuning on ONE labeled slice from the pretrained weights and from scratch -> scores on held-out
+# -> fine-tuning on ONE labeled slice from the pretrained weights and from scratch (side by side, --jobs 2)
+# -> scores on held-out
 # slices -> prediction over the volume -> clusters of the pretrained features.
 # Reuses demo/synth.tif, demo/synth.zarr and demo/truth.zarr; every run goes to a new demo/<time>/.
 set -euo pipefail
@@ -16,7 +17,7 @@ out="demo/$(date +%Y%m%d-%H%M%S)"
 python "$(dirname "$0")/label_efficiency.py" --recipe restore_unet --raw demo/synth.zarr \
     --labels demo/truth.zarr/labels/membranes --target membrane --labeled-slices 0 --eval-slices 40-47 \
     --val-slices 30-31 \
-    --seeds 0 --lrs 3e-3 --arms scratch,pretrained --out "$out/REPORT.json" \
+    --seeds 0 --lrs 3e-3 --arms scratch,pretrained --jobs 2 --out "$out/REPORT.json" \
     --pretrain-override data.patch_shape=[64,64] --pretrain-override trainer.max_steps=300 \
     --pretrain-override trainer.val_check_interval=100 --pretrain-override callbacks.reconstructions.every_n_steps=100 \
     --finetune-override data.patch_shape=[64,64] --finetune-override trainer.max_steps=150 \

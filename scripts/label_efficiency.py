@@ -28,7 +28,8 @@ against the number of labeled slices, one line per arm, error bars one std over 
 and the runs under ``<stem>/``. Every run resumes (``resume=auto``): the same command after a stop, or
 after a change of scoring, continues the unfinished runs and only scores the finished ones (the
 report lists every run an earlier invocation started under ``seconds.reused``; the time it trained
-then is not in this report).
+then is not in this report). ``--jobs 2`` trains two runs at a time, each process on half the torch
+threads: on a CPU with few cores that is faster than one run on all of them (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from importlib.resources import files
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,7 @@ class Plan:
     out: Path
     arms: tuple[str, ...] = ()
     semi_choice: str | None = None   # --semi: replaces the recipe's semi-supervised method
+    jobs: int = 1                    # fine-tuning runs side by side
     semi: str | None = None     # the +semi arms' method, as composed
 
     @property
@@ -164,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a Hydra override for pretraining (repeatable)")
     parser.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for every fine-tuning run (repeatable; semi.* only for +semi arms)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fine-tuning runs trained side by side, each on torch threads / JOBS (default 1)")
     parser.add_argument("--out", type=Path, required=True, help="REPORT.json")
     return parser
 
@@ -199,12 +205,14 @@ def make_plan(argv: Sequence[str] | None) -> tuple[Plan, dict[str, Any]]:
                 parser.error(f"--labeled-slices {labeled} overlap {name} at {overlap}; use held-out slices")
     if overlap := sorted(set(val_slices) & set(eval_slices)):
         parser.error(f"--val-slices overlap --eval-slices at {overlap}; choose the learning rate on other slices")
+    if not 1 <= args.jobs <= torch.get_num_threads():
+        parser.error(f"--jobs {args.jobs}: expected 1 to {torch.get_num_threads()} (the torch threads to share)")
     if len(lrs) > 1 and not val_slices:
         parser.error(f"--lrs {args.lrs}: a learning-rate sweep needs --val-slices (or give one learning rate)")
     plan = Plan(recipe=args.recipe, raw=args.raw, labels=args.labels, unlabeled=args.unlabeled, target=args.target,
                 labeled_sets=labeled_sets, eval_slices=eval_slices, val_slices=val_slices, seeds=seeds, lrs=lrs,
                 encoder=args.encoder, pretrain_overrides=args.pretrain_override,
-                finetune_overrides=args.finetune_override, out=args.out, semi_choice=args.semi)
+                finetune_overrides=args.finetune_override, out=args.out, semi_choice=args.semi, jobs=args.jobs)
     return plan, compose_recipe(parser, plan, args.arms)
 
 
@@ -243,18 +251,45 @@ class Finetuner:
 
     def train(self, arm: str, lr: float, slices: Sequence[int], seed: int) -> tuple[Path, float]:
         """(last checkpoint, training seconds) of this run."""
-        key = (arm, lr, tag(slices), seed)
-        if key not in self.runs:
-            start = time.perf_counter()
-            name = f"slices{tag(slices).replace(',', '-')}_seed{seed}_{arm.replace('+', '_')}_lr{lr:g}"
-            run_dir = self.plan.work / name
-            init = self.encoder if arm.startswith("pretrained") else "scratch"
-            checkpoint = run_dir / "checkpoints" / "last.ckpt"
-            if checkpoint.is_file():
-                self.reused.append(name)
-            run.finetune(compose_config("finetune", self.plan.finetune(arm, lr, slices, seed, run_dir, init)))
-            self.runs[key] = (checkpoint, time.perf_counter() - start)
-        return self.runs[key]
+        self.train_all([(arm, lr, slices, seed)])
+        return self.runs[(arm, lr, tag(slices), seed)]
+
+    def train_all(self, runs: Iterable[tuple[str, float, Sequence[int], int]]) -> None:
+        """Train the runs not trained yet, up to ``plan.jobs`` at a time in spawned processes that share the
+        torch threads; a run's seconds are its wall time, its process's start included."""
+        todo: dict[tuple[str, float, str, int], tuple[Path, DictConfig]] = {}
+        for arm, lr, slices, seed in runs:
+            if (key := (arm, lr, tag(slices), seed)) not in self.runs:
+                todo[key] = self.prepare(arm, lr, slices, seed)
+        if self.plan.jobs == 1:
+            for key, (checkpoint, cfg) in todo.items():
+                start = time.perf_counter()
+                run.finetune(cfg)
+                self.runs[key] = (checkpoint, time.perf_counter() - start)
+            return
+        threads = torch.get_num_threads() // self.plan.jobs
+        with ProcessPoolExecutor(self.plan.jobs, get_context("spawn"), torch.set_num_threads, (threads,)) as pool:
+            queue = list(todo.items())
+            running: dict[Future, tuple[tuple[str, float, str, int], Path, float]] = {}
+            while queue or running:
+                while queue and len(running) < self.plan.jobs:    # submitted only when a process is free
+                    key, (checkpoint, cfg) = queue.pop(0)
+                    running[pool.submit(run.finetune, cfg)] = (key, checkpoint, time.perf_counter())
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    key, checkpoint, start = running.pop(future)
+                    future.result()                                # a run's error stops the harness here
+                    self.runs[key] = (checkpoint, time.perf_counter() - start)
+
+    def prepare(self, arm: str, lr: float, slices: Sequence[int], seed: int) -> tuple[Path, DictConfig]:
+        """(last checkpoint, composed config) of a run; a run an earlier invocation finished is reused."""
+        name = f"slices{tag(slices).replace(',', '-')}_seed{seed}_{arm.replace('+', '_')}_lr{lr:g}"
+        run_dir = self.plan.work / name
+        init = self.encoder if arm.startswith("pretrained") and self.encoder else "scratch"
+        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        if checkpoint.is_file():
+            self.reused.append(name)
+        return checkpoint, compose_config("finetune", self.plan.finetune(arm, lr, slices, seed, run_dir, init))
 
     def score(self, checkpoint: Path, slices: Sequence[int]) -> tuple[dict[str, Any], tuple, float]:
         """(scores, (raw, probs, labels) of the last slice, seconds) on ``slices``; the instance threshold
@@ -272,6 +307,7 @@ def sweep_lrs(plan: Plan, tuner: Finetuner) -> dict[str, Any]:
     if len(plan.lrs) == 1:
         return {"lrs": plan.lrs, "rule": "one learning rate given: no sweep", "runs": [],
                 "chosen": dict.fromkeys(bases, plan.lrs[0]), "seconds": seconds}
+    tuner.train_all((base, lr, plan.labeled_sets[0], plan.seeds[0]) for base in bases for lr in plan.lrs)
     for base in bases:
         rows = []
         for lr in plan.lrs:
@@ -291,8 +327,10 @@ def run_arms(plan: Plan, tuner: Finetuner, lrs: dict[str, float]) -> tuple[dict,
     results: dict[str, dict[str, Any]] = {arm: {} for arm in plan.arms}
     seconds: dict[str, dict[str, dict[str, float]]] = {}
     pictures = []
+    tuner.train_all((arm, lrs[arm], s, seed) for s in plan.labeled_sets for arm in plan.arms for seed in plan.seeds)
     for slices in plan.labeled_sets:
-        examples, seconds[tag(slices)] = {}, {}
+        examples: dict[str, tuple] = {}
+        seconds[tag(slices)] = {}
         for arm in plan.arms:
             rows, spent = [], {"train": 0.0, "evaluate": 0.0}
             for seed in plan.seeds:
@@ -354,7 +392,8 @@ def build_report(plan: Plan, encoder: str | None, results: dict, sweep: dict, lr
                    "eval_slices": plan.eval_slices, "val_slices": plan.val_slices, "seeds": plan.seeds,
                    "lrs": plan.lrs, "thresholds": list(THRESHOLDS), "seeding": SEEDING,
                    "pretrain_overrides": plan.pretrain_overrides, "finetune_overrides": plan.finetune_overrides,
-                   "torch_threads": torch.get_num_threads(),
+                   "torch_threads": torch.get_num_threads(), "jobs": plan.jobs,
+                   "finetune_threads": torch.get_num_threads() // plan.jobs,
                    "composed": {k: settings[k] for k in ("pretrain", "finetune")}},
         "seconds": seconds,
     }
@@ -363,7 +402,7 @@ def build_report(plan: Plan, encoder: str | None, results: dict, sweep: dict, lr
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plan, settings = make_plan(argv)
     plan.work.mkdir(parents=True, exist_ok=True)
-    started, seconds = time.perf_counter(), {}
+    started, seconds = time.perf_counter(), dict[str, Any]()
     encoder = plan.encoder
     reused = []
     if plan.pretrains:

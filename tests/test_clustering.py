@@ -15,6 +15,7 @@ from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
 from emfm.explore.cluster import Clusterer, clusters_to_labels, upsample_linear
+from emfm.explore.pictures import umap_embedding
 from emfm.predict.blocks import BlockGrid
 from tests.conftest import TINY_FINETUNE, compose_run, file_hashes
 
@@ -82,6 +83,17 @@ def test_backends_and_gmm_find_the_same_blobs() -> None:
 def cluster(tmp_path: Path, checkpoint: Path, volume: Path, *extra: str) -> dict:
     return compose_run("cluster", [f"checkpoint={checkpoint}", f"input={volume}", f"output={tmp_path / 'c.zarr'}",
                                    f"paths.output_dir={tmp_path / 'run'}", "progress=false", *extra])
+
+
+def test_umap_keeps_groups_apart_and_each_point_near_its_own() -> None:
+    rng = np.random.default_rng(0)
+    groups = np.repeat([0, 1, 2], 60)
+    vectors = (rng.normal(size=(180, 16)) + 6 * np.eye(16)[groups]).astype(np.float32)
+    embedding = umap_embedding(vectors)
+    assert embedding.shape == (180, 2) and np.isfinite(embedding).all()
+    distances = np.linalg.norm(embedding[:, None] - embedding[None], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    assert (groups[distances.argmin(1)] == groups).all()
 
 
 def test_clusters_of_pretrained_features_score_above_a_floor(synth_zarr: Path, vit_checkpoint: Path,

@@ -123,6 +123,28 @@ def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep_and_reruns_reuse_it(sy
     assert again["scratch"] == report["scratch"]
 
 
+def test_runs_side_by_side_train_what_one_at_a_time_trains(synth_zarr: Path, tmp_path: Path) -> None:
+    harness, threads = load_harness(), torch.get_num_threads()
+
+    def report(name: str, *extra: str) -> dict:
+        return harness.main(harness_args(synth_zarr, tmp_path / name, "--labeled-slices", "0", "--eval-slices", "13",
+                                         "--arms", "scratch", "--lrs", "2e-3", "--seeds", "0,1", *extra))
+    try:
+        torch.set_num_threads(2)
+        side = report("side.json", "--jobs", "2")      # two spawned processes, one torch thread each
+        torch.set_num_threads(1)
+        alone = report("alone.json")                   # one run after the other in this process, one thread
+    finally:
+        torch.set_num_threads(threads)
+
+    assert (side["config"]["jobs"], side["config"]["finetune_threads"]) == (2, 1)
+    assert side["seconds"]["arms"]["0"]["scratch"]["train"] > 0
+    for a, b in zip(side["scratch"]["seeds"], alone["scratch"]["seeds"], strict=True):
+        weights = read_checkpoint(Path(a["checkpoint"]))["state_dict"]
+        assert "side" in a["checkpoint"] and a["seed"] == b["seed"] and a["iou"] == b["iou"]
+        assert all(torch.equal(w, read_checkpoint(Path(b["checkpoint"]))["state_dict"][k]) for k, w in weights.items())
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--labeled-slices", "0", "--labeled-slices", "3-5", "--eval-slices", "5-7"],
      "--labeled-slices [3, 4, 5] overlap --eval-slices at [5]"),
@@ -135,6 +157,7 @@ def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep_and_reruns_reuse_it(sy
      "--arms: teacher not among scratch, pretrained (recipe restore_unet has no semi; see --semi)"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--finetune-override", "module.lr=1"],
      "the harness sets module.lr itself"),
+    (["--labeled-slices", "0", "--eval-slices", "5", "--jobs", "0"], "--jobs 0: expected 1 to"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--lrs", "1e-3", "--finetune-override", "model.nme=x"],
      "composing recipe restore_unet: Could not override 'model.nme'"),
 ])

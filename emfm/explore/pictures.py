@@ -68,13 +68,24 @@ def panels_figure(rows: Sequence[Sequence[tuple[str, np.ndarray]]], k: int | Non
 
 
 def umap_embedding(vectors: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """A 2-D UMAP embedding (n, 2) of feature vectors."""
+    """A 2-D UMAP embedding (n, 2) of feature vectors.
+
+    The neighbours come exact from scikit-learn: umap-learn's own search is a Python loop over pairs below
+    4096 vectors, or a numba compile of ~50 s above, either way most of an ``emfm cluster`` of a small volume.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
     with warnings.catch_warnings():      # umap-learn warns at import that TensorFlow (ParametricUMAP) is absent
         warnings.simplefilter("ignore", ImportWarning)
         import umap
 
-    reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(vectors) - 1), random_state=seed, n_jobs=1)
-    return reducer.fit_transform(vectors)
+    n_neighbors = min(n_neighbors, len(vectors) - 1)
+    distances, indices = NearestNeighbors(n_neighbors=n_neighbors).fit(vectors).kneighbors(vectors)
+    reducer = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1,
+                        precomputed_knn=(indices, distances, None))
+    with warnings.catch_warnings():      # without a search index the reducer cannot transform new data: not needed
+        warnings.filterwarnings("ignore", message=".*precomputed_knn.*")
+        return reducer.fit_transform(vectors)
 
 
 def scatter_figure(embedding: np.ndarray, labels: np.ndarray, k: int, title: str = "UMAP of features") -> Figure:
