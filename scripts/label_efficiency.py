@@ -265,7 +265,7 @@ class Finetuner:
             for key, (checkpoint, cfg) in todo.items():
                 start = time.perf_counter()
                 run.finetune(cfg)
-                self.runs[key] = (checkpoint, time.perf_counter() - start)
+                self.finished(key, checkpoint, start)
             return
         threads = torch.get_num_threads() // self.plan.jobs
         with ProcessPoolExecutor(self.plan.jobs, get_context("spawn"), torch.set_num_threads, (threads,)) as pool:
@@ -279,7 +279,11 @@ class Finetuner:
                 for future in done:
                     key, checkpoint, start = running.pop(future)
                     future.result()                                # a run's error stops the harness here
-                    self.runs[key] = (checkpoint, time.perf_counter() - start)
+                    self.finished(key, checkpoint, start)
+
+    def finished(self, key: tuple[str, float, str, int], checkpoint: Path, start: float) -> None:
+        self.runs[key] = (checkpoint, time.perf_counter() - start)
+        print(f"trained {checkpoint.parents[1].name} in {self.runs[key][1]:.0f} s", flush=True)
 
     def prepare(self, arm: str, lr: float, slices: Sequence[int], seed: int) -> tuple[Path, DictConfig]:
         """(last checkpoint, composed config) of a run; a run an earlier invocation finished is reused."""

@@ -123,7 +123,7 @@ def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep_and_reruns_reuse_it(sy
     assert again["scratch"] == report["scratch"]
 
 
-def test_runs_side_by_side_train_what_one_at_a_time_trains(synth_zarr: Path, tmp_path: Path) -> None:
+def test_runs_side_by_side_train_what_one_at_a_time_trains(synth_zarr: Path, tmp_path: Path, capsys) -> None:
     harness, threads = load_harness(), torch.get_num_threads()
 
     def report(name: str, *extra: str) -> dict:
@@ -132,6 +132,7 @@ def test_runs_side_by_side_train_what_one_at_a_time_trains(synth_zarr: Path, tmp
     try:
         torch.set_num_threads(2)
         side = report("side.json", "--jobs", "2")      # two spawned processes, one torch thread each
+        printed = capsys.readouterr().out
         torch.set_num_threads(1)
         alone = report("alone.json")                   # one run after the other in this process, one thread
     finally:
@@ -139,6 +140,7 @@ def test_runs_side_by_side_train_what_one_at_a_time_trains(synth_zarr: Path, tmp
 
     assert (side["config"]["jobs"], side["config"]["finetune_threads"]) == (2, 1)
     assert side["seconds"]["arms"]["0"]["scratch"]["train"] > 0
+    assert all(f"trained slices0_seed{seed}_scratch_lr0.002 in " in printed for seed in (0, 1))
     for a, b in zip(side["scratch"]["seeds"], alone["scratch"]["seeds"], strict=True):
         weights = read_checkpoint(Path(a["checkpoint"]))["state_dict"]
         assert "side" in a["checkpoint"] and a["seed"] == b["seed"] and a["iou"] == b["iou"]
