@@ -29,9 +29,10 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_workers() -> int:
-    """DataLoader workers when ``data.num_workers`` is null: up to 4, leaving a core to the training process."""
-    return max(0, min(MAX_WORKERS, cores() - 1))
+def default_workers(trainings: int = 1) -> int:
+    """DataLoader workers when ``data.num_workers`` is null: up to 4, leaving a core to the training process;
+    for each of ``trainings`` run side by side, out of its share of the cores (none with one core each)."""
+    return max(0, min(MAX_WORKERS, cores() // trainings - 1))
 
 
 def wait_passively(processes: int) -> bool:

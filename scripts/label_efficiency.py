@@ -57,6 +57,7 @@ from emfm.data.labeled import LabeledVolume, parse_slices
 from emfm.errors import EmfmError
 from emfm.evaluation.comparison import METRICS, paired_differences, plot_curve, side_by_side, summarize
 from emfm.evaluation.evaluate import SEEDING, THRESHOLDS, evaluate_slices, load_segmenter
+from emfm.threads import default_workers
 
 ARMS = ("scratch", "pretrained", "scratch+semi", "pretrained+semi")
 COMPARISONS = (("pretrained+semi", "scratch"), ("pretrained", "scratch"),   # the recipe; pretraining alone
@@ -293,7 +294,10 @@ class Finetuner:
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
         if checkpoint.is_file():
             self.reused.append(name)
-        return checkpoint, compose_config("finetune", self.plan.finetune(arm, lr, slices, seed, run_dir, init))
+        cfg = compose_config("finetune", self.plan.finetune(arm, lr, slices, seed, run_dir, init))
+        if cfg.data.num_workers is None:     # a loader process per run, only where each run has cores to spare
+            cfg.data.num_workers = default_workers(self.plan.jobs)
+        return checkpoint, cfg
 
     def score(self, checkpoint: Path, slices: Sequence[int]) -> tuple[dict[str, Any], tuple, float]:
         """(scores, (raw, probs, labels) of the last slice, seconds) on ``slices``; the instance threshold

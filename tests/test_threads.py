@@ -54,6 +54,12 @@ def test_threads_wait_passively_only_where_processes_would_outnumber_the_cores(t
     assert not threads.wait_passively(3) and "OMP_WAIT_POLICY" not in os.environ
 
 
+def test_loader_workers_leave_each_training_a_core(monkeypatch) -> None:
+    for n, alone, two_side_by_side in ((1, 0, 0), (2, 1, 0), (4, 3, 1), (16, 4, 4)):
+        monkeypatch.setattr(threads, "cores", lambda n=n: n)
+        assert (threads.default_workers(), threads.default_workers(2)) == (alone, two_side_by_side)
+
+
 def test_a_local_dask_cluster_gets_no_more_torch_threads_than_cores(two_cores) -> None:
     assert threads.task_threads(2, 1) == 1 and threads.task_threads(1, 2) == 1 and threads.task_threads(4, 2) == 1
     assert Executor("dask", n_workers=1, threads_per_worker=2).threads(None) == 1
