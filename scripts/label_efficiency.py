@@ -295,8 +295,9 @@ class Finetuner:
         if checkpoint.is_file():
             self.reused.append(name)
         cfg = compose_config("finetune", self.plan.finetune(arm, lr, slices, seed, run_dir, init))
-        if cfg.data.num_workers is None:     # a loader process per run, only where each run has cores to spare
-            cfg.data.num_workers = default_workers(self.plan.jobs)
+        if self.plan.jobs > 1 and not any(o.startswith("data.num_workers=") for o in self.plan.finetune_overrides):
+            share = default_workers(self.plan.jobs)     # runs side by side: loader processes only from spare cores
+            cfg.data.num_workers = share if cfg.data.num_workers is None else min(cfg.data.num_workers, share)
         return checkpoint, cfg
 
     def score(self, checkpoint: Path, slices: Sequence[int]) -> tuple[dict[str, Any], tuple, float]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from emfm import threads
 from emfm.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,23 @@ def test_runs_side_by_side_train_what_one_at_a_time_trains(synth_zarr: Path, tmp
         weights = read_checkpoint(Path(a["checkpoint"]))["state_dict"]
         assert "side" in a["checkpoint"] and a["seed"] == b["seed"] and a["iou"] == b["iou"]
         assert all(torch.equal(w, read_checkpoint(Path(b["checkpoint"]))["state_dict"][k]) for k, w in weights.items())
+
+
+def test_runs_side_by_side_take_loader_workers_only_from_spare_cores(synth_zarr: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    harness = load_harness()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)          # --jobs 2 shares two threads
+    args = ["--raw", str(synth_zarr), "--labels", str(synth_zarr / "labels" / "membranes"), "--out",
+            str(tmp_path / "r.json"), "--labeled-slices", "0", "--eval-slices", "13", "--lrs", "1e-3", "--jobs", "2"]
+    plan, _ = harness.make_plan(args)
+    tuner = harness.Finetuner(plan, None, None)
+
+    def workers(cores: int) -> int:
+        monkeypatch.setattr(threads, "cores", lambda: cores)
+        return tuner.prepare("scratch", 1e-3, [0], 0)[1].data.num_workers
+    assert (workers(2), workers(4), workers(16)) == (0, 1, 1)       # the recipe's 1 at most
+    plan.finetune_overrides.append("data.num_workers=3")             # the user's choice stands
+    assert workers(2) == 3
 
 
 @pytest.mark.parametrize("extra, message", [
