@@ -4,8 +4,9 @@
 # -> fine-tuning on ONE labeled slice from the pretrained weights and from scratch -> scores on held-out
 # slices -> prediction over the volume -> clusters of the pretrained features.
 # Reuses demo/synth.tif, demo/synth.zarr and demo/truth.zarr; every run goes to a new demo/<time>/.
-# Sized for few cores: the 64-px patches load in the training process (a loader process costs more than it
-# saves here), and the two fine-tunings, then the prediction and the clustering, run side by side.
+# Sized for few cores (docs/benchmarks.md, "--jobs N"): the 64-px patches load in the training processes (loader
+# processes buy nothing on 2 cores), and the two fine-tunings, then the prediction and the clustering, run side
+# by side on one thread each.
 set -euo pipefail
 mkdir -p demo
 [ -e demo/synth.tif ] || emfm synth --out demo/synth.tif --shape 48 256 256 --anisotropy 5
