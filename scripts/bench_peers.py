@@ -4,7 +4,9 @@ Every arm runs in a fresh spawned process (``bench_train.in_fresh_process``; the
 ``bench_peers_arms.py``), emfm and peer alternating, on the same machine, model, batch and input.
 Each ratio is emfm / peer in throughput (images/s, voxels/s; above 1 emfm is faster) of one
 repeat (an emfm run over the peer run right after it), given as min / median / max over the
-repeats. Peak RSS is each arm's process's own. Each arm reports what it computed, read from the
+repeats. Peak RSS is each arm's process's own. ``--paired`` builds both training sides in one process
+per repeat and times them in alternating blocks: one side's images/s moves by ±10 % from one fresh
+process to the next on the 2-core machine, more than the differences measured. Each arm reports what it computed, read from the
 objects it built; the table lists what differs, the lines below it what is alike.
 
 - Pretraining step vs lightly (MAE on timm's ViT-Ti/16 and ViT-S/16, SimCLR on timm's ResNet-18;
@@ -75,6 +77,7 @@ TRAIN = {
                              label="SimCLR step, ResNet-18"),
 }
 OVERLAP, BATCH = 0.25, 8        # sliding window, both sides
+PAIRED_ROUNDS = 2               # --paired: timed blocks per side in each process
 
 
 @dataclass
@@ -157,8 +160,13 @@ def compare_training(volume: Path, work: Path, args: argparse.Namespace) -> list
         c = Comparison(f"{setup.label}, {patch}x{patch}, batch {batch}", "images/s", "lightly")
         for repeat in range(args.repeats):
             run_args = overrides(sized, volume, work / f"{key}{repeat}", batch, steps, 0, None)
-            c.emfm.append(in_fresh_process(arms.emfm_train, run_args, steps))
-            c.others.append(in_fresh_process(arms.lightly_train, run_args, steps))
+            if args.paired:      # one process for both sides, alternating blocks (RSS: both models together)
+                mine, theirs = in_fresh_process(arms.paired_train, run_args, steps, PAIRED_ROUNDS)
+                c.emfm += mine
+                c.others += theirs
+            else:
+                c.emfm.append(in_fresh_process(arms.emfm_train, run_args, steps))
+                c.others.append(in_fresh_process(arms.lightly_train, run_args, steps))
             progress(c)
         unaugmented = c.ratios(lambda r: 1 / (1 / r.rate - r.extra.get("augment_seconds", 0.0) / r.extra["batch"])
                                if "batch" in r.extra else r.rate)
@@ -287,6 +295,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, help="emfm/peer pairs per setting (default 3, 1 with --quick; "
                                                     "settings at 8x the volume and more run one pair)")
+    parser.add_argument("--paired", action="store_true", help="training: both sides in one process per repeat, "
+                        f"{PAIRED_ROUNDS} alternating blocks each (the spread between processes falls on both alike)")
     parser.add_argument("--cluster-sizes", nargs="+", type=parse_shape, help="ZxYxX volumes for the clustering "
                                                                              "(default: 1x and 8x)")
     parser.add_argument("--large", action="store_true", help="clustering also at 64x2048x2048 and 128x4096x4096 "

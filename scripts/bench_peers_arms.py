@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_train import bare_loop, bare_parts, config, optimizer, plain_loop, real_batch
+from bench_train import bare_parts, config, optimizer, plain_loop, real_batch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -68,13 +68,47 @@ def layers(module: torch.nn.Module) -> str:
 # --- pretraining step -------------------------------------------------------------------------------------------
 
 
+@dataclass
+class TrainArm:
+    """One side's training step, built and ready: the loss on its fixed batch, the model and its optimiser."""
+
+    loss: Callable[[], torch.Tensor]
+    model: torch.nn.Module
+    optim: torch.optim.Optimizer
+    batch: int
+    facts: dict[str, str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def timed(self, steps: int) -> Result:
+        run = plain_loop(self.loss, self.model, self.optim, steps, self.batch)
+        return Result(run.rate, run.rss_mib, self.facts, self.extra)
+
+
 def emfm_train(args: list[str], steps: int) -> Result:
-    """``bench_train.bare`` (emfm's module, ``compute_loss``, AdamW), then its augmentation timed alone."""
+    return emfm_arm(args, steps).timed(steps)
+
+
+def lightly_train(args: list[str], steps: int) -> Result:
+    return lightly_arm(args).timed(steps)
+
+
+def paired_train(args: list[str], steps: int, rounds: int) -> tuple[list[Result], list[Result]]:
+    """Both sides built in this one process and timed in alternating blocks of ``steps``: whatever differs from
+    one fresh process to the next (±10 % in images/s on the 2-core machine) then falls on both alike."""
+    sides = (emfm_arm(args, steps), lightly_arm(args))
+    results: tuple[list[Result], list[Result]] = ([], [])
+    for _ in range(rounds):
+        for arm, out in zip(sides, results):
+            out.append(arm.timed(steps))
+    return results
+
+
+def emfm_arm(args: list[str], steps: int) -> TrainArm:
+    """``bench_train.bare_parts`` (emfm's module, ``compute_loss``, AdamW); its augmentation timed alone."""
     from emfm.data.augment import OPTIONS
     from emfm.pretrain.contrastive import TwoViews
 
     cfg, module, images = bare_parts(args)
-    run = bare_loop(cfg, module, images, steps)
     ((name, objective),) = module.objectives()
     method: Any = objective                  # the attributes of its own class (MAE, SimCLR) are read below
     start = time.perf_counter()
@@ -100,7 +134,8 @@ def emfm_train(args: list[str], steps: int) -> Result:
     else:
         facts |= {"projector": layers(method.projector), "temperature": f"{method.temperature}",
                   "loss": "NT-Xent over both views of the batch"}
-    return Result(run.rate, run.rss_mib, facts, {"augment_seconds": augment, "batch": cfg.data.batch_size})
+    return TrainArm(lambda: module.compute_loss(images)["loss"], module, optimizer(module, cfg), cfg.data.batch_size,
+                    facts, {"augment_seconds": augment, "batch": cfg.data.batch_size})
 
 
 class LightlyMAE(torch.nn.Module):
@@ -138,7 +173,7 @@ class LightlyMAE(torch.nn.Module):
         return torch.nn.functional.mse_loss(pred, target)
 
 
-def lightly_train(args: list[str], steps: int) -> Result:
+def lightly_arm(args: list[str]) -> TrainArm:
     """The same timm model in lightly's blocks, sized from emfm's config, in the same loop on the same batch."""
     import timm
 
@@ -180,8 +215,7 @@ def lightly_train(args: list[str], steps: int) -> Result:
                  "projector": layers(head), "temperature": f"{criterion.temperature}",
                  "loss": "NT-Xent over both views of the batch"}
     facts["augmentation in the step"] = "none (lightly's transforms run per image in DataLoader workers)"
-    run = plain_loop(loss, model, optimizer(model, cfg), steps, cfg.data.batch_size)
-    return Result(run.rate, run.rss_mib, facts)
+    return TrainArm(loss, model, optimizer(model, cfg), cfg.data.batch_size, facts)
 
 
 # --- sliding window ---------------------------------------------------------------------------------------------
