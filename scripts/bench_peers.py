@@ -6,8 +6,9 @@ Each ratio is emfm / peer in throughput (images/s, voxels/s; above 1 emfm is fas
 repeat (an emfm run over the peer run right after it), given as min / median / max over the
 repeats. Peak RSS is each arm's process's own. ``--paired`` builds both training sides in one process
 per repeat and times them in alternating blocks: one side's images/s moves by ±10 % from one fresh
-process to the next on the 2-core machine, more than the differences measured. Each arm reports what it computed, read from the
-objects it built; the table lists what differs, the lines below it what is alike.
+process to the next on the 2-core machine, more than the differences measured. Each arm reports
+what it computed, read from the objects it built; the table lists what differs, the lines below it
+what is alike.
 
 - Pretraining step vs lightly (MAE on timm's ViT-Ti/16 and ViT-S/16, SimCLR on timm's ResNet-18;
   128x128 patches, batch 32). emfm: ``bench_train.bare``: the module of ``emfm pretrain``,

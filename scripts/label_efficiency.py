@@ -108,6 +108,10 @@ class Plan:
         return "pretrained+semi" if self.semi else "pretrained"
 
     @property
+    def finetune_threads(self) -> int:
+        return torch.get_num_threads() // self.jobs
+
+    @property
     def pretrains(self) -> bool:
         return self.encoder is None and any(a.startswith("pretrained") for a in self.arms)
 
@@ -268,8 +272,8 @@ class Finetuner:
                 run.finetune(cfg)
                 self.finished(key, checkpoint, start)
             return
-        threads = torch.get_num_threads() // self.plan.jobs
-        with ProcessPoolExecutor(self.plan.jobs, get_context("spawn"), torch.set_num_threads, (threads,)) as pool:
+        threads = (self.plan.finetune_threads,)
+        with ProcessPoolExecutor(self.plan.jobs, get_context("spawn"), torch.set_num_threads, threads) as pool:
             queue = list(todo.items())
             running: dict[Future, tuple[tuple[str, float, str, int], Path, float]] = {}
             while queue or running:
@@ -295,7 +299,8 @@ class Finetuner:
         if checkpoint.is_file():
             self.reused.append(name)
         cfg = compose_config("finetune", self.plan.finetune(arm, lr, slices, seed, run_dir, init))
-        if self.plan.jobs > 1 and not any(o.startswith("data.num_workers=") for o in self.plan.finetune_overrides):
+        chosen = {o.split("=")[0].lstrip("+~") for o in self.plan.finetune_overrides}
+        if self.plan.jobs > 1 and "data.num_workers" not in chosen:
             share = default_workers(self.plan.jobs)     # runs side by side: loader processes only from spare cores
             cfg.data.num_workers = share if cfg.data.num_workers is None else min(cfg.data.num_workers, share)
         return checkpoint, cfg
@@ -402,7 +407,7 @@ def build_report(plan: Plan, encoder: str | None, results: dict, sweep: dict, lr
                    "lrs": plan.lrs, "thresholds": list(THRESHOLDS), "seeding": SEEDING,
                    "pretrain_overrides": plan.pretrain_overrides, "finetune_overrides": plan.finetune_overrides,
                    "torch_threads": torch.get_num_threads(), "jobs": plan.jobs,
-                   "finetune_threads": torch.get_num_threads() // plan.jobs,
+                   "finetune_threads": plan.finetune_threads,
                    "composed": {k: settings[k] for k in ("pretrain", "finetune")}},
         "seconds": seconds,
     }
