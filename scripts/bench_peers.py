@@ -31,7 +31,8 @@ what is alike.
   at growing sizes; the adjusted Rand index (ARI) says how alike the two maps are, next to the ARI
   of the script with itself under another k-means seed. Both run under an address-space limit
   (``--memory-gib``) so that the script fails there instead of taking the machine down;
-  ``--large`` adds sizes meant to reach it (hours).
+  ``--large`` adds 64x2048x2048 and 128x4096x4096 (128x and 1024x the
+  8x512x512 volume; 73 min idle, measured), where the script does not fit.
 
     python scripts/bench_peers.py                     # full run: 19 min on 2 idle CPU cores (1157 s, 2026-12-01)
     python scripts/bench_peers.py --quick             # smoke run, tiny sizes, one repeat
@@ -301,7 +302,7 @@ def main() -> None:
     parser.add_argument("--cluster-sizes", nargs="+", type=parse_shape, help="ZxYxX volumes for the clustering "
                                                                              "(default: 1x and 8x)")
     parser.add_argument("--large", action="store_true", help="clustering also at 64x2048x2048 and 128x4096x4096 "
-                                                             "(hours; meant to reach the memory limit)")
+                                                             "(73 min; the notebook way fails at the second)")
     parser.add_argument("--memory-gib", type=float, default=20.0,
                         help="address-space limit of each clustering process (this machine has 24 GiB)")
     args = parser.parse_args()

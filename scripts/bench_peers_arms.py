@@ -9,7 +9,6 @@ arms: an emfm process never loads lightly or MONAI.
 from __future__ import annotations
 
 import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_train import bare_parts, config, optimizer, plain_loop, real_batch
+from bench_train import bare_parts, config, optimizer, peak_rss_mib, plain_loop, real_batch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -38,10 +37,6 @@ class Result:
     rss_mib: float
     facts: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def trained_parameters(module: torch.nn.Module) -> int:
@@ -287,7 +282,7 @@ def window_arm(side: str, checkpoint: Path | None, volume: Path, overlap: float,
             out = sliding_window_inference(image[None], tile, batch, counted(fn, tiles), overlap, mode="gaussian")[0]
     seconds = time.perf_counter() - start
     probes = np.random.default_rng(0).integers(out.numel(), size=PROBES)
-    return Result(image.numel() / seconds, rss_mib(),
+    return Result(image.numel() / seconds, peak_rss_mib(),
                   {"tiles through the model": str(tiles[0]),
                    "Gaussian weight at a tile corner": corner_weight(side, tile)},
                   {"probes": out.flatten()[probes].numpy()})
@@ -309,7 +304,7 @@ def monai_whole(checkpoint: Path, volume: Path, output: Path, overlap: float, ba
     data = encode(probs.numpy(), "uint8")                                               # (K, Z, Y, X)
     zarr.open_array(str(output), mode="w", shape=data.shape, chunks=(data.shape[0], 4, 512, 512),
                     dtype="uint8")[...] = data
-    return Result(image.numel() / (time.perf_counter() - start), rss_mib(),
+    return Result(image.numel() / (time.perf_counter() - start), peak_rss_mib(),
                   {"tiles through the model": str(tiles[0]),
                    "Gaussian weight at a tile corner": corner_weight("monai", tile)})
 
@@ -318,7 +313,11 @@ def monai_whole(checkpoint: Path, volume: Path, output: Path, overlap: float, ba
 
 
 def emfm_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:
-    """``emfm cluster`` as users run it (no pictures), timed from the command's start to its map."""
+    """``emfm cluster`` as users run it (no pictures), timed from the command's start to its map; its modules are
+    imported before, as the notebook's are."""
+    import sklearn.cluster  # noqa: F401  (imported on first use by the command)
+
+    import emfm.explore.cluster  # noqa: F401
     from emfm import run
 
     with initialize_config_module("emfm.configs", version_base="1.3"):
@@ -326,7 +325,7 @@ def emfm_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:
                                   "pictures=null", "progress=false", f"paths.output_dir={output}.run"])
     start = time.perf_counter()
     run.cluster(cfg)
-    return Result(math.prod(Volume(volume).shape) / (time.perf_counter() - start), rss_mib(),
+    return Result(math.prod(Volume(volume).shape) / (time.perf_counter() - start), peak_rss_mib(),
                   {"vectors k-means is fitted on": f"a sample of {cfg.sample}", "projection": f"PCA to {cfg.pca}",
                    "k-means": f"scikit-learn, k={K}, 3 inits", "features": "float16 store on disk",
                    "map on the voxel grid": "cluster scores interpolated linearly"})
@@ -358,7 +357,7 @@ def plain_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:
     rate = image.size / (time.perf_counter() - start)
     itself = adjusted_rand_score(labels, KMeans(K, n_init=3, random_state=1).fit_predict(vectors)) \
         if len(vectors) <= 10**6 else float("nan")
-    return Result(rate, rss_mib(),
+    return Result(rate, peak_rss_mib(),
                   {"vectors k-means is fitted on": f"all {len(vectors)}", "projection": "none",
                    "k-means": f"scikit-learn, k={K}, 3 inits", "features": "float32 in memory",
                    "map on the voxel grid": "nearest cell (repeated)"},

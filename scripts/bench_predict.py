@@ -47,7 +47,9 @@ def ours(checkpoint: Path, volume: Path, output: Path, batch: int, blend: str = 
          dtype: str = "float16") -> dict[str, float]:
     """`emfm predict` in a fresh process: seconds in all and in the block phase, and its peak RSS."""
     code = f"""
-import json, resource, time
+import json, sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from bench_train import peak_rss_mib
 from hydra import compose, initialize_config_module
 from emfm import run
 with initialize_config_module("emfm.configs", version_base="1.3"):
@@ -58,7 +60,7 @@ start = time.perf_counter()
 out = run.predict(cfg)
 print(json.dumps({{"seconds": time.perf_counter() - start, "blocks": out["blocks"],
                   "block_seconds": out["seconds"]["predict"],
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "rss_mib": peak_rss_mib()}}))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])

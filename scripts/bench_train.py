@@ -152,7 +152,7 @@ class Clock:
             between=statistics.mean(gaps),
             cpu=(self.cpu[last] - self.cpu[first]) / timed_steps,
             loader_cpu=(children.ru_utime + children.ru_stime) / len(self.ends),
-            rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            rss_mib=peak_rss_mib(),
             threads=torch.get_num_threads(),
             first=self.ends[0] - self.starts[0],
         )
@@ -240,6 +240,16 @@ def plain_loop(loss: Callable[[], torch.Tensor], model: torch.nn.Module, optim: 
         optim.step()
         clock.end()
     return clock.run(batch, steps)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory, MiB: Linux's VmHWM where there is one. Not ``ru_maxrss``: a process
+    started by fork + exec (spawn, subprocess) carries there the resident memory of the process that started it."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def in_fresh_process(arm: Callable[..., T], *args: Any, memory_gib: float | None = None) -> T:
