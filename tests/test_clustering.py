@@ -158,3 +158,14 @@ def test_bad_cluster_inputs_are_named(synth_zarr: Path, vit_checkpoint: Path, tm
     wrong = r"features=.*computed on a volume of shape \[16, 96, 96\].*has shape \[16, 64, 64\]"
     with pytest.raises(EmfmError, match=wrong):
         cluster(tmp_path / "c", vit_checkpoint, other, f"features={tmp_path / 'c.zarr' / 'features'}", "pictures=null")
+
+
+def test_a_local_run_reads_its_checkpoint_once(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import emfm.checkpoints
+
+    reads = []
+    read = emfm.checkpoints.read_checkpoint
+    monkeypatch.setattr(emfm.checkpoints, "read_checkpoint", lambda *a, **kw: reads.append(a[0]) or read(*a, **kw))
+    cluster(tmp_path, vit_checkpoint, synth_zarr, "k=2", "roi=[0:2,0:32,0:32]", "pca=null", "pictures=null")
+    assert len(reads) == 1                          # the inputs' check and every feature block share one encoder

@@ -117,12 +117,21 @@ class FeatureJob:
         return tuple(max(t, n * k) for t, n, k in zip(self.tile, self.grid.shape, self.stride))
 
 
-@functools.lru_cache(maxsize=1)
-def _encoder(checkpoint: str, threads: int | None) -> Encoder:
-    """The job's encoder, loaded once per process (one per Dask worker), on ``threads`` torch threads."""
-    if threads:
-        torch.set_num_threads(threads)
-    return load_encoder(checkpoint, as_timm=False)
+_ENCODERS: dict[tuple[str, int | None], Encoder] = {}
+
+
+def job_encoder(job: FeatureJob, encoder: Encoder | None = None) -> Encoder:
+    """The job's encoder, loaded once per process (one per Dask worker), on ``job.threads`` torch threads.
+
+    ``encoder``: the checkpoint's, already loaded in this process, to use instead of loading it again.
+    """
+    key = (job.checkpoint, job.threads)
+    if encoder is not None or key not in _ENCODERS:
+        if job.threads:
+            torch.set_num_threads(job.threads)
+        _ENCODERS.clear()
+        _ENCODERS[key] = encoder if encoder is not None else load_encoder(job.checkpoint, as_timm=False)
+    return _ENCODERS[key]
 
 
 def feature_function(encoder: Encoder, layer: int, tile: tuple[int, ...], stride: tuple[int, ...]) -> Any:
@@ -161,7 +170,7 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     voxels = tuple(slice(c.start * k, c.stop * k) for c, k in zip(cells, job.stride))
     span, corners = covering_tiles(voxels, job.padded, job.tile, job.overlap, job.stride)
     image = torch.from_numpy(read_padded(input_volume(job.input, job.level), job.roi, span))[None]
-    encoder = _encoder(job.checkpoint, job.threads)
+    encoder = job_encoder(job)
     fn = feature_function(encoder, job.layer, job.tile, job.stride)
     feats = sliding_window(fn, image, job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride)
     inner = tuple(slice(c.start - s.start // k, c.stop - s.start // k) for c, s, k in zip(cells, span, job.stride))
@@ -264,7 +273,7 @@ def extract_features(request: FeatureRequest, executor: Executor, encoder: Encod
     ``encoder``: the checkpoint's, already loaded by the caller.
     """
     input_volume.cache_clear()
-    _encoder.cache_clear()
+    _ENCODERS.clear()                               # the checkpoint may have been rewritten
     encoder = encoder or load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
     volume = Volume(request.input, request.level)
     job = make_job(request, encoder, volume, executor.threads(request.threads))
@@ -278,6 +287,8 @@ def extract_features(request: FeatureRequest, executor: Executor, encoder: Encod
                                "stride": list(job.stride), "blocks": len(job.grid), "computed": 0}
     if not complete:
         with executor_client(executor) as client:
+            if client is None:
+                job_encoder(job, encoder)           # this process computes: no second load
             pending = Progress(job.output, "features", job.grid).pending()
             summary["computed"] = len(pending)
             summary["seconds"] = run_blocks(feature_block, pending, job, client=client, desc="features",
