@@ -19,7 +19,7 @@ demo: env
 test: env
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean-env:
 	rm -rf $(VENV)

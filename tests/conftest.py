@@ -18,6 +18,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
+from emfm import threads
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
@@ -47,6 +48,18 @@ def tiny(model: str = "vit2d", objective: str = "mae", debug: str = "tiny") -> l
 TINY_PRETRAIN = [*tiny(), "data.batch_size=8", "data.val_patches=8"]
 # A seconds-long fine-tuning, with model=tiny/...
 TINY_FINETUNE = ["debug=tiny", "module.warmup_steps=2"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n N``) the N workers share the cores: each gets its share of torch threads and OpenMP
+    threads sleep while they wait, or N spinning thread teams slow each other down many times over (see
+    docs/benchmarks.md). Set in the controller before it starts the workers, which inherit it; a setting of the
+    user's stands."""
+    workers = getattr(config.option, "numprocesses", None)
+    if isinstance(workers, int) and workers > 1 and "PYTEST_XDIST_WORKER" not in os.environ:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads.cores() // workers)))
+        if not any(key in os.environ for key in threads.WAIT_SETTINGS):
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 @functools.cache
