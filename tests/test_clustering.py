@@ -10,6 +10,7 @@ import zarr
 from sklearn.metrics import adjusted_rand_score
 from sklearn.metrics.cluster import contingency_matrix
 
+import emfm.checkpoints
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
@@ -162,8 +163,6 @@ def test_bad_cluster_inputs_are_named(synth_zarr: Path, vit_checkpoint: Path, tm
 
 def test_a_local_run_reads_its_checkpoint_once(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import emfm.checkpoints
-
     reads = []
     read = emfm.checkpoints.read_checkpoint
     monkeypatch.setattr(emfm.checkpoints, "read_checkpoint", lambda *a, **kw: reads.append(a[0]) or read(*a, **kw))
