@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_train import peak_rss_mib
 from hydra import compose, initialize_config_module
 
 from emfm import run
@@ -43,25 +44,26 @@ def make_checkpoint(work: Path, volume: Path) -> Path:
     return work / "finetune" / "checkpoints" / "last.ckpt"
 
 
+def timed_predict(checkpoint: Path, volume: Path, output: Path, batch: int, blend: str = "linear",
+                  dtype: str = "float16") -> dict[str, float]:
+    """`emfm predict` in this process, timed from the model load to the finished store: seconds in all and in
+    the block phase, and the process's peak RSS."""
+    with initialize_config_module("emfm.configs", version_base="1.3"):
+        cfg = compose("predict", [f"checkpoint={checkpoint}", f"input={volume}", f"output={output}", "overwrite=true",
+                                  "progress=false", f"batch_size={batch}", f"dtype={dtype}", f"blend={blend}",
+                                  f"paths.output_dir={output}.run"])
+    start = time.perf_counter()
+    out = run.predict(cfg)
+    return {"seconds": time.perf_counter() - start, "blocks": out["blocks"],
+            "block_seconds": out["seconds"]["predict"], "rss_mib": peak_rss_mib()}
+
+
 def ours(checkpoint: Path, volume: Path, output: Path, batch: int, blend: str = "linear",
          dtype: str = "float16") -> dict[str, float]:
-    """`emfm predict` in a fresh process: seconds in all and in the block phase, and its peak RSS."""
-    code = f"""
-import json, sys, time
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from bench_train import peak_rss_mib
-from hydra import compose, initialize_config_module
-from emfm import run
-with initialize_config_module("emfm.configs", version_base="1.3"):
-    cfg = compose("predict", ["checkpoint={checkpoint}", "input={volume}", "output={output}", "overwrite=true",
-                              "progress=false", "batch_size={batch}", "dtype={dtype}", "blend={blend}",
-                              "paths.output_dir={output}.run"])
-start = time.perf_counter()
-out = run.predict(cfg)
-print(json.dumps({{"seconds": time.perf_counter() - start, "blocks": out["blocks"],
-                  "block_seconds": out["seconds"]["predict"],
-                  "rss_mib": peak_rss_mib()}}))
-"""
+    """``timed_predict`` in a fresh interpreter, as a user starts `emfm predict`."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_predict import "
+            f"timed_predict; print(json.dumps(timed_predict(*{[str(checkpoint), str(volume), str(output)]!r}, "
+            f"{batch}, {blend!r}, {dtype!r})))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

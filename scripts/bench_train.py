@@ -252,14 +252,26 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def in_fresh_process(arm: Callable[..., T], *args: Any, memory_gib: float | None = None) -> T:
-    """``arm(*args)`` in a spawned process whose DataLoader workers start as they would in ours.
+PRELOAD = ["torch", "timm", "lightning.pytorch", "hydra", "emfm.run"]   # what every arm imports: the slow part
 
-    A spawned process inherits "spawn" as its default start method, which would make every
-    epoch's workers re-import torch and emfm instead of forking as `emfm pretrain` does on Linux.
+
+def in_fresh_process(arm: Callable[..., T], *args: Any, memory_gib: float | None = None,
+                     method: str = "spawn") -> T:
+    """``arm(*args)`` in a new process whose DataLoader workers start as they would in ours.
+
+    ``method="spawn"``: a new interpreter, as a user's command starts (~8 s of imports here).
+    ``"forkserver"``: forked from a server that imported ``PRELOAD`` once, so a script pays those
+    imports once, not once per arm; the server runs nothing else, so no arm's heap and no torch
+    thread pool exist before the fork. Its peak RSS leaves out the library pages touched only while
+    importing (~0.5 GiB with torch's CUDA build here): compare such figures only with each other.
+    Either way the process would start its own workers by its own method (re-importing torch and
+    emfm in every epoch's workers) instead of forking as `emfm pretrain` does on Linux: it is set back.
     ``memory_gib``: the process's address-space limit (RLIMIT_AS); past it allocations fail there.
     """
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=start_process,
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":   # heeded when the server starts (the first call). The arm's own module is
+        context.set_forkserver_preload(PRELOAD)   # imported by each process: the 3.11 server ignores sys.path
+    with ProcessPoolExecutor(1, mp_context=context, initializer=start_process,
                              initargs=(multiprocessing.get_start_method(), memory_gib)) as pool:
         return pool.submit(arm, *args).result()
 
