@@ -36,7 +36,7 @@ built; the table lists what differs, the lines below it what is alike.
   ``--large`` adds 64x2048x2048 and 128x4096x4096 (128x and 1024x the
   8x512x512 volume; 73 min idle, measured), where the script does not fit.
 
-    python scripts/bench_peers.py                     # full run: 7 min on 2 idle CPU cores (421 s, 2026-12-02)
+    python scripts/bench_peers.py                     # full run: 7 min on 2 idle CPU cores (421 s, 395 s; 2026-12-02)
     python scripts/bench_peers.py --quick             # smoke run, tiny sizes, one repeat (1 min)
     python scripts/bench_peers.py --only cluster --cluster-sizes 8x512x512 64x2048x2048 --memory-gib 20
 
