@@ -82,7 +82,7 @@ TRAIN = {
 }
 OVERLAP, BATCH = 0.25, 8        # sliding window, both sides
 PAIRED_ROUNDS = 2               # --paired: timed blocks per side in each process
-# Every arm in a new process forked from one that holds the imports: ~8 s saved per arm, 50 arms a run.
+# Every arm in a new process forked from one that holds the imports: ~8 s saved per arm, 46 arms a run.
 in_fresh_process = functools.partial(bench_train.in_fresh_process, method="forkserver")
 
 
