@@ -1,16 +1,18 @@
 """emfm features: dense features on the expected grid, blockwise equal to the whole region, resumable store."""
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from emfm.checkpoints import load_encoder
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.explore.features import dense_features
+from emfm.explore.features import FeatureRequest, dense_features, job_encoder, make_job
 from tests.conftest import compose_run
 
 
@@ -106,3 +108,23 @@ def test_unfinished_store_is_continued_and_dask_gives_the_same_bytes(synth_zarr:
     features(tmp_path, vit_checkpoint, synth_zarr, tmp_path / "d.zarr", "block_shape=[8,6,6]", "executor=dask",
              "dask.n_workers=2", "dask.threads_per_worker=1")
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "d.zarr/0"), mode="r")[...], reference)
+
+
+def test_a_worker_builds_its_encoder_again_for_a_rewritten_checkpoint(synth_zarr: Path, vit_checkpoint: Path,
+                                                                        tmp_path: Path) -> None:
+    """As `emfm predict`'s workers: one encoder per process while the checkpoint file stays the same."""
+    checkpoint = tmp_path / "last.ckpt"
+    shutil.copy(vit_checkpoint, checkpoint)
+    request = FeatureRequest(str(checkpoint), str(synth_zarr), str(tmp_path / "f.zarr"))
+    job = make_job(request, load_encoder(str(checkpoint), as_timm=False), Volume(synth_zarr), None)
+    first = job_encoder(job)
+    assert job_encoder(job) is first
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["state_dict"] = {k: v + 0.05 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, checkpoint)
+    again = job_encoder(job)
+    assert again is not first
+    moved = [not torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values())
+             if a.is_floating_point()]
+    assert moved and all(moved)

@@ -34,6 +34,7 @@ from emfm.predict.blocks import Block, BlockGrid, Executor, executor_client, par
 from emfm.predict.store import (
     Progress,
     add_attrs,
+    checkpoint_stamp,
     claim,
     create,
     create_array,
@@ -117,15 +118,16 @@ class FeatureJob:
         return tuple(max(t, n * k) for t, n, k in zip(self.tile, self.grid.shape, self.stride))
 
 
-_ENCODERS: dict[tuple[str, int | None], Encoder] = {}
+_ENCODERS: dict[tuple[FeatureJob, Any], Encoder] = {}
 
 
 def job_encoder(job: FeatureJob, encoder: Encoder | None = None) -> Encoder:
-    """The job's encoder, loaded once per process (one per Dask worker), on ``job.threads`` torch threads.
+    """The job's encoder, loaded once per process (one per Dask worker), on ``job.threads`` torch threads;
+    built again for another job or a rewritten checkpoint (see ``predict.model_function``).
 
     ``encoder``: the checkpoint's, already loaded in this process, to use instead of loading it again.
     """
-    key = (job.checkpoint, job.threads)
+    key = (job, checkpoint_stamp(job.checkpoint))
     if encoder is not None or key not in _ENCODERS:
         if job.threads:
             torch.set_num_threads(job.threads)
@@ -273,7 +275,6 @@ def extract_features(request: FeatureRequest, executor: Executor, encoder: Encod
     ``encoder``: the checkpoint's, already loaded by the caller.
     """
     input_volume.cache_clear()
-    _ENCODERS.clear()                               # the checkpoint may have been rewritten
     encoder = encoder or load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
     volume = Volume(request.input, request.level)
     job = make_job(request, encoder, volume, executor.threads(request.threads))

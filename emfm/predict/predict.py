@@ -33,6 +33,7 @@ from emfm.predict.store import (
     DTYPES,
     WORK,
     Progress,
+    checkpoint_stamp,
     claim,
     create,
     create_array,
@@ -78,15 +79,17 @@ class Job:
         return len(self.tile) == 3 and self.tile[0] == 1
 
 
-_CACHE: dict[tuple[str, int | None], Probabilities] = {}
+_CACHE: dict[tuple[Job, Any], Probabilities] = {}
 
 
 def model_function(job: Job, module: SegmentationModule | None = None) -> Probabilities:
     """The probability function of the job's checkpoint, loaded once per process (one model per Dask worker).
 
+    Kept for as long as the job and the checkpoint file stay the same: the workers of a running scheduler
+    (``executor.address``) serve one run after another, with other settings or a retrained ``last.ckpt``.
     ``module``: the checkpoint already loaded in this process, to use instead of loading it again.
     """
-    key = (job.checkpoint, job.threads)
+    key = (job, checkpoint_stamp(job.checkpoint))
     if module is not None or key not in _CACHE:
         if job.threads:
             torch.set_num_threads(job.threads)

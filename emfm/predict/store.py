@@ -32,15 +32,25 @@ PROGRESS, WORK = "_progress", "_work"    # removed when the store is complete
 DTYPES = ("uint8", "float32", "float16")  # how probabilities are stored (uint8: 255 = probability 1)
 
 
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """A checkpoint file, or every file of an export directory."""
+    return sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+
+
 def checkpoint_digest(path: str | Path) -> str:
     """sha256 of a checkpoint file, or of every file of an export directory."""
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
-    for file in files:
+    for file in checkpoint_files(path):
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def checkpoint_stamp(path: str | Path) -> tuple[tuple[int, int], ...]:
+    """Modification time and size of each checkpoint file: cheap enough to read in every task, and changed when
+    the checkpoint is rewritten (a new ``last.ckpt``), so a process's cached model is then built again."""
+    return tuple((s.st_mtime_ns, s.st_size) for s in (f.stat() for f in checkpoint_files(path)))
 
 
 def fingerprint(job: Any, leave_out: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
