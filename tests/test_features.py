@@ -12,7 +12,8 @@ import zarr
 from emfm.checkpoints import load_encoder
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.explore.features import FeatureRequest, dense_features, job_encoder, make_job
+from emfm.explore import features as features_module
+from emfm.explore.features import FeatureJob, FeatureRequest, dense_features, job_encoder, make_job
 from tests.conftest import compose_run
 
 
@@ -110,21 +111,27 @@ def test_unfinished_store_is_continued_and_dask_gives_the_same_bytes(synth_zarr:
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "d.zarr/0"), mode="r")[...], reference)
 
 
-def test_a_worker_builds_its_encoder_again_for_a_rewritten_checkpoint(synth_zarr: Path, vit_checkpoint: Path,
-                                                                        tmp_path: Path) -> None:
-    """As `emfm predict`'s workers: one encoder per process while the checkpoint file stays the same."""
+def test_a_worker_keeps_its_run_encoder_and_a_new_run_loads_the_rewritten_checkpoint(
+        synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path) -> None:
+    """As `emfm predict`'s workers: one encoder per run and process, the checkpoint checked when it is loaded."""
     checkpoint = tmp_path / "last.ckpt"
     shutil.copy(vit_checkpoint, checkpoint)
     request = FeatureRequest(str(checkpoint), str(synth_zarr), str(tmp_path / "f.zarr"))
-    job = make_job(request, load_encoder(str(checkpoint), as_timm=False), Volume(synth_zarr), None)
-    first = job_encoder(job)
-    assert job_encoder(job) is first
 
+    def job_now() -> FeatureJob:
+        return make_job(request, load_encoder(str(checkpoint), as_timm=False), Volume(synth_zarr), None)
+
+    job = job_now()
+    first = job_encoder(job)
     state = torch.load(checkpoint, weights_only=True)
     state["state_dict"] = {k: v + 0.05 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
     torch.save(state, checkpoint)
-    again = job_encoder(job)
-    assert again is not first
+    assert job_encoder(job) is first                                    # the running job keeps its weights
+
+    again = job_encoder(job_now())                                      # the next run
     moved = [not torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values())
              if a.is_floating_point()]
     assert moved and all(moved)
+    features_module._ENCODERS.clear()                                   # a new worker process of the first run
+    with pytest.raises(EmfmError, match="rewritten since this run started"):
+        job_encoder(job)

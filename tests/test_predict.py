@@ -1,6 +1,5 @@
 """emfm predict: blockwise prediction equals the whole-region computation, resumes, runs on Dask."""
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -21,7 +20,8 @@ from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.metrics import rand_scores
 from emfm.finetune.segmentation import load_segmenter
-from emfm.predict.predict import make_job, model_function
+from emfm.predict import predict as predict_module
+from emfm.predict.predict import Job, make_job, model_function
 from tests.conftest import compose_run, finetuned, pretrained, tiny
 
 
@@ -184,28 +184,36 @@ def test_bad_inputs_are_named(synth_zarr: Path, model_2d: Path, model_3d: Path, 
         predict(tmp_path, semantic, synth_zarr, tmp_path / "e.zarr", "instances=true")
 
 
-def test_a_worker_builds_its_model_again_for_a_retrained_checkpoint_or_other_settings(
+def test_a_worker_keeps_its_run_model_and_a_new_run_loads_the_retrained_checkpoint(
         synth_zarr: Path, model_2d: Path, tmp_path: Path) -> None:
-    """The workers of a running Dask scheduler keep their model from one run to the next: a retrained
-    ``last.ckpt`` at the same path, or test-time flips asked for, must not be served by the old one."""
+    """The workers of a running Dask scheduler keep their model from one run to the next: a run goes on with the
+    weights it started with, the next run on a retrained ``last.ckpt`` (same path) or with test-time flips gets
+    its own, and a process joining a run after its checkpoint was rewritten stops with the reason."""
     checkpoint = tmp_path / "last.ckpt"
     shutil.copy(model_2d, checkpoint)
-    job = make_job(load_segmenter(checkpoint), Volume(synth_zarr), checkpoint=str(checkpoint),
-                   output=str(tmp_path / "out.zarr"), roi=None, block_shape=None, overlap=0.25, blend="linear",
-                   tta=False, batch_size=2, dtype="float16", zarr_format=3, pyramid=False, threads=None)
+
+    def job_now(tta: bool = False) -> Job:
+        return make_job(load_segmenter(checkpoint), Volume(synth_zarr), checkpoint=str(checkpoint),
+                        output=str(tmp_path / "out.zarr"), roi=None, block_shape=None, overlap=0.25, blend="linear",
+                        tta=tta, batch_size=2, dtype="float16", zarr_format=3, pyramid=False, threads=None)
+
+    job = job_now()
     tiles = torch.rand(2, 1, *job.tile, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model_function(job)(tiles)
-        assert torch.equal(model_function(job)(tiles), before)          # the same run: the cached model
-
         state = torch.load(checkpoint, weights_only=True)               # retrained: other weights, same path
         state["state_dict"] = {k: v + 0.05 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
         torch.save(state, checkpoint)
+        assert torch.equal(model_function(job)(tiles), before)          # the running job keeps its weights
+
         retrained = load_segmenter(checkpoint)
         expected = retrained.activate(retrained.model(tiles[:, :, 0])).unsqueeze(2)
-        after = model_function(job)(tiles)
+        after = model_function(job_now())(tiles)                          # the next run
         assert not torch.allclose(after, before, atol=1e-4)
         assert torch.allclose(after, expected, atol=1e-6)
-
-        flipped = model_function(dataclasses.replace(job, tta=True))(tiles)
+        flipped = model_function(job_now(tta=True))(tiles)
         assert not torch.allclose(flipped, after, atol=1e-4)
+
+    predict_module._CACHE.clear()                                       # a new worker process of the first run
+    with pytest.raises(EmfmError, match="last.ckpt: rewritten since this run started"):
+        model_function(job)

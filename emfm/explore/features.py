@@ -42,6 +42,7 @@ from emfm.predict.store import (
     finish,
     placement,
     read_attrs,
+    unchanged_checkpoint,
     write,
 )
 
@@ -102,6 +103,7 @@ class FeatureJob:
     batch_size: int
     zarr_format: ZarrFormat = 3
     threads: int | None = None
+    checkpoint_stamp: tuple[tuple[int, int], ...] = ()   # the checkpoint files' (mtime, size) as the run starts
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -118,21 +120,22 @@ class FeatureJob:
         return tuple(max(t, n * k) for t, n, k in zip(self.tile, self.grid.shape, self.stride))
 
 
-_ENCODERS: dict[tuple[FeatureJob, Any], Encoder] = {}
+_ENCODERS: dict[FeatureJob, Encoder] = {}
 
 
 def job_encoder(job: FeatureJob, encoder: Encoder | None = None) -> Encoder:
     """The job's encoder, loaded once per process (one per Dask worker), on ``job.threads`` torch threads;
-    built again for another job or a rewritten checkpoint (see ``predict.model_function``).
+    kept per job, as ``predict.model_function`` keeps its model.
 
     ``encoder``: the checkpoint's, already loaded in this process, to use instead of loading it again.
     """
-    key = (job, checkpoint_stamp(job.checkpoint))
+    key = job
     if encoder is not None or key not in _ENCODERS:
         if job.threads:
             torch.set_num_threads(job.threads)
         _ENCODERS.clear()
-        _ENCODERS[key] = encoder if encoder is not None else load_encoder(job.checkpoint, as_timm=False)
+        _ENCODERS[key] = encoder if encoder is not None else \
+            load_encoder(unchanged_checkpoint(job.checkpoint, job.checkpoint_stamp), as_timm=False)
     return _ENCODERS[key]
 
 
@@ -235,7 +238,8 @@ def make_job(request: FeatureRequest, encoder: Encoder, volume: Volume, threads:
     block = _per_axis(request.block_shape, len(cells), "block_shape") if request.block_shape else default
     if request.batch_size < 1:
         raise EmfmError(f"batch_size={request.batch_size}: expected at least 1 tile per forward pass")
-    return FeatureJob(checkpoint=str(Path(request.checkpoint).resolve()), input=resolved(volume.path),
+    return FeatureJob(checkpoint=str(Path(request.checkpoint).resolve()),
+                      checkpoint_stamp=checkpoint_stamp(request.checkpoint), input=resolved(volume.path),
                       output=str(local_output("output", request.output)), level=volume.level,
                       roi=tuple((r.start, r.stop) for r in region), tile=tile, stride=stride,
                       layer=request.layer % len(encoder.feature_strides), block=block, overlap=float(request.overlap),

@@ -41,6 +41,7 @@ from emfm.predict.store import (
     fingerprint,
     finish,
     placement,
+    unchanged_checkpoint,
     write,
 )
 
@@ -68,6 +69,7 @@ class Job:
     zarr_format: ZarrFormat = 3           # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
     pyramid: bool = False                 # also downsampled levels, as ingest writes them
     threads: int | None = None            # torch threads per task process (Dask workers); None: torch's default
+    checkpoint_stamp: tuple[tuple[int, int], ...] = ()   # the checkpoint files' (mtime, size) as the run starts
 
     @property
     def grid(self) -> BlockGrid:
@@ -79,21 +81,22 @@ class Job:
         return len(self.tile) == 3 and self.tile[0] == 1
 
 
-_CACHE: dict[tuple[Job, Any], Probabilities] = {}
+_CACHE: dict[Job, Probabilities] = {}
 
 
 def model_function(job: Job, module: SegmentationModule | None = None) -> Probabilities:
     """The probability function of the job's checkpoint, loaded once per process (one model per Dask worker).
 
-    Kept for as long as the job and the checkpoint file stay the same: the workers of a running scheduler
+    Kept per job, whose stamp of the checkpoint files tells runs apart: the workers of a running scheduler
     (``executor.address``) serve one run after another, with other settings or a retrained ``last.ckpt``.
     ``module``: the checkpoint already loaded in this process, to use instead of loading it again.
     """
-    key = (job, checkpoint_stamp(job.checkpoint))
+    key = job
     if module is not None or key not in _CACHE:
         if job.threads:
             torch.set_num_threads(job.threads)
-        model = module if module is not None else load_segmenter(job.checkpoint)
+        model = module if module is not None else load_segmenter(unchanged_checkpoint(job.checkpoint,
+                                                                                      job.checkpoint_stamp))
 
         def segment(x: torch.Tensor) -> torch.Tensor:
             out = model.activate(model.model(x))
@@ -147,7 +150,8 @@ def make_job(module: SegmentationModule, volume: Volume, *, checkpoint: str, out
         raise EmfmError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}")
     if batch_size < 1:
         raise EmfmError(f"batch_size={batch_size}: expected at least 1 tile per forward pass")
-    return Job(checkpoint=str(Path(checkpoint).resolve()), input=resolved(volume.path),
+    return Job(checkpoint=str(Path(checkpoint).resolve()), checkpoint_stamp=checkpoint_stamp(checkpoint),
+               input=resolved(volume.path),
                output=str(local_output("output", output)), level=volume.level,
                roi=tuple((r.start, r.stop) for r in region),
                tile=tuple(int(t) for t in tile), block=tuple(int(b) for b in block), overlap=float(overlap),

@@ -48,16 +48,25 @@ def checkpoint_digest(path: str | Path) -> str:
 
 
 def checkpoint_stamp(path: str | Path) -> tuple[tuple[int, int], ...]:
-    """Modification time and size of each checkpoint file: cheap enough to read in every task, and changed when
-    the checkpoint is rewritten (a new ``last.ckpt``), so a process's cached model is then built again."""
+    """Modification time and size of each checkpoint file: cheap to read, and changed when the checkpoint is
+    rewritten (a new ``last.ckpt``)."""
     return tuple((s.st_mtime_ns, s.st_size) for s in (f.stat() for f in checkpoint_files(path)))
+
+
+def unchanged_checkpoint(path: str, stamp: tuple[tuple[int, int], ...]) -> str:
+    """``path``, once its files are checked to be as they were when the run started (``stamp``): a process that
+    loads the model later must not compute with other weights than the blocks before it."""
+    if checkpoint_stamp(path) != stamp:
+        raise EmfmError(f"checkpoint={path}: rewritten since this run started (its finished blocks came from the "
+                        "earlier file): put that back, or run again with overwrite=true")
+    return path
 
 
 def fingerprint(job: Any, leave_out: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
     """What makes two stores the same, as stored in their attributes: the settings of ``job`` (a dataclass
     with ``checkpoint`` and ``output``), without where it is written and ``leave_out`` (how fast), with the
-    checkpoint's digest and ``extra``."""
-    settings = {k: v for k, v in asdict(job).items() if k not in ("output", *leave_out)}
+    checkpoint's digest (for the files' ``checkpoint_stamp``) and ``extra``."""
+    settings = {k: v for k, v in asdict(job).items() if k not in ("output", "checkpoint_stamp", *leave_out)}
     return json.loads(json.dumps({**settings, "checkpoint_sha256": checkpoint_digest(job.checkpoint), **extra}))
 
 
