@@ -90,6 +90,7 @@ class FeatureJob:
     """Everything a block task needs (small and picklable, for Dask workers)."""
 
     checkpoint: str
+    checkpoint_stamp: tuple[tuple[int, int], ...]     # its files' (mtime, size) as the run starts
     input: str
     output: str
     level: int
@@ -103,7 +104,6 @@ class FeatureJob:
     batch_size: int
     zarr_format: ZarrFormat = 3
     threads: int | None = None
-    checkpoint_stamp: tuple[tuple[int, int], ...] = ()   # the checkpoint files' (mtime, size) as the run starts
 
     @property
     def shape(self) -> tuple[int, ...]:

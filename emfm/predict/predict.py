@@ -55,6 +55,7 @@ class Job:
     """Everything a block task needs; small and picklable, so Dask workers receive it with each task."""
 
     checkpoint: str
+    checkpoint_stamp: tuple[tuple[int, int], ...]     # its files' (mtime, size) as the run starts
     input: str
     output: str
     level: int
@@ -69,7 +70,6 @@ class Job:
     zarr_format: ZarrFormat = 3           # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
     pyramid: bool = False                 # also downsampled levels, as ingest writes them
     threads: int | None = None            # torch threads per task process (Dask workers); None: torch's default
-    checkpoint_stamp: tuple[tuple[int, int], ...] = ()   # the checkpoint files' (mtime, size) as the run starts
 
     @property
     def grid(self) -> BlockGrid:
