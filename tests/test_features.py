@@ -14,7 +14,7 @@ from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.explore import features as features_module
 from emfm.explore.features import FeatureJob, FeatureRequest, dense_features, job_encoder, make_job
-from tests.conftest import compose_run
+from tests.conftest import compose_run, later
 
 
 def features(tmp_path: Path, checkpoint: Path, volume: Path, output: Path, *extra: str) -> dict:
@@ -126,6 +126,7 @@ def test_a_worker_keeps_its_run_encoder_and_a_new_run_loads_the_rewritten_checkp
     state = torch.load(checkpoint, weights_only=True)
     state["state_dict"] = {k: v + 0.05 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
     torch.save(state, checkpoint)
+    later(checkpoint)
     assert job_encoder(job) is first                                    # the running job keeps its weights
 
     again = job_encoder(job_now())                                      # the next run

@@ -22,7 +22,7 @@ from emfm.evaluation.metrics import rand_scores
 from emfm.finetune.segmentation import load_segmenter
 from emfm.predict import predict as predict_module
 from emfm.predict.predict import Job, make_job, model_function
-from tests.conftest import compose_run, finetuned, pretrained, tiny
+from tests.conftest import compose_run, finetuned, later, pretrained, tiny
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +204,7 @@ def test_a_worker_keeps_its_run_model_and_a_new_run_loads_the_retrained_checkpoi
         state = torch.load(checkpoint, weights_only=True)               # retrained: other weights, same path
         state["state_dict"] = {k: v + 0.05 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
         torch.save(state, checkpoint)
+        later(checkpoint)
         assert torch.equal(model_function(job)(tiles), before)          # the running job keeps its weights
 
         retrained = load_segmenter(checkpoint)

@@ -129,14 +129,13 @@ def job_encoder(job: FeatureJob, encoder: Encoder | None = None) -> Encoder:
 
     ``encoder``: the checkpoint's, already loaded in this process, to use instead of loading it again.
     """
-    key = job
-    if encoder is not None or key not in _ENCODERS:
+    if encoder is not None or job not in _ENCODERS:
         if job.threads:
             torch.set_num_threads(job.threads)
         _ENCODERS.clear()
-        _ENCODERS[key] = encoder if encoder is not None else \
+        _ENCODERS[job] = encoder if encoder is not None else \
             load_encoder(unchanged_checkpoint(job.checkpoint, job.checkpoint_stamp), as_timm=False)
-    return _ENCODERS[key]
+    return _ENCODERS[job]
 
 
 def feature_function(encoder: Encoder, layer: int, tile: tuple[int, ...], stride: tuple[int, ...]) -> Any:

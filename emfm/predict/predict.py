@@ -91,8 +91,7 @@ def model_function(job: Job, module: SegmentationModule | None = None) -> Probab
     (``executor.address``) serve one run after another, with other settings or a retrained ``last.ckpt``.
     ``module``: the checkpoint already loaded in this process, to use instead of loading it again.
     """
-    key = job
-    if module is not None or key not in _CACHE:
+    if module is not None or job not in _CACHE:
         if job.threads:
             torch.set_num_threads(job.threads)
         model = module if module is not None else load_segmenter(unchanged_checkpoint(job.checkpoint,
@@ -108,8 +107,8 @@ def model_function(job: Job, module: SegmentationModule | None = None) -> Probab
 
         _CACHE.clear()
         # Tiles of a 2-D model over a 3-D volume are (B, C, 1, Y, X).
-        _CACHE[key] = (lambda x: segment(x[:, :, 0]).unsqueeze(2)) if job.per_slice else segment
-    return _CACHE[key]
+        _CACHE[job] = (lambda x: segment(x[:, :, 0]).unsqueeze(2)) if job.per_slice else segment
+    return _CACHE[job]
 
 
 @functools.lru_cache(maxsize=1)

@@ -65,7 +65,8 @@ def unchanged_checkpoint(path: str, stamp: tuple[tuple[int, int], ...]) -> str:
 def fingerprint(job: Any, leave_out: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
     """What makes two stores the same, as stored in their attributes: the settings of ``job`` (a dataclass
     with ``checkpoint`` and ``output``), without where it is written and ``leave_out`` (how fast), with the
-    checkpoint's digest (for the files' ``checkpoint_stamp``) and ``extra``."""
+    checkpoint's digest in place of its files' ``checkpoint_stamp`` (a copy is the same checkpoint) and
+    ``extra``."""
     settings = {k: v for k, v in asdict(job).items() if k not in ("output", "checkpoint_stamp", *leave_out)}
     return json.loads(json.dumps({**settings, "checkpoint_sha256": checkpoint_digest(job.checkpoint), **extra}))
 
