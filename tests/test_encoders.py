@@ -1,9 +1,16 @@
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 
+import emfm
+from emfm import run
 from emfm.errors import EmfmError
 from emfm.models.encoders import ENCODERS, create_encoder
+from emfm.pretrain.base import PretrainModule
+from tests.conftest import TINY_FINETUNE, CommandLine, pretrained, tiny
 
 # Each family at a tiny size, on an input shape of its dimensionality (3-D ones anisotropic).
 CONFIGS = {
@@ -11,6 +18,8 @@ CONFIGS = {
     "vit3d": ([8, 32, 48], {"name": "test_vit", "patch_size": [4, 8, 8], "feature_depths": 3}),
     "cnn2d": ([64, 96], {"name": "test_resnet"}),
     "cnn3d": ([8, 32, 64], {"name": "test_resnet3d"}),
+    "unet2d": ([64, 96], {"channels": 8, "depth": 3}),
+    "unet3d": ([8, 32, 64], {"channels": 8, "depth": 3}),
 }
 
 
@@ -170,3 +179,77 @@ def test_bad_encoder_configs_raise() -> None:
         create_encoder("vit3d", input_shape=[8, 32, 32], name="test_resnet", patch_size=8)
     with pytest.raises(EmfmError, match="model.feature_depths"):
         create_encoder("vit2d", input_shape=[32, 32], name="test_vit", patch_size=8, feature_depths=[6])
+
+
+@pytest.mark.parametrize("family,shape,strides", [
+    ("unet2d", [32, 32], [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16)]),
+    ("unet3d", [8, 32, 32], [(1, 1, 1), (1, 2, 2), (1, 4, 4), (2, 8, 8), (4, 16, 16)]),
+])
+def test_unet_encoder_starts_at_full_resolution(family: str, shape: list, strides: list) -> None:
+    """torch-em's U-Net: 32 channels at stride 1, doubling per pooling stage; 3-D keeps Z in the first half."""
+    encoder = create_encoder(family, input_shape=shape)
+    assert encoder.feature_strides == strides
+    assert encoder.feature_channels == [32, 64, 128, 256, 512] and encoder.embed_dim == 512
+    x = torch.randn(1, 1, *shape)
+    maps = encoder.forward_features(x)
+    assert [tuple(m.shape[2:]) for m in maps] == [tuple(s // t for s, t in zip(shape, st)) for st in strides]
+    torch.testing.assert_close(encoder(x), maps[-1].mean(tuple(range(2, 2 + len(shape)))))  # the pooled deepest map
+    assert [g[0].split(".")[1] for g in encoder.layer_groups()] == ["0", "1", "2", "3", "4"]
+
+
+def test_unet_strides_can_be_overridden_and_bad_settings_are_named() -> None:
+    encoder = create_encoder("unet3d", input_shape=[8, 32, 32], channels=4, depth=2, strides=[[2, 2, 2], [1, 2, 2]])
+    assert encoder.feature_strides == [(1, 1, 1), (2, 2, 2), (2, 4, 4)] and encoder.feature_channels == [4, 8, 16]
+    assert encoder.forward_features(torch.randn(1, 1, 8, 32, 32))[-1].shape == (1, 16, 4, 8, 8)
+    with pytest.raises(EmfmError, match=r"^model.depth=0: a U-Net encoder needs at least 1 pooling stage$"):
+        create_encoder("unet2d", input_shape=[32, 32], depth=0)
+    with pytest.raises(EmfmError, match=r"^model.strides needs one entry per pooling stage \(model.depth=4\); got 2$"):
+        create_encoder("unet2d", input_shape=[32, 32], strides=[2, 2])
+    with pytest.raises(EmfmError, match=r"^data.patch_shape \[24, 32\] is not divisible by the total stride of "
+                                        r"model.depth and model.strides \[16, 16\]$"):
+        create_encoder("unet2d", input_shape=[24, 32])
+    with pytest.raises(EmfmError, match=r"^model.strides\[1\]=\[2, 2\] needs 1 or 3 entries$"):
+        create_encoder("unet3d", input_shape=[8, 32, 32], depth=2, strides=[2, [2, 2]])
+    with pytest.raises(EmfmError, match=r"^model.name is not a setting of model.family=unet2d; expected one of "
+                                        r"\['input_shape', 'in_chans', 'channels', 'depth', 'strides'\]$"):
+        create_encoder("unet2d", input_shape=[32, 32], name="resnet18")   # what model=cnn2d's recipes set
+
+
+@pytest.mark.parametrize("family", ["unet2d", "unet3d"])
+def test_unet_pretrains_whole_by_restoration_then_fine_tunes_and_exports(
+        compose_config, synth_zarr: Path, tmp_path: Path, run_cli: CommandLine, family: str) -> None:
+    """objective=restore trains the encoder and the U-Net decoder; `emfm finetune init=` inherits both (a fresh output
+    layer) and trains with the topology terms; `emfm export` writes the encoder, which emfm.load_encoder gives back
+    bit for bit."""
+    checkpoint = pretrained(tmp_path / "pt", synth_zarr, 2, [*tiny(family, "restore"), "head=unet"])
+    weights = torch.load(checkpoint, weights_only=True)["state_dict"]
+    args = [f"model=tiny/{family}", "target=membrane", f"data.raw={synth_zarr}",
+            f"data.labels={synth_zarr}/labels/membranes", "data.labeled_slices=[0,1]", "data.val_slices=[12]",
+            "trainer.max_steps=2", "trainer.val_check_interval=2", *TINY_FINETUNE,
+            f"init={checkpoint}", "head=unet", "head.channels=8"]
+    model = run.build(compose_config("finetune", args).module).model
+    assert model.head.full is None                     # the encoder's first map is already at full resolution
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, weights[f"encoder.{key}"]), key
+    decoder = {k: v for k, v in model.head.state_dict().items() if not k.startswith("out.")}
+    assert decoder and all(torch.equal(v, weights[f"methods.restore.head.{k}"]) for k, v in decoder.items())
+    topology = ["module.loss.skeleton_recall_weight=1.0", "module.loss.cldice_weight=0.5"]   # issue 26's pair
+    out = run.finetune(compose_config("finetune", [*args, *topology]))
+    assert out["train/loss"] > 0 and 0 < out["val/iou"] <= out["val/dice"]
+    assert out["train/loss"] == pytest.approx(out["train/dice"] + out["train/ce"] + out["train/skeleton_recall"]
+                                              + 0.5 * out["train/cldice"], rel=1e-5)
+
+    [exported] = run_cli([(["export", str(checkpoint), str(tmp_path / "enc")], None)])
+    assert exported.returncode == 0 and "Traceback" not in exported.stderr, exported.stderr[-2000:]
+    original = PretrainModule.load_from_checkpoint(checkpoint, weights_only=True).encoder.eval()
+    x = torch.rand(2, 1, *original.input_shape)
+    with torch.no_grad():
+        assert torch.equal(emfm.load_encoder(tmp_path / "enc")(x), original(x))
+
+
+def test_a_fine_tuned_unet_exports_as_a_bioimage_io_package_citing_u_net(
+        two_step_finetuned: Callable[[str], Path], tmp_path: Path, run_cli: CommandLine) -> None:
+    [out] = run_cli([(["export", str(two_step_finetuned("unet2d")), str(tmp_path / "pkg"), "--author", "A. Tester"],
+                      None)])
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "Ronneberger et al., U-Net" in (tmp_path / "pkg" / "rdf.yaml").read_text()

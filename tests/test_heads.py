@@ -62,7 +62,8 @@ def test_auto_picks_unetr_for_vits_and_unet_for_cnns(family: str) -> None:
     assert isinstance(create_head("linear", encoder, 1), LinearHead)
 
 
-@pytest.mark.parametrize("family,head,cell", [("vit2d", "unetr", 4), ("cnn2d", "unet", 4), ("vit2d", "linear", 16)])
+@pytest.mark.parametrize("family,head,cell", [("vit2d", "unetr", 4), ("cnn2d", "unet", 4), ("unet2d", "unet", 2),
+                                              ("vit2d", "linear", 16)])
 def test_head_fits_a_fixed_target(family: str, head: str, cell: int) -> None:
     """A checkerboard of ``cell`` pixels: finer than a token for the full decoders, coarser for
     the linear probe, whose bilinear upsampling cannot place an edge inside a token."""
@@ -83,6 +84,16 @@ def test_head_fits_a_fixed_target(family: str, head: str, cell: int) -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("family", ["unet2d", "unet3d", "cnn2d", "cnn3d"])
+def test_unet_head_adds_a_full_resolution_stage_only_over_a_strided_finest_map(family: str) -> None:
+    """Over a U-Net encoder (first map at stride 1) the decoder ends on that map, one block per skip, as torch-em's
+    U-Net; over a ResNet (stride 2) a last stage takes the raw image as its skip."""
+    encoder = create_encoder(family, **TINY[family])
+    head = create_head("auto", encoder, 1, channels=4)
+    assert isinstance(head, UNetHead) and len(head.blocks) == len(encoder.feature_channels) - 1
+    assert (head.full is None) == family.startswith("unet")
 
 
 def test_unknown_head_and_option_are_one_line_errors() -> None:

@@ -33,7 +33,10 @@ def test_every_config_composes_and_builds(compose_config, group: str, option: st
     """Each option resolves, and its data module, module, trainer (loggers, callbacks) are built from it (with
     the tiny encoder unless the model is the option tested; volumes are opened only when training starts)."""
     command = "finetune" if {group, f"{group}/{option}"} & FINETUNE_ONLY else "pretrain"
-    model = (["objective=mim"] if "cnn" in option else []) if group in ("model", "experiment") else ["model=tiny/vit2d"]
+    if group in ("model", "experiment"):    # a CNN or U-Net model pretrains by masked modelling, not MAE
+        model = ["objective=mim"] if group == "model" and "vit" not in option else []
+    else:
+        model = ["model=tiny/vit2d"]
     cfg = compose_config(command, [f"{MOUNTED.get(group, group)}={option}", *COMMAND_KEYS[command], *model,
                                    *REQUIRED.get(option, [])])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Any, ClassVar
 
 import timm
@@ -17,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from emfm.errors import EmfmError
-from emfm.models.layers import BasicBlock3d, PatchEmbed3d, triple
+from emfm.models.layers import BasicBlock3d, ConvBlock, PatchEmbed3d, max_pool_nd, triple
 
 
 class Encoder(nn.Module):
@@ -89,6 +90,11 @@ def _per_axis(size: int | Sequence[int], dims: int, key: str) -> tuple[int, ...]
     if len(sizes) != dims:
         raise EmfmError(f"{key}={list(sizes)} needs 1 or {dims} entries")
     return sizes
+
+
+def _total_strides(first: tuple[int, ...], steps: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The stride of each map from the first map's and each later stage's own, per axis."""
+    return list(accumulate(steps, lambda total, step: tuple(a * b for a, b in zip(total, step)), initial=first))
 
 
 class ViTEncoder(Encoder):
@@ -337,9 +343,7 @@ class ResNet3dEncoder(Encoder):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         self.in_chans, self.embed_dim = in_chans, channels[-1]
         self.feature_channels = [channels[0], *channels]
-        self.feature_strides = [stem]
-        for s in stage_strides:
-            self.feature_strides.append(tuple(a * b for a, b in zip(self.feature_strides[-1], s)))
+        self.feature_strides = _total_strides(stem, stage_strides)
         self._check_divisible(
             self.feature_strides[-1], "the total stride of model.stem_stride and model.strides"
         )
@@ -358,11 +362,89 @@ class ResNet3dEncoder(Encoder):
         return maps
 
 
+class UNetEncoder(Encoder):
+    """The encoder half of a classic U-Net (Ronneberger et al., 2015; torch-em's UNet2d / UNet3d);
+    :class:`UNet2dEncoder` and :class:`UNet3dEncoder` fix the axes.
+
+    Two conv-norm-act layers at full resolution, then per stage a max-pool and two more, the width
+    doubling. A ResNet's finest map is at stride 2, which leaves a decoder one conv block over the
+    raw pixels to draw 3-6 px membranes; here the first map is at stride 1, so
+    :class:`~emfm.models.heads.UNetHead` decodes onto full-resolution features with no stage of its
+    own, as torch-em's U-Net does. Instance norm (as the decoders'): the same at any batch size.
+
+    Args:
+        input_shape: patch shape; must be divisible by the total stride.
+        in_chans: input channels.
+        channels: width of the full-resolution stage; it doubles with every pooling stage.
+        depth: pooling stages (maps at ``depth + 1`` scales).
+        strides: pooling of each stage, an int or one per axis (None = :meth:`default_strides`).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        in_chans: int = 1,
+        channels: int = 32,
+        depth: int = 4,
+        strides: Sequence[int | Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self._set_input_shape(input_shape)
+        if depth < 1:
+            raise EmfmError(f"model.depth={depth}: a U-Net encoder needs at least 1 pooling stage")
+        strides = self.default_strides(depth) if strides is None else strides
+        if len(strides) != depth:
+            raise EmfmError(f"model.strides needs one entry per pooling stage (model.depth={depth}); "
+                            f"got {len(strides)}")
+        dims = self.spatial_dims
+        pools = [_per_axis(s, dims, f"model.strides[{i}]") for i, s in enumerate(strides)]
+        widths = [channels * 2**i for i in range(depth + 1)]
+        self.stages = nn.ModuleList([ConvBlock(dims, in_chans, widths[0])])
+        self.stages.extend(nn.Sequential(max_pool_nd(dims, pool), ConvBlock(dims, c_in, c))
+                           for c_in, c, pool in zip(widths, widths[1:], pools))
+        self.in_chans, self.embed_dim = in_chans, widths[-1]
+        self.feature_channels = widths
+        self.feature_strides = _total_strides((1,) * dims, pools)
+        self._check_divisible(self.feature_strides[-1], "the total stride of model.depth and model.strides")
+
+    def default_strides(self, depth: int) -> Sequence[Sequence[int]]:
+        """Halve every axis at every stage."""
+        return [(2,) * self.spatial_dims] * depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[-1].flatten(2).mean(2)
+
+    def layer_groups(self) -> list[list[str]]:
+        return [[f"stages.{i}.{name}" for name, _ in stage.named_parameters()] for i, stage in enumerate(self.stages)]
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+
+class UNet2dEncoder(UNetEncoder):
+    family, spatial_dims = "unet2d", 2
+
+
+class UNet3dEncoder(UNetEncoder):
+    family, spatial_dims = "unet3d", 3
+
+    def default_strides(self, depth: int) -> Sequence[Sequence[int]]:
+        """The first half of the stages pool Y and X only (EM sections are thicker than the pixel size), as the
+        3-D ResNet keeps Z resolution in its first stages."""
+        return [(1, 2, 2)] * (depth // 2) + [(2, 2, 2)] * (depth - depth // 2)
+
+
 ENCODERS: dict[str, Callable[..., Encoder]] = {
     "vit2d": ViT2dEncoder,
     "vit3d": ViT3dEncoder,
     "cnn2d": CNNEncoder,
     "cnn3d": ResNet3dEncoder,
+    "unet2d": UNet2dEncoder,
+    "unet3d": UNet3dEncoder,
 }
 
 
@@ -378,6 +460,10 @@ def create_encoder(family: str, **kwargs: Any) -> Encoder:
     if loading := sorted(TIMM_LOADING & set(kwargs)):
         raise EmfmError(f"model.{loading[0]}: not an encoder setting emfm writes (it makes timm load weights); "
                         f"remove it")
+    settings = inspect.signature(ENCODERS[family]).parameters
+    if all(p.kind != p.VAR_KEYWORD for p in settings.values()) and (unknown := sorted(set(kwargs) - set(settings))):
+        raise EmfmError(f"model.{unknown[0]} is not a setting of model.family={family}; expected one of "
+                        f"{list(settings)}")
     try:
         return ENCODERS[family](**kwargs)
     except RuntimeError as err:  # timm's message for an unknown model name

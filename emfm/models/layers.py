@@ -104,6 +104,11 @@ def conv_transpose_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     return (nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d)(*args, **kwargs)
 
 
+def max_pool_nd(dims: int, size: Sequence[int]) -> nn.Module:
+    """``nn.MaxPool2d`` or ``nn.MaxPool3d`` pooling non-overlapping cells of ``size`` (one int per axis)."""
+    return (nn.MaxPool2d if dims == 2 else nn.MaxPool3d)(tuple(size))
+
+
 NORMS = ("instance", "group", "batch")
 
 
