@@ -34,10 +34,12 @@ from emfm.paths import remove
 RDF = "rdf.yaml"
 INPUT, OUTPUT = "raw", "probabilities"
 EPS = 1e-6                     # scale_range's epsilon, in the test output too
-CITATIONS = {                  # encoder family -> (text, DOI) of its architecture
+CITATIONS = {                  # encoder family without its "2d" / "3d" -> (text, DOI) of its architecture
     "vit": ("Dosovitskiy et al., An image is worth 16x16 words: Transformers for image recognition at scale, "
             "ICLR 2021", "10.48550/arXiv.2010.11929"),
     "cnn": ("He et al., Deep residual learning for image recognition, CVPR 2016", "10.1109/CVPR.2016.90"),
+    "unet": ("Ronneberger et al., U-Net: Convolutional networks for biomedical image segmentation, MICCAI 2015",
+             "10.1007/978-3-319-24574-4_28"),
 }
 
 
@@ -143,7 +145,7 @@ def describe(files: Path, configs: dict[str, Any], in_shape: Sequence[int],
     encoder, head, kind = configs["encoder"], configs["head"], configs["target"]["kind"]
     axes = [spec.AxisId(a) for a in "zyx"[-(len(in_shape) - 2):]]
     version = spec.Version(torch.__version__.split("+")[0])
-    text, doi = CITATIONS[encoder["family"][:3]]
+    text, doi = CITATIONS[encoder["family"][:-2]]
     return spec.ModelDescr(
         name=f"emfm {encoder['family']} {encoder.get('name', '')} {kind}",
         description=f"{kind} probabilities from an emfm {encoder['family']} encoder and "

@@ -155,6 +155,13 @@ def read_segmenter(path: str | Path, key: str | None = "checkpoint") -> tuple[di
     return hparams, state_dict(state, where)
 
 
+def fine_tuning_data(path: str | Path, key: str | None = "checkpoint") -> dict[str, Any]:
+    """What a fine-tuning checkpoint was trained on, as its data module recorded it (``raw``, ``labels``,
+    ``labeled_slices``, ``val_slices``); ``{}`` where it holds no record."""
+    record = read_checkpoint(path, key).get("LabeledDataModule")
+    return dict(record) if isinstance(record, Mapping) else {}
+
+
 def exported_module(encoder: Encoder) -> nn.Module:
     """What an export's weights file holds: the timm model of a 2-D timm encoder, else the encoder itself."""
     return encoder.timm_model if encoder.timm_model is not None else encoder

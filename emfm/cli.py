@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from emfm.errors import EmfmError, first_line
 from emfm.threads import default_workers, wait_passively
@@ -25,6 +27,7 @@ HYDRA_COMMANDS = {
     "features": "an encoder's dense features over a volume into a zarr store (resumable)",
     "cluster": "cluster dense features into a map on the raw grid, score it against labels, pictures",
 }
+RESUMABLE = ("predict", "features")     # an interrupted run is continued by the same command
 # Lightning's DDP launcher restarts this program for ranks > 0 with the Hydra overrides only;
 # the verb travels in the environment.
 VERB_ENV = "EMFM_HYDRA_VERB"
@@ -43,26 +46,53 @@ config groups, and `emfm pretrain --cfg job` for its composed config.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run ``emfm ARGS``. Ctrl-C ends in one line, and a reader of the output that has gone (``emfm --help |
+    head -1``) ends it quietly; each as the signal ends Unix tools, once the command has cleaned up."""
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            dispatch(args)
+        finally:
+            sys.stdout.flush()              # a reader that has gone is met here, not in Python's exit
+    except BrokenPipeError:
+        die_of(signal.SIGPIPE)
+    except KeyboardInterrupt:
+        if os.environ.get("EMFM_DEBUG"):
+            raise
+        verb = args[0] if args and args[0] in {*HYDRA_COMMANDS, *COMMANDS} else os.environ.get(VERB_ENV, "")
+        resumes = "; the same command continues from the blocks already written" if verb in RESUMABLE else ""
+        print(f"emfm{f' {verb}' if verb else ''}: interrupted{resumes}", file=sys.stderr)
+        die_of(signal.SIGINT)
+
+
+def die_of(signum: int) -> NoReturn:
+    """End as a process the signal killed (status 128 + signum in the shell): a shell script stops at a command
+    that died of SIGINT, where it runs on after one that exited, with 130 or any status."""
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    sys.exit(128 + signum)                  # not reached: the signal ends the process
+
+
+def dispatch(args: list[str]) -> None:
+    """Run the command ``args`` names: a Hydra app, a data verb's flags, or help and version."""
     if not args or args[0] in ("-h", "--help"):
         hydra = "\n".join(f"  {verb:<9} {text} (Hydra overrides)" for verb, text in HYDRA_COMMANDS.items())
         print(USAGE.format(hydra=hydra))
         return
-    if args[0] in ("-V", "--version"):
+    if {"-V", "--version"} & set(args):     # of every command: emfm's, not Hydra's
         from emfm import __version__
 
         print(f"emfm {__version__}")
         return
-    commands: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth, "export": export,
-                                                         "seeds": seeds}
-    if os.environ.get(VERB_ENV) and args[0] not in {*HYDRA_COMMANDS, *commands}:
+    if os.environ.get(VERB_ENV) and args[0] not in {*HYDRA_COMMANDS, *COMMANDS}:
         args = [os.environ[VERB_ENV], *args]
     verb, rest = args[0], args[1:]
     if verb in HYDRA_COMMANDS:
         run_hydra(verb, rest)
-    elif verb in commands:
+    elif verb in COMMANDS:
         with user_errors(verb):
-            commands[verb](rest)
+            COMMANDS[verb](rest)
     else:
         sys.exit(f"emfm: unknown command {verb!r}; run `emfm --help` for the list")
 
@@ -74,7 +104,7 @@ def user_errors(verb: str) -> Iterator[None]:
     try:
         yield
     except (EmfmError, OSError) as err:
-        if os.environ.get("EMFM_DEBUG"):
+        if os.environ.get("EMFM_DEBUG") or isinstance(err, BrokenPipeError):     # the reader of stdout has gone
             raise
         if isinstance(err, OSError):
             where = f"{err.filename}: " if err.filename else ""
@@ -85,7 +115,7 @@ def user_errors(verb: str) -> Iterator[None]:
 
 def run_hydra(verb: str, overrides: list[str]) -> None:
     import hydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -106,8 +136,28 @@ def run_hydra(verb: str, overrides: list[str]) -> None:
     with user_errors(verb):
         try:
             app()
+        except OverrideParseException as err:
+            raise EmfmError(unquoted_hint(err.override, str(err)) or one_line(err)) from None
         except (HydraException, OmegaConfBaseException) as err:
-            raise EmfmError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
+            raise EmfmError(one_line(err)) from None
+
+
+def one_line(err: Exception) -> str:
+    """Hydra's message (the override, a line with a caret under it, a link) on one line."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def unquoted_hint(override: str, message: str) -> str | None:
+    """Hydra's lexer stops at a character it takes only inside quotes (an accented letter or '~' in a path):
+    name it, and show the override with the words that hold one quoted for Hydra."""
+    key, _, value = override.partition("=")
+    plain = re.compile(r"[A-Za-z0-9_/\\\-+.$%*@?|: ]*")    # the characters Hydra reads in an unquoted word
+    words = re.compile(r"[^\[\]{},'\"]+")                  # a list's or dict's words: outside [ ] { } , and quotes
+    odd = [c for word in words.findall(value) for c in word if not plain.fullmatch(c)]
+    if not message.startswith("LexerNoViableAltException") or not odd:
+        return None
+    quoted = words.sub(lambda m: m[0] if plain.fullmatch(m[0]) else f"'{m[0]}'", value)
+    return f"{override}: Hydra reads {odd[0]!r} only inside quotes; write \"{key}={quoted}\""
 
 
 def compute_processes(verb: str, cfg: Any) -> int:
@@ -156,7 +206,7 @@ def synth(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     from emfm.data.synthetic import check_output, make_synthetic_em, save_synthetic
 
-    out = check_output(args.out)
+    out = check_output(args.out, args.overwrite)      # before the volume is generated
     volume = make_synthetic_em(tuple(args.shape), anisotropy=args.anisotropy, seed=args.seed)
     print(f"wrote {save_synthetic(volume, out, overwrite=args.overwrite)}")
 
@@ -205,3 +255,7 @@ def seeds(argv: list[str]) -> None:
                              overwrite=args.overwrite)
     print(f"wrote {out}: train with data.labels={out} data.ignore_label={args.ignore} target=semantic "
           f"target.classes={sorted({v for v in mapping.values() if v})}")
+
+
+# The data verbs (ordinary flags), each a function above.
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth, "export": export, "seeds": seeds}

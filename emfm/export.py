@@ -10,11 +10,13 @@ so the weights also load into ``timm.create_model`` without emfm.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from safetensors.torch import save_file
 
 from emfm.checkpoints import (
@@ -31,7 +33,7 @@ from emfm.checkpoints import (
 )
 from emfm.errors import EmfmError
 from emfm.models.encoders import Encoder
-from emfm.paths import refuse_file, refuse_overlap, remove
+from emfm.paths import refuse_foreign, refuse_overlap, remove
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, *, sample: str | Path | None = None,
@@ -54,11 +56,23 @@ def is_segmenter(checkpoint: str | Path) -> bool:
 
 
 def check_output(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
-    """Refuse an export folder that is or holds the checkpoint, is a file, or exists (unless ``overwrite``)."""
+    """Refuse an export folder that is or holds the checkpoint, holds anything but an earlier export, or is one
+    (unless ``overwrite``)."""
     refuse_overlap("out_dir", out_dir, {"checkpoint": checkpoint})
-    refuse_file("out_dir", out_dir)
-    if out_dir.exists() and not overwrite:
+    if refuse_foreign("out_dir", out_dir, "export", is_export) and not overwrite:
         raise EmfmError(f"{out_dir} exists; pass --overwrite to replace it")
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a folder ``emfm export`` wrote (renamed into place whole): an encoder's ``config.json``
+    in emfm's format, or a bioimage.io package whose network is imported from emfm (its ``rdf.yaml``)."""
+    try:
+        if (path / CONFIG).is_file():
+            return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
+        rdf = yaml.safe_load((path / "rdf.yaml").read_text())
+        return str(rdf["weights"]["pytorch_state_dict"]["architecture"]["import_from"]).startswith("emfm.")
+    except (OSError, ValueError, yaml.YAMLError, LookupError, TypeError, AttributeError):    # not what emfm wrote
+        return False
 
 
 def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -91,11 +105,19 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bo
     partial.mkdir(parents=True)
     tensors = {k: v.contiguous() for k, v in exported_module(encoder).state_dict().items()}
     save_file(tensors, partial / WEIGHTS, metadata={"format": FORMAT})
+    (partial / WEIGHTS).chmod(0o666 & ~umask())     # safetensors writes through a private (0600) temporary file
     (partial / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     (partial / CARD).write_text(model_card(config, encoder))
     remove(out_dir)
     partial.rename(out_dir)
     return out_dir
+
+
+def umask() -> int:
+    """This process's umask: the mode a new file gets is ``0o666 & ~umask()`` (others in a lab may read it)."""
+    mask = os.umask(0o077)          # read by setting it: the most private one meanwhile
+    os.umask(mask)
+    return mask
 
 
 def model_card(config: dict[str, Any], encoder: Encoder) -> str:

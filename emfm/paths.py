@@ -1,10 +1,11 @@
 """Where inputs and outputs are, and the rules every command that deletes or replaces a path follows.
 
 An input is a local path or the URL of a remote store (``http(s)://``, ``s3://``), kept as text:
-pathlib would fold a URL's ``//``. Outputs are local folders. An output that is the input, holds it
+pathlib would fold a URL's ``//``. Outputs are local. An output that is the input, holds it
 (a parent folder) or lies inside it (a store within the input store) would be deleted, replaced or
 mixed into before the input is read, so it is refused before anything is touched, whatever
-``overwrite`` says.
+``overwrite`` says; so is an output path that holds anything but an earlier output of the same
+command, recognised by emfm's own marker in it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from emfm.errors import EmfmError
@@ -70,12 +71,22 @@ def refuse_overlap(key: str, output: str | Path, inputs: Mapping[str, str | Path
                             f"its inputs: choose another {key}")
 
 
-def refuse_file(key: str, output: str | Path) -> None:
-    """An output emfm writes is a folder (a store, an export); a file at its path is someone else's, never
-    replaced, whatever ``overwrite`` says."""
-    if Path(output).is_file():
-        raise EmfmError(f"{key}={output} is a file; emfm writes a folder there and replaces only folders it "
-                        f"wrote: choose another {key}")
+def refuse_foreign(key: str, output: str | Path, what: str, ours: Callable[[Path], bool]) -> bool:
+    """Whether an earlier output of emfm's is at ``output`` (``False``: nothing is there); raise if anything else is.
+
+    ``ours`` recognises the command's own output (``what``) by the marker emfm writes into it (a store's ``emfm``
+    attributes, an export's ``config.json``, ...). Anything else (a user's file or folder, a run directory,
+    another command's output) is never replaced, whatever ``overwrite`` says, and the refusal does not suggest
+    it. The caller replaces its own output only with ``overwrite``.
+    """
+    path = Path(output)
+    if not (path.exists() or path.is_symlink()):
+        return False
+    if not ours(path):
+        thing = "a file" if path.is_file() else "a folder" if path.is_dir() else "a broken link"
+        raise EmfmError(f"{key}={output} is {thing} that is not an emfm {what}; emfm replaces only an earlier "
+                        f"{what} of its own, nothing else: choose another {key}")
+    return True
 
 
 def remove(path: str | Path) -> None:

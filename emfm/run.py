@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from emfm.checkpoints import hyper_parameters, read_checkpoint
 from emfm.errors import EmfmError, first_line
-from emfm.training import compiler_missing
+from emfm.training import LastCheckpoint, check_max_steps, compiler_missing
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,15 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 
 def prepare(cfg: DictConfig,
             module_cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer, str | None]:
-    """Data, module, trainer and the checkpoint to resume from, with every input checked."""
+    """Data, module, trainer and the checkpoint to resume from, with every input checked: before the trainer
+    starts, whose loggers write their files before Lightning sets the data up."""
     # RandomPatches gives each worker its own share of __len__ and its own random stream, which is
     # exactly what this Lightning warning asks for.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    check_max_steps(cfg.trainer.max_steps)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
+    datamodule.setup("fit")              # opens and checks volumes, labels and slices (Lightning's call reuses them)
     module = build(module_cfg, isotropic=datamodule.isotropic)
     checkpoint = resume_checkpoint(cfg.get("resume"), Path(cfg.paths.output_dir), module)
     if cfg.trainer.get("compile"):
@@ -114,20 +117,26 @@ def compile_training(module: Compilable, accelerator: str) -> None:
 
 
 def fit(cfg: DictConfig, module_cfg: DictConfig) -> dict[str, float]:
-    """Train; returns the last logged metrics (empty after a SIGTERM, which saved last.ckpt)."""
+    """Train; returns the last logged metrics (empty after SIGTERM or Ctrl-C, which saved last.ckpt)."""
     run_dir = Path(cfg.paths.output_dir)
     if not cfg.get("resume"):
         refuse_used_run_dir(run_dir)
     datamodule, module, trainer, checkpoint = prepare(cfg, module_cfg)
+    if checkpoint is None:
+        set_aside_failed_start(run_dir)
     record_config(cfg, run_dir)
     try:
         with warnings.catch_warnings():
-            if checkpoint:   # a resumed run writes on into its own checkpoint directory, as it should
+            if checkpoint:   # a resumed run writes on into its own checkpoint directory, as it should, and its
+                # data module continues the patch stream where the checkpoint was saved, mid-epoch or not
                 warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(str(run_dir))}")
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
-    except SIGTERMException:  # SaveOnPreemption wrote last.ckpt and said so
-        log.info("stopped by SIGTERM at step %d; continue with resume=auto", trainer.global_step)
+    except SIGTERMException:  # SIGTERM or a first Ctrl-C: LastCheckpoint saved last.ckpt and said so
         return {}
+    except KeyboardInterrupt:  # Ctrl-C again while stopping for the first (during a step, Lightning's exit 1)
+        log.info("Ctrl-C again: stopped at once; the checkpoints are those saved before")
+        raise SystemExit(1) from None
     except OSError as e:      # a checkpoint, metrics or pictures that cannot be written: a full disk, permissions
         if e.filename and run_dir.resolve() not in Path(e.filename).resolve().parents:
             raise                 # not the run directory's: the CLI names the file
@@ -177,17 +186,34 @@ def cluster(cfg: DictConfig) -> dict[str, Any]:
     return run_cluster(cfg)
 
 
-# What a training run leaves in its directory: one of these means the directory holds a run.
-RUN_OUTPUTS = ("checkpoints/*.ckpt", "csv/metrics.csv", "tensorboard/events.out.tfevents.*")
-
-
 def refuse_used_run_dir(run_dir: Path) -> None:
-    """A new run never starts beside another: it would save last-v1.ckpt and mix its metrics into the
-    older run's, and ``resume=auto`` would then continue the older one."""
-    found = next((path for pattern in RUN_OUTPUTS for path in sorted(run_dir.glob(pattern))), None)
+    """A new run never starts beside another: it would replace the older run's checkpoints and mix its
+    metrics into the older run's. A folder without a checkpoint holds no run (see set_aside_failed_start)."""
+    found = next(iter(sorted(run_dir.glob("checkpoints/*.ckpt"))), None)
     if found is not None:
         raise EmfmError(f"hydra.run.dir={run_dir} already holds a run ({found.relative_to(run_dir)}); continue it "
                         f"with resume=auto, or start a new run in another hydra.run.dir")
+
+
+# What a training run writes besides its checkpoints and log file: its config, loggers and pictures.
+RUN_RECORDS = (".hydra", "csv", "tensorboard", "wandb", "reconstructions", "predictions")
+
+
+@rank_zero_only
+def set_aside_failed_start(run_dir: Path) -> None:
+    """Move what an earlier start in ``run_dir`` recorded into ``run_dir/failed-N`` when it saved no checkpoint
+    (it failed or was killed first): there is no run to continue, and a new run's metrics, events and pictures
+    must not be mixed into those of the failed start, which stay there to be read."""
+    records = [run_dir / name for name in RUN_RECORDS if (run_dir / name).exists()]
+    if not records:
+        return
+    number = 1
+    while (aside := run_dir / f"failed-{number}").exists():
+        number += 1
+    aside.mkdir()
+    for path in records:
+        path.rename(aside / path.name)
+    log.info("%s: an earlier start here saved no checkpoint; its records moved to %s", run_dir, aside)
 
 
 @rank_zero_only
@@ -242,8 +268,9 @@ def report_outputs(run_dir: Path, trainer: pl.Trainer, metrics: dict[str, float]
     checkpoint = trainer.checkpoint_callback
     if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
         lines.append(f"best checkpoint: {checkpoint.best_model_path}")
-    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.last_model_path:
-        lines.append(f"last checkpoint: {checkpoint.last_model_path}")
+    last = next((c.path for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)), None)
+    if last is not None and last.is_file():
+        lines.append(f"last checkpoint: {last}")
     for pattern, label in [("reconstructions", "reconstructions"), ("csv/metrics.csv", "metrics")]:
         if (run_dir / pattern).exists():
             lines.append(f"{label + ':':<17}{run_dir / pattern}")

@@ -1,6 +1,7 @@
-"""Trainer pieces shared by every command: the optimiser and its schedule, atomic checkpoints, a clean
-stop on preemption, metrics appended across resumes, a run stopped when its loss stops being finite,
-the projected time of a CPU run, and compiled training steps."""
+"""Trainer pieces shared by every command: the optimiser and its schedule, atomic checkpoints (the latest
+state and the best, kept when the run's folder moves), a clean stop on preemption or Ctrl-C, metrics
+appended across resumes, a run stopped when its loss stops being finite, the projected time of a CPU
+run, and compiled training steps."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import csv
 import io
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import Any, ParamSpec, TypeVar
 
 import lightning.pytorch as pl
@@ -19,9 +23,11 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
@@ -44,34 +50,133 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        with partial.open("wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with partial.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as err:      # a full disk, a second Ctrl-C: the half-written file goes
+            partial.unlink(missing_ok=True)
+            if cause := os_error(err):      # torch reports a failed write as a RuntimeError around it
+                raise OSError(cause.errno, cause.strerror, str(path)) from err
+            raise
         os.replace(partial, path)
 
 
-class SaveOnPreemption(pl.Callback):
-    """On SIGTERM (SLURM preemption, ``scancel``), save ``last.ckpt`` and let the run end cleanly.
+def os_error(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (itself, or in the chain of exceptions it was raised from or during), if any."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
-    Lightning turns SIGTERM into an exception after the current batch, on every rank at once;
-    this callback writes the checkpoint that ``resume=auto`` continues from.
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (``best-*.ckpt``), continued wherever the run's folder has been moved.
+
+    Its state records its files by the folder they were written in; Lightning ignores the record of
+    another folder, so a moved run would keep its old best file beside new ones and compare against
+    no earlier score. Here the record moves with the folder.
     """
 
-    def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
-        self.path = Path(dirpath) / filename
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key: the record saved by it (runs begun before this class) is this class's own."""
+        return ModelCheckpoint.__qualname__ + super().state_key.removeprefix(type(self).__qualname__)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, here = state_dict.get("dirpath"), self.dirpath
+        if saved and here and saved != here:
+            def moved(path: str) -> str:
+                return str(Path(here, Path(path).name)) if path and Path(path).parent == Path(saved) else path
+
+            keys = [key for key in ("best_model_path", "kth_best_model_path", "last_model_path") if key in state_dict]
+            best = {moved(path): score for path, score in state_dict.get("best_k_models", {}).items()}
+            state_dict = {**state_dict, **{key: moved(state_dict[key]) for key in keys}, "best_k_models": best,
+                          "dirpath": here}
+        super().load_state_dict(state_dict)
+
+
+class LastCheckpoint(Checkpoint):
+    """``last.ckpt``, the run's latest state, which ``resume=auto`` continues from.
+
+    Saved every ``every_n_steps`` steps, after every validation (once the best checkpoint is chosen,
+    so its record in ``last.ckpt`` is current), at the end, and when SIGTERM (SLURM preemption,
+    ``scancel``) or Ctrl-C stops the run, whether or not the monitored metric improved. Lightning
+    stops a run on SIGTERM after the current step, on every rank at once; a first Ctrl-C takes that
+    path, a second one aborts at once and saves nothing (the weights may be half updated). A
+    Lightning ``Checkpoint``, so it runs after ModelCheckpoint.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, filename: str = "last.ckpt") -> None:
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise EmfmError(f"callbacks.last_checkpoint.every_n_steps={every_n_steps}: expected a whole number of "
+                            f"at least 1")
+        self.path, self.every_n_steps = Path(dirpath) / filename, every_n_steps
+        self.saved_step = -1
+        self.stopped_by = "SIGTERM"
+        self.catching_ctrl_c = False
+
+    def save(self, trainer: pl.Trainer) -> None:
+        if not getattr(trainer, "fast_dev_run", False):       # a smoke run (debug=fdr) leaves no checkpoint
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        due = step % self.every_n_steps == 0 or step == trainer.max_steps       # the last step: the end
+        if due and step != self.saved_step:       # once a step under gradient accumulation
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run that ended before trainer.max_steps (trainer.max_epochs). At max_steps the save at the step's end
+        # comes first: Lightning resumes from there exactly, while from here it would log the next steps one on.
+        if trainer.global_step != self.saved_step:
+            self.save(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning's SIGTERM handler is in place by now (not on Windows); an ignored SIGINT stays ignored.
+        if (threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGTERM))
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self.on_ctrl_c)
+            self.catching_ctrl_c = True
+
+    def on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
+        """A first Ctrl-C stops the run as SIGTERM does; the next raises KeyboardInterrupt at once."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.stopped_by = "Ctrl-C"
+        rank_zero_info("Ctrl-C: stopping as on SIGTERM, after this step and with last.ckpt saved (Ctrl-C again "
+                       "aborts at once, saving nothing)")
+        signal.raise_signal(signal.SIGTERM)
+
+    def release_ctrl_c(self) -> None:
+        if self.catching_ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.catching_ctrl_c = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.release_ctrl_c()
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
-            rank_zero_info(f"SIGTERM at step {trainer.global_step}: saved {self.path}; rerun with resume=auto")
+            self.save(trainer)
+            rank_zero_info(f"{self.stopped_by} at step {trainer.global_step}: saved {self.path}; continue with "
+                           f"resume=auto")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.release_ctrl_c()
 
 
 class StopOnNonFinite(pl.Callback):
     """Stop a run whose loss or gradients are no longer finite, before the optimiser writes them into the weights.
 
     The error names the step. Nothing is saved after it (Lightning's ModelCheckpoint does not save
-    on exceptions, :class:`SaveOnPreemption` only on SIGTERM), so ``last.ckpt`` keeps the last good
+    on exceptions, :class:`LastCheckpoint` only on SIGTERM or Ctrl-C), so ``last.ckpt`` keeps the last good
     weights. Every rank takes the same decision, so a DDP run stops as a whole.
     """
 
@@ -254,11 +359,18 @@ def warmup_cosine(step: int, *, warmup: int, total: int, floor: float, frozen: i
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_max_steps(max_steps: Any) -> int:
+    """The run's length: the learning-rate schedule needs it (Lightning's -1, no limit, does not do)."""
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise EmfmError(f"trainer.max_steps={max_steps}: expected a whole number of at least 1 (the learning-rate "
+                        f"schedule needs the run's length)")
+    return max_steps
+
+
 def adamw_warmup_cosine(groups: list[dict[str, Any]], total: int | None, lr: float, betas: Sequence[float],
                         warmup_steps: int, min_lr_ratio: float) -> OptimizerLRSchedulerConfig:
     """Lightning's ``configure_optimizers`` answer: AdamW over ``groups``, stepped per optimiser step."""
-    if total is None or total <= 0:
-        raise EmfmError("trainer.max_steps must be set (> 0): the learning-rate schedule needs it")
+    total = check_max_steps(total)
     factors: list[Callable[[int], float]] = []
     for group in groups:
         group["lr"] = lr * group.pop("lr_scale", 1.0)

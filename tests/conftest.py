@@ -205,6 +205,16 @@ def file_hashes(path: Path) -> dict[str, str]:
     return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
+def refusal(out: subprocess.CompletedProcess) -> str:
+    """The message of a command refused as bad input should be: exit status 2, no traceback, and one line
+    ``emfm VERB: error: MESSAGE``, the last of its output."""
+    verb = out.args[0]
+    errors = [line for line in out.stderr.splitlines() if line.startswith(f"emfm {verb}: error: ")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert len(errors) == 1 and errors[0] == out.stderr.strip().splitlines()[-1], out.stderr[-3000:]
+    return errors[0].removeprefix(f"emfm {verb}: error: ")
+
+
 def overflowing(volume: Path, out: Path) -> Path:
     """``volume`` as intensities in [0, 0.5] with a float32-max sentinel every 16 pixels: finite as stored (reading
     and normalising accept it) but infinite once normalised, so a run on it meets a non-finite loss at once."""

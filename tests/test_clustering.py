@@ -1,6 +1,8 @@
 """emfm cluster / seeds: matching and scores on hand-made cases, exact cluster maps, a real run on synthetic EM."""
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
 from emfm.explore.cluster import Clusterer, clusters_to_labels, upsample_linear
 from emfm.explore.pictures import umap_embedding
 from emfm.predict.blocks import BlockGrid
-from tests.conftest import TINY_FINETUNE, compose_run, file_hashes
+from tests.conftest import TINY_FINETUNE, CommandLine, compose_run, file_hashes, refusal
 
 LABELS = "{{membranes:{v}/labels/membranes,mitochondria:{v}/labels/mitochondria}}"
 
@@ -168,3 +170,48 @@ def test_a_local_run_reads_its_checkpoint_once(synth_zarr: Path, vit_checkpoint:
     monkeypatch.setattr(emfm.checkpoints, "read_checkpoint", lambda *a, **kw: reads.append(a[0]) or read(*a, **kw))
     cluster(tmp_path, vit_checkpoint, synth_zarr, "k=2", "roi=[0:2,0:32,0:32]", "pca=null", "pictures=null")
     assert len(reads) == 1                          # the inputs' check and every feature block share one encoder
+
+
+def test_seeds_that_would_label_nothing_are_refused(synth_zarr: Path, vit_checkpoint: Path, tmp_path: Path,
+                                                    run_cli: CommandLine) -> None:
+    """`emfm seeds --slices 30-40` on a 16-slice map wrote a store of the ignore label alone, on which fine-tuning
+    "trained" at loss 0. Slices outside the map, and clusters without a voxel on the slices asked for, are refused
+    before anything is written."""
+    cluster(tmp_path, vit_checkpoint, synth_zarr, "k=3", "sample=2000", "pca=null", "pictures=null",
+            "roi=[0:16,0:32,0:32]")
+    clusters = tmp_path / "c.zarr"
+    ids = zarr.open_array(str(clusters / "0"), mode="r+")
+    ids[0] = np.where(ids[0] == 0, 1, ids[0])          # cluster 0 holds no voxel on slice 0
+    seeds = ["seeds", str(clusters), "--map", "0=1", "--out"]
+    outside, empty, fine = run_cli([([*seeds, str(tmp_path / "a.zarr"), "--slices", "30-40"], None),
+                                    ([*seeds, str(tmp_path / "b.zarr"), "--slices", "0"], None),
+                                    ([*seeds, str(tmp_path / "s.zarr"), "--slices", "0-1"], None)])
+    assert refusal(outside) == (f"slices {list(range(30, 41))} lie outside the cluster map {clusters}, which covers "
+                                f"slices 0-15")
+    assert refusal(empty) == (f"{clusters}: clusters [0] hold no voxel on slices [0]: every seed label would be the "
+                              f"ignore label 255, nothing to train on; choose other clusters")
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+    assert fine.returncode == 0, fine.stderr[-2000:]
+    labels, second = Volume(tmp_path / "s.zarr").read(), ids[1]
+    assert (labels[0] == 255).all() and (labels[1, :32, :32] == np.where(second == 0, 1, 255)).all()
+
+
+def test_features_of_another_checkpoint_are_refused(synth_zarr: Path, vit_checkpoint: Path,
+                                                    two_step_pretrained: Callable[[str], Path], tmp_path: Path,
+                                                    run_cli: CommandLine) -> None:
+    """`emfm cluster features=` clustered a store computed with another checkpoint than the one given, without a
+    word: both are named. A copy of the store's own checkpoint is the same checkpoint."""
+    store, other = tmp_path / "f.zarr", two_step_pretrained("vit2d")
+    copy = Path(shutil.copy(vit_checkpoint, tmp_path / "copy.ckpt"))
+    region = [f"input={synth_zarr}", "roi=[0:2,0:32,0:32]", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    clusters = [*region, f"features={store}", "k=2", "pca=null", "pictures=null"]
+    made, refused, reused = run_cli([
+        (["features", f"checkpoint={vit_checkpoint}", f"output={store}", *region], None),
+        (["cluster", f"checkpoint={other}", f"output={tmp_path / 'a.zarr'}", *clusters], None),
+        (["cluster", f"checkpoint={copy}", f"output={tmp_path / 'b.zarr'}", *clusters], None)])
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert refusal(refused) == (f"features={store}: computed with checkpoint {vit_checkpoint}, not with "
+                                f"checkpoint={other} (their files differ); give that checkpoint, or leave out "
+                                f"features= to compute this one's")
+    assert not (tmp_path / "a.zarr").exists()
+    assert reused.returncode == 0, reused.stderr[-2000:]

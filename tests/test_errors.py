@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,10 @@ def malformed(base: Path, folder: Path) -> dict[str, tuple[Path, str]]:
         "emfm a string": ({**attrs, "emfm": "image"}, "malformed attributes: emfm is 'image', expected an object"),
         "non-numeric normalisation": ({**attrs, "emfm": {**attrs["emfm"], "normalization": {
             "percentiles": [1.0, 99.5], "values": ["low", "high"]}}}, "attribute emfm.normalization.values is"),
+        "non-numeric scale": ({**attrs, "ome": {**attrs["ome"], "multiscales": [{**ms, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": "big"}]}]}]}},
+            "malformed attributes: multiscales[0].datasets[0].coordinateTransformations scale is 'big', expected 3 "
+            "positive numbers"),
     }
     paths = {}
     for key, (new, message) in broken.items():
@@ -78,9 +83,15 @@ def broken_exports(checkpoint: Path, folder: Path) -> dict[str, Path]:
     return cases
 
 
+# k as typed on the command line, as the message shows it, and the hint: Hydra reads k='3' as text, refused as
+# text is for every whole-number key, with the way to write it.
+BAD_K = [("1", "1", ""), ("a", "'a'", ""), ("null", "null", ""), ("[3]", "[3]", ""), ("2.5", "2.5", ""),
+         ("'3'", "'3'", " (write k=3, unquoted)")]
+
+
 @pytest.fixture(scope="module")
-def results(synth_zarr: Path, vit_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory,
-            run_cli: CommandLine) -> dict:
+def results(synth_zarr: Path, vit_checkpoint: Path, two_step_finetuned: Callable[[str], Path],
+            tmp_path_factory: pytest.TempPathFactory, run_cli: CommandLine) -> dict:
     """Every case of the table, run once: {name: (expected start of the message, completed process)}."""
     tmp = tmp_path_factory.mktemp("errors")
     corrupt, truncated = damaged_tiffs(tmp)
@@ -129,8 +140,19 @@ def results(synth_zarr: Path, vit_checkpoint: Path, tmp_path_factory: pytest.Tem
                                     f"output={tmp}/full_f.zarr: cannot write 0[:, 0:4, 0:12, 0:12] (File too large)"),
         "reversed ROI": (["features", *features, f"output={tmp}/r.zarr", "roi=[5:2,0:96,0:96]"], None,
                          "roi=[5:2,0:96,0:96]: range 5:2 of axis 0 is reversed"),
-        "cluster with a bad k": (["cluster", f"checkpoint={vit_checkpoint}", *cluster, "k=1"], None,
-                                 "k=1: expected at least 2 clusters"),
+        **{f"cluster with k={k}": (["cluster", f"checkpoint={vit_checkpoint}", cluster[0], f"output={tmp}/k{i}.zarr",
+                                     *cluster[2:], f"k={k}"], None,
+                                    f"k={shown}: expected a whole number of at least 2 clusters{hint}")
+           for i, (k, shown, hint) in enumerate(BAD_K)},
+        "missing input": (["features", *features[:1], f"input={tmp}/missing.zarr", f"output={tmp}/mi.zarr",
+                           *features[2:]], None, f"{tmp}/missing.zarr: no such file or folder"),
+        "unquoted non-ASCII path": (["features", *features[:1], f"input={tmp}/données.zarr", f"output={tmp}/u.zarr",
+                                     *features[2:]], None,
+                                    f"input={tmp}/données.zarr: Hydra reads 'é' only inside quotes; "
+                                    f"write \"input='{tmp}/données.zarr'\""),
+        "unquoted '~' in a list": (["pretrain", *pretrain, f"data.volumes=[{synth_zarr},{tmp}/a~b.zarr]"], None,
+                                   f"data.volumes=[{synth_zarr},{tmp}/a~b.zarr]: Hydra reads '~' only inside quotes; "
+                                   f"write \"data.volumes=[{synth_zarr},'{tmp}/a~b.zarr']\""),
         **{f"export folder: {name}": (["cluster", f"checkpoint={path}", *cluster], None, message)
            for name, path, message in [
                ("truncated weights", exports["truncated"],
@@ -143,6 +165,22 @@ def results(synth_zarr: Path, vit_checkpoint: Path, tmp_path_factory: pytest.Tem
                                            *features[2:]], None, f"{path}: {message}")
            for i, (key, (path, message)) in enumerate(malformed(image, tmp).items())},
     }
+    # A zarr v2 input whose one chunk is garbage (every read meets it): the store and the chunk, not zarr's traceback.
+    damaged = write_ome_zarr(pixels, tmp / "damaged.zarr", zarr_format=2)
+    (damaged / "0" / "0" / "0" / "0").write_bytes(b"garbage " * 40)
+    chunk = f"{damaged}: chunk 0/0/0/0 cannot be read (RuntimeError: error during blosc decompression: -1)"
+    table["corrupt chunk to predict"] = (["predict", f"checkpoint={two_step_finetuned('vit2d')}", f"input={damaged}",
+                                          f"output={tmp}/dp.zarr", "progress=false", f"hydra.run.dir={tmp}/dp"], None,
+                                         chunk)
+    table["corrupt chunk to pretrain"] = (["pretrain", *TINY_PRETRAIN, "trainer.max_steps=1",
+                                           f"data.volumes=[{damaged}]", f"hydra.run.dir={tmp}/damaged"], None, chunk)
+    # Labels of the ignore label alone (what `emfm seeds` of absent clusters wrote) trained at loss 0.
+    unlabelled = write_ome_zarr(np.full(pixels.shape, 255, np.uint8), tmp / "unlabelled.zarr", is_label=True)
+    table["labels with no labelled pixel"] = (
+        ["finetune", "model=tiny/vit2d", *TINY_FINETUNE, f"data.raw={image}", f"data.labels={unlabelled}",
+         "data.ignore_label=255", "data.labeled_slices=[0,1]", f"hydra.run.dir={tmp}/unlabelled"], None,
+        f"{unlabelled}: data.labeled_slices [0, 1] hold no labelled pixel, only data.ignore_label=255; nothing to "
+        f"train on")
     # An ingest killed midway left <out>.tmp-<pid> (its process is gone); another name is someone else's.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, kept = tmp / f"out.zarr.tmp-{int(dead.stdout)}", tmp / f"out.zarr.tmp-{os.getpid()}x"
@@ -157,12 +195,14 @@ NAMES = ["corrupt TIFF data", "truncated TIFF", "output folder not creatable", "
          "export of a non-dict", "export --overwrite onto a file", "predict without arguments",
          "predict with a non-dict", "init= a non-dict", "data.batch_size=0", "data.volumes without brackets",
          "run dir not creatable", "overwrite=true onto a file", "features output not creatable",
-         "features on a full disk", "reversed ROI", "cluster with a bad k",
+         "features on a full disk", "reversed ROI", *(f"cluster with k={k}" for k, _, _ in BAD_K), "missing input",
+         "unquoted non-ASCII path", "unquoted '~' in a list", "corrupt chunk to predict", "corrupt chunk to pretrain",
+         "labels with no labelled pixel",
          *(f"export folder: {name}" for name in ("truncated weights", "pickled weights", "bad config.json",
                                                  "checkpoint_path in config.json")),
          *(f"malformed attribute {key}" for key in ("multiscales a string", "multiscales a list of strings",
                                                     "ome a string", "axes without name", "emfm a string",
-                                                    "non-numeric normalisation"))]
+                                                    "non-numeric normalisation", "non-numeric scale"))]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -175,11 +215,12 @@ def test_a_bad_input_is_one_line_naming_it(results: dict, name: str) -> None:
     assert errors[0].startswith(f"emfm {verb}: error: {message}"), errors[0]
 
 
-def test_nothing_is_left_by_a_refused_cluster_run(results: dict) -> None:
-    """k is checked before the output is created, so the corrected rerun is not blocked by an empty map."""
-    _, out = results["cluster with a bad k"]
+@pytest.mark.parametrize("k", [k for k, _, _ in BAD_K])
+def test_nothing_is_left_by_a_refused_cluster_run(results: dict, k: str) -> None:
+    """k is checked before the output is created, so the corrected rerun is not blocked by a half-made map."""
+    _, out = results[f"cluster with k={k}"]
     output = next(arg.split("=", 1)[1] for arg in out.args if arg.startswith("output="))
-    assert not Path(output).exists()
+    assert out.returncode == 2 and not Path(output).exists()
 
 
 def test_an_ingest_killed_midway_leaves_no_temporary_for_long(results: dict) -> None:

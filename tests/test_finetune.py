@@ -25,7 +25,7 @@ from emfm.errors import EmfmError
 from emfm.export import export_encoder
 from emfm.finetune.callbacks import panels
 from emfm.finetune.segmentation import load_segmenter
-from tests.conftest import TINY_FINETUNE, overflowing, pretrained, tiny
+from tests.conftest import TINY_FINETUNE, CommandLine, overflowing, pretrained, tiny
 
 LABELS = {"membrane": "membranes", "boundary": "instances", "affinity": "instances", "semantic": "membranes",
           "foreground": "instances"}
@@ -423,3 +423,19 @@ def test_init_names_the_keys_a_public_file_lacks_or_adds(compose_config, synth_z
     with pytest.raises(EmfmError, match=r"\(MoCo v2 layout .*\): the weights do not fit the ResNet \(missing: "
                                         r"layer1.0.conv1.weight; unexpected: extra.weight\)"):
         run.build(cfg.module)
+
+
+def test_evaluating_a_checkpoints_own_training_slices_warns(synth_zarr: Path, two_step_finetuned: Callable[[str], Path],
+                                                           tmp_path: Path, run_cli: CommandLine) -> None:
+    """`emfm evaluate` scored the slices a checkpoint was trained on as if they were held out: a one-line warning
+    names them (the checkpoint records its data); held-out slices are scored without it."""
+    checkpoint = two_step_finetuned("vit2d")                           # trained on slices 0-3
+    evaluate = ["evaluate", f"checkpoint={checkpoint}", f"raw={synth_zarr}", f"labels={synth_zarr}/labels/membranes",
+                "thresholds=[0.5]"]
+    seen, held_out = run_cli([([*evaluate, "slices=2-5", f"hydra.run.dir={tmp_path / 'a'}"], None),
+                              ([*evaluate, "slices=12-13", f"hydra.run.dir={tmp_path / 'b'}"], None)])
+    assert seen.returncode == 0 and held_out.returncode == 0, (seen.stderr[-2000:], held_out.stderr[-2000:])
+    said = [line for line in (seen.stdout + seen.stderr).splitlines() if "training slices" in line]
+    assert said == [f"slices [2, 3] of {synth_zarr} are training slices of checkpoint={checkpoint} (its "
+                    f"data.labeled_slices): their scores are optimistic; score held-out slices"]
+    assert "training slices" not in held_out.stdout + held_out.stderr

@@ -14,8 +14,10 @@ from PIL import Image
 from emfm.data import sources as sources_mod
 from emfm.data.ingest import ingest, write_ome_zarr
 from emfm.data.sources import open_source
+from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
+from tests.conftest import refusal
 
 
 def _rand(shape, dtype=np.uint8, seed=0) -> np.ndarray:
@@ -383,3 +385,25 @@ def test_voxel_size_in_micrometres_is_written_in_micrometres(tmp_path):
     assert v.units == ("micrometer",) * 3 and v.voxel_size == pytest.approx((0.04, 0.008, 0.008))
     with pytest.raises(EmfmError, match=r"unit 'micrometer' applies to a given voxel size"):
         ingest(tmp_path / "um.npy", tmp_path / "other.zarr", unit="micrometer", progress=False)
+
+
+@pytest.mark.parametrize("cut", [0.2, 0.5, 0.9])
+def test_a_tiff_stack_cut_short_is_refused_with_the_pages_found(tmp_path, run_cli, cut):
+    """An interrupted copy of a 16-slice stack was ingested as one slice (tifffile reads the pages it finds), and with
+    --voxel-size the error blamed the voxel size. The ImageJ stack `emfm synth` writes declares 16 pages; a stack
+    without metadata says so only by its chain of page headers, which runs past the end."""
+    whole = {"imagej": save_synthetic(make_synthetic_em((16, 64, 64), seed=0), tmp_path / "synth.tif"),
+             "plain": tmp_path / "plain.tif"}
+    tifffile.imwrite(whole["plain"], _rand((16, 64, 64)), metadata=None)
+    cases, expected = [], []
+    for name, path in whole.items():
+        short = tmp_path / f"{name}_cut.tif"
+        short.write_bytes(path.read_bytes()[:int(cut * path.stat().st_size)])
+        found = "1 of 16 pages found" if name == "imagej" else "1 whole page found, the rest lies past its end"
+        for flags in ([], ["--voxel-size", "50", "4", "4"]):
+            cases.append((["ingest", str(short), "--out", str(tmp_path / f"{name}{len(flags)}.zarr"), *flags], None))
+            expected.append(f"{short}: truncated at {short.stat().st_size} bytes: {found} (an interrupted copy or "
+                            f"download?)")
+    for out, message in zip(run_cli(cases), expected):
+        assert refusal(out) == message
+        assert not Path(out.args[3]).exists()

@@ -1,15 +1,18 @@
 """Outputs open as meant: every store emfm writes is valid OME-Zarr in both formats, in the input's units, with
-pyramids and label colours where asked; and no job writes into its input."""
+pyramids and label colours where asked; no job writes into its input; overwrite replaces only emfm's own output."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 import zarr
 from ome_zarr_models import open_ome_zarr
 from ome_zarr_models.v04 import Image as Image04
@@ -18,6 +21,7 @@ from ome_zarr_models.v05 import Image as Image05
 from ome_zarr_models.v05 import ImageLabel as ImageLabel05
 
 from emfm.data.ingest import write_ome_zarr
+from emfm.data.synthetic import make_synthetic_em
 from emfm.data.volume import Volume
 from emfm.explore.cluster import clusters_to_labels
 from emfm.explore.pictures import palette
@@ -179,3 +183,130 @@ def test_units_other_tools_write_are_given_their_ngff_names(caplog: pytest.LogCa
     attrs = image_attrs("x", "zyx", ["µm", "nm", "furlong"], plan, [0.0] * 3, 3, is_label=False)
     assert [a.get("unit") for a in attrs["ome"]["multiscales"][0]["axes"]] == ["micrometer", "nanometer", None]
     assert "unit 'furlong' is not an OME-Zarr space unit" in caplog.text
+
+
+# Overwrite replaces only what emfm wrote. The user's things each command is aimed at, in a folder nothing else
+# writes into: a notes file, folders of documents, a TIFF stack (no emfm marker, as synth TIFFs before they had
+# one), a zarr store another tool wrote (no emfm attributes) and a fine-tuning run (its checkpoints).
+MINE = {"notes": "notes.txt", "docs": "docs", "docs.zarr": "docs.zarr", "tiff": "stack.tif", "store": "other.zarr",
+        "run": "run"}
+AIMS = {"ingest": ["notes", "docs", "store"], "synth": ["tiff", "docs.zarr"], "export": ["notes", "docs", "run"],
+        "predict": ["notes", "docs", "store"], "features": ["notes", "docs"], "cluster": ["notes", "docs"]}
+
+
+def own_things(mine: Path, run: Path) -> None:
+    """The user's things of MINE in ``mine``; ``run``: a fine-tuning run to copy."""
+    for docs in (mine / MINE["docs"], mine / MINE["docs.zarr"]):
+        (docs / "sub").mkdir(parents=True)
+        (docs / "letter.txt").write_text("dear reviewer\n")
+        (docs / "sub" / "table.csv").write_text("a,b\n1,2\n")
+    (mine / MINE["notes"]).write_text("my notes: not emfm's to delete\n")
+    tifffile.imwrite(mine / MINE["tiff"], np.arange(4 * 32 * 32, dtype=np.uint16).reshape(4, 32, 32), imagej=True)
+    zarr.create_array(str(mine / MINE["store"]), shape=(4, 8), chunks=(2, 8), dtype="uint8")[:] = 7
+    shutil.copytree(run, mine / MINE["run"])
+
+
+@pytest.fixture(scope="module")
+def refused(synth_zarr: Path, two_step_pretrained: Callable[[str], Path], two_step_finetuned: Callable[[str], Path],
+            tmp_path_factory: pytest.TempPathFactory, run_cli: CommandLine) -> dict[str, tuple]:
+    """Each command with --overwrite / overwrite=true aimed at each of the user's things of AIMS, run once:
+    {"VERB onto THING": (the output's key, the path, what the command writes, its files' hashes before, process)}."""
+    tmp = tmp_path_factory.mktemp("foreign")
+    segmenter, encoder = two_step_finetuned("vit2d"), two_step_pretrained("vit2d")
+    own_things(tmp / "mine", segmenter.parent.parent)
+    npy = tmp / "pixels.npy"
+    np.save(npy, np.zeros((4, 32, 32), dtype=np.uint8))
+    hydra = [f"hydra.run.dir={tmp / 'hydra'}", "progress=false", "roi=[0:1,:,:]", "overwrite=true"]
+    commands: dict[str, tuple[str, str, Callable[[str], list[str]]]] = {
+        "ingest": ("output", "image or label store", lambda p: ["ingest", str(npy), "--out", p, "--overwrite"]),
+        "synth": ("output", "synthetic TIFF", lambda p: ["synth", "--out", p, "--shape", "4", "32", "32",
+                                                         "--overwrite"]),
+        "export": ("out_dir", "export", lambda p: ["export", str(encoder), p, "--overwrite"]),
+        "predict": ("output", "prediction", lambda p: ["predict", f"checkpoint={segmenter}", f"input={synth_zarr}",
+                                                       f"output={p}", *hydra]),
+        "features": ("output", "feature store", lambda p: ["features", f"checkpoint={encoder}", f"input={synth_zarr}",
+                                                           f"output={p}", *hydra]),
+        "cluster": ("report", "cluster report", lambda p: ["cluster", f"checkpoint={encoder}", f"input={synth_zarr}",
+                                                           f"output={tmp / 'clusters.zarr'}", f"report={p}", "k=2",
+                                                           "pictures=null", *hydra]),
+    }
+    cases = {f"{verb} onto {thing}": (verb, tmp / "mine" / MINE[thing]) for verb, things in AIMS.items()
+             for thing in things}
+    before = {name: file_hashes(path) for name, (_, path) in cases.items()}
+    done = run_cli([(commands[verb][2](str(path)), None) for verb, path in cases.values()])
+    assert not (tmp / "clusters.zarr").exists()           # refused before anything was written
+    whats = {name: "image or label store" if path.suffix == ".zarr" and verb == "synth" else commands[verb][1]
+             for name, (verb, path) in cases.items()}      # synth writes by suffix
+    return {name: (commands[verb][0], str(path), whats[name], before[name], out)
+            for (name, (verb, path)), out in zip(cases.items(), done)}
+
+
+@pytest.mark.parametrize("name", [f"{verb} onto {thing}" for verb, things in AIMS.items() for thing in things])
+def test_overwrite_never_replaces_what_emfm_did_not_write(refused: dict, name: str) -> None:
+    key, path, what, before, out = refused[name]
+    verb = out.args[0]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    [line] = [line for line in out.stderr.splitlines() if line.startswith(f"emfm {verb}: error: ")]
+    assert line == out.stderr.strip().splitlines()[-1], out.stderr[-3000:]
+    thing = "a file" if Path(path).is_file() else "a folder"
+    assert line == (f"emfm {verb}: error: {key}={path} is {thing} that is not an emfm {what}; emfm replaces only an "
+                    f"earlier {what} of its own, nothing else: choose another {key}"), line
+    assert "overwrite" not in line.replace(path, "")       # never advised for something that is not emfm's
+    assert file_hashes(Path(path)) == before               # every file byte for byte, none added
+
+
+def test_overwrite_replaces_emfm_s_own_earlier_output(synth_zarr: Path, two_step_pretrained: Callable[[str], Path],
+                                                     two_step_finetuned: Callable[[str], Path], tmp_path: Path,
+                                                     run_cli: CommandLine) -> None:
+    segmenter, encoder = two_step_finetuned("vit2d"), two_step_pretrained("vit2d")
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(a, np.zeros((4, 32, 32), dtype=np.uint8))
+    np.save(b, np.full((4, 32, 32), 9, dtype=np.uint8))
+    hydra = [f"hydra.run.dir={tmp_path / 'hydra'}", "progress=false"]
+    synth = ["synth", "--shape", "4", "32", "32"]
+    predict = ["predict", f"checkpoint={segmenter}", f"input={synth_zarr}", f"output={tmp_path / 'p.zarr'}", *hydra]
+    features = ["features", f"checkpoint={encoder}", f"input={synth_zarr}", f"output={tmp_path / 'f.zarr'}", *hydra]
+    cluster = ["cluster", f"checkpoint={encoder}", f"input={synth_zarr}", f"report={tmp_path / 'r.json'}", "k=2",
+               "roi=[0:1,:,:]", "pictures=null", *hydra]
+    [full] = run_cli([(features, 20_000)])          # a full disk: an unfinished feature store is left
+    assert full.returncode == 2 and not zarr.open_group(str(tmp_path / "f.zarr"), mode="r").attrs["emfm"]["complete"]
+    cases = [   # (argv, exit status): emfm's own output is refused without overwrite, replaced with it
+        (["ingest", str(a), "--out", str(tmp_path / "i.zarr")], 0),
+        (["ingest", str(b), "--out", str(tmp_path / "i.zarr")], 2),
+        (["ingest", str(b), "--out", str(tmp_path / "i.zarr"), "--overwrite"], 0),
+        ([*synth, "--out", str(tmp_path / "s.tif")], 0),
+        ([*synth, "--out", str(tmp_path / "s.tif"), "--seed", "1"], 2),
+        ([*synth, "--out", str(tmp_path / "s.tif"), "--seed", "1", "--overwrite"], 0),
+        ([*synth, "--out", str(tmp_path / "s.zarr")], 0),
+        ([*synth, "--out", str(tmp_path / "s.zarr"), "--seed", "1", "--overwrite"], 0),
+        (["export", str(encoder), str(tmp_path / "e")], 0),
+        (["export", str(encoder), str(tmp_path / "e")], 2),
+        (["export", str(encoder), str(tmp_path / "e"), "--overwrite"], 0),
+        (["export", str(segmenter), str(tmp_path / "pkg")], 0),                    # a bioimage.io package,
+        (["export", str(encoder), str(tmp_path / "pkg"), "--overwrite"], 0),       # replaced by an encoder
+        ([*predict, "roi=[0:1,:,:]"], 0),
+        ([*predict, "roi=[0:2,:,:]", "overwrite=true"], 0),
+        ([*features, "roi=[0:1,:,:]", "overwrite=true"], 0),
+        ([*cluster, f"output={tmp_path / 'c.zarr'}"], 0),
+        ([*cluster, f"output={tmp_path / 'c.zarr'}"], 0),                         # a rerun rewrites its report
+        ([*cluster, f"output={tmp_path / 'c2.zarr'}"], 2),
+        ([*cluster, f"output={tmp_path / 'c2.zarr'}", "overwrite=true"], 0),
+    ]
+    done = run_cli([(argv, None) for argv, _ in cases])
+    for (argv, code), out in zip(cases, done):
+        assert out.returncode == code and "Traceback" not in out.stderr, (argv, out.stderr[-3000:])
+    assert [out.stderr.strip().splitlines()[-1] for (_, code), out in zip(cases, done) if code] == [
+        f"emfm ingest: error: {tmp_path / 'i.zarr'} exists; pass --overwrite",
+        f"emfm synth: error: {tmp_path / 's.tif'} exists; pass --overwrite",
+        f"emfm export: error: {tmp_path / 'e'} exists; pass --overwrite to replace it",
+        f"emfm cluster: error: report={tmp_path / 'r.json'} holds the report of another cluster map "
+        f"({tmp_path / 'c.zarr'}); choose another report or set overwrite=true"]
+    replaced = make_synthetic_em((4, 32, 32), seed=1).raw
+    assert (Volume(tmp_path / "i.zarr").read() == 9).all()
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "s.tif"), replaced)
+    np.testing.assert_array_equal(Volume(tmp_path / "s.zarr").read(), replaced)
+    assert {p.name for p in (tmp_path / "pkg").iterdir()} == {"encoder.safetensors", "config.json", "README.md"}
+    assert zarr.open_array(str(tmp_path / "p.zarr" / "0"), mode="r").shape[1] == 2
+    assert zarr.open_group(str(tmp_path / "f.zarr"), mode="r").attrs["emfm"]["features"]["roi"] == [[0, 1], [0, 96],
+                                                                                                     [0, 96]]
+    assert json.loads((tmp_path / "r.json").read_text())["output"] == str(tmp_path / "c2.zarr")

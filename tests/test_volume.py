@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from emfm.data import volume as volume_mod
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from tests.conftest import file_hashes, tiny
+from tests.conftest import TINY_PRETRAIN, file_hashes, refusal, tiny
 
 
 def _rand(shape, dtype=np.uint16, seed=0) -> np.ndarray:
@@ -80,7 +83,7 @@ def test_ome_channel_axis(tmp_path, fmt):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(EmfmError, match="no zarr array or OME-Zarr image found"):
+    with pytest.raises(EmfmError, match=f"{tmp_path}/missing.zarr: no such file or folder"):
         Volume(tmp_path / "missing.zarr")
     zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
     with pytest.raises(EmfmError, match="no zarr array or OME-Zarr image found"):
@@ -204,3 +207,56 @@ def test_pickle_after_read_is_small_and_reopens(tmp_path):
     w = pickle.loads(blob)
     assert w._array is None and w.shape == v.shape and w.voxel_size == v.voxel_size
     np.testing.assert_array_equal(w.read(), v.read())
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_absent_chunks_are_looked_for_where_the_store_should_hold_them(tmp_path, caplog, fmt):
+    """zarr reads an absent chunk as the fill value, and writers (zarr by default, emfm before ingest marked its
+    stores) leave out the chunks that hold only it: a lost chunk looks the same. Ingest writes and marks every
+    chunk, so there an absent one was lost; of another tool's store nobody can say, so a read warns, once; a store
+    emfm wrote without the mark is read as it is."""
+    a = np.zeros((16, 32, 32), np.uint16)
+    a[:8] = _rand((8, 32, 32))
+    chunk = "1/0/0" if fmt == 2 else "c/1/0/0"                        # slices 8-15: zeros only
+    first, plain = ("0.0.0", "1.0.0") if fmt == 2 else ("c/0/0/0", chunk)   # zarr's own v2 keys have dots
+    ingested = write_ome_zarr(a, tmp_path / "i.zarr", chunks=(8, 32, 32), levels=1, zarr_format=fmt)
+    assert (ingested / "0" / chunk).is_file()                        # the chunk of zeros is stored too
+    other = tmp_path / "other.zarr"
+    _plain(other, a, fmt, chunks=(8, 32, 32))
+    assert (other / first).is_file() and not (other / plain).exists()   # zarr leaves the zeros out
+    unmarked = Path(shutil.copytree(ingested, tmp_path / "unmarked.zarr"))
+    group = zarr.open_group(str(unmarked), mode="r+")
+    group.attrs["emfm"] = {k: v for k, v in group.attrs["emfm"].items() if k != "every_chunk"}
+    for store in (unmarked, ingested):
+        (store / "0" / chunk).unlink()
+    caplog.set_level("WARNING", logger="emfm.data.volume")
+    for path, policy in [(unmarked, "warn"), (other, "warn"), (other, "warn"), (other, "fill")]:
+        np.testing.assert_array_equal(Volume(path, missing_chunks=policy).read(), a)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{other}: 1 chunk of region [:] is missing from the store (e.g. {plain}); read as the fill value 0: an "
+        f"incomplete copy? (said once; missing_chunks=error refuses such reads, missing_chunks=fill reads them "
+        f"silently)"]
+    with pytest.raises(EmfmError, match=rf"i\.zarr: 1 chunk of region \[8:16\] is missing from the store \(e\.g\. "
+                                        rf"0/{chunk}\): an incomplete copy\? Copy the store again, or set "
+                                        rf"missing_chunks=warn to read absent chunks as the fill value 0$"):
+        Volume(ingested, missing_chunks="error").read((slice(8, 16),))
+    with pytest.raises(EmfmError, match=r"missing_chunks=skip: expected warn \(.*\), error \(.*\) or fill"):
+        Volume(ingested, missing_chunks="skip")
+
+
+def test_a_chunk_lost_from_a_store_is_said_once_in_a_run_or_refused(tmp_path, run_cli):
+    """The user's case: a zarr v2 store (ingest --zarr-format 2) copied without one of its chunks trained on zeros
+    without a word. Pretraining on it says so once, naming the store and a chunk; missing_chunks=error refuses it.
+    The store is left as it was."""
+    store = write_ome_zarr(_rand((16, 64, 64)), tmp_path / "raw.zarr", chunks=(8, 64, 64), levels=1, zarr_format=2)
+    (store / "0" / "1" / "0" / "0").unlink()
+    before = file_hashes(store)
+    pretrain = ["pretrain", *TINY_PRETRAIN, f"data.volumes=[{store}]", "trainer.max_steps=2", "logger=none"]
+    warned, refused = run_cli([([*pretrain, f"hydra.run.dir={tmp_path / 'a'}"], None),
+                               ([*pretrain, "missing_chunks=error", f"hydra.run.dir={tmp_path / 'b'}"], None)])
+    assert warned.returncode == 0, warned.stderr[-3000:]
+    said = [line for line in (warned.stdout + warned.stderr).splitlines() if "missing from the store" in line]
+    region = r"1 chunk of region \[[0-9:, ]+\] is missing from the store \(e\.g\. 0/1/0/0\)"
+    assert len(said) == 1 and re.search(rf"{re.escape(str(store))}: {region}; read as the fill value 0", said[0])
+    assert re.fullmatch(rf"{re.escape(str(store))}: {region}: an incomplete copy\? .*", refusal(refused))
+    assert file_hashes(store) == before

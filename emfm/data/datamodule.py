@@ -51,6 +51,7 @@ class PatchDataModule(pl.LightningDataModule):
         val_patches: size of the fixed validation set.
         min_std, min_foreground, pad_value: blank-patch filter, see :class:`PatchSampler`.
         seed: base seed of the patch streams.
+        missing_chunks: what reading a chunk absent from a store does (:data:`~emfm.data.volume.MISSING_CHUNKS`).
     """
 
     def __init__(
@@ -67,12 +68,14 @@ class PatchDataModule(pl.LightningDataModule):
         min_foreground: float = 0.5,
         pad_value: float | None = 0,
         seed: int = 0,
+        missing_chunks: str = "warn",
     ) -> None:
         super().__init__()
         check_positive(batch_size=batch_size, patches_per_epoch=patches_per_epoch, val_patches=val_patches)
         if num_workers is not None and num_workers < 0:
             raise EmfmError(f"data.num_workers={num_workers}: expected 0 (load in the training process) or more")
         self.volume_paths, self.level = volume_list(volumes, "data.volumes"), level
+        self.missing_chunks = missing_chunks
         self.patch_shape, self.weights = list(patch_shape), weights
         self.batch_size, self.seed = batch_size, seed
         self.num_workers = default_workers() if num_workers is None else num_workers
@@ -88,7 +91,7 @@ class PatchDataModule(pl.LightningDataModule):
     def patches(self) -> PatchSampler:
         """The patch sampler over the volumes, opened and checked on first use."""
         if self.sampler is None:
-            volumes = [Volume(path, level=self.level) for path in self.volume_paths]
+            volumes = [Volume(path, self.level, self.missing_chunks) for path in self.volume_paths]
             sampler = PatchSampler(volumes, self.patch_shape, self.weights, min_std=self.min_std,
                                    min_foreground=self.min_foreground, pad_value=self.pad_value)
             sampler.check(self.seed)

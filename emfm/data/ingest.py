@@ -29,11 +29,12 @@ from emfm.data.ngff import (
     image_attrs,
     labels_attrs,
     pyramid_plan,
+    read_attrs,
 )
 from emfm.data.sources import Source, open_source, source_path
 from emfm.data.volume import store_normalization
 from emfm.errors import EmfmError, first_line
-from emfm.paths import refuse_overlap, remove
+from emfm.paths import refuse_foreign, refuse_overlap, remove
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,11 @@ def _prepare_slab(slab: np.ndarray, start: int, name: str, is_label: bool, dtype
 def _image_attrs(fmt: int, title: str, axes: str, unit: str | None, plan: list[Level], is_label: bool, source: str,
                  under_image: bool) -> dict:
     """A label image (``--labels``, ``--mask``, or one of ``labels``) carries ``image-label``: viewers open it as
-    labels; one under an image's ``labels`` group names that image as its source."""
+    labels; one under an image's ``labels`` group names that image as its source. ``every_chunk``: the store holds
+    every chunk, zeros too, so a reader knows an absent one was lost (``Volume``'s ``missing_chunks``)."""
     label = ({"source": {"image": "../../"}} if under_image else {}) if is_label else None
     attrs = image_attrs(title, axes, [unit] * len(axes), plan, [0.0] * len(axes), fmt, is_label=is_label, label=label)
-    return {**attrs, "emfm": {"source": source, "kind": "labels" if is_label else "image"}}
+    return {**attrs, "emfm": {"source": source, "kind": "labels" if is_label else "image", "every_chunk": True}}
 
 
 def _read_slab(src: Any, a: int, b: int, name: str) -> np.ndarray:
@@ -84,7 +86,8 @@ def _write_image(group: Any, title: str, src: Any, name: str, plan: list[Level],
                  unit: str | None, is_label: bool, fmt: int, bar: Any, under_image: bool = False) -> None:
     """Level 0 from the source in chunk-aligned slabs, then each level from the zarr level above."""
     dtype = _out_dtype(np.dtype(src.dtype), is_label, name)
-    arrays = [create_array(group, str(i), lv.shape, chunks, dtype, axes) for i, lv in enumerate(plan)]
+    arrays = [create_array(group, str(i), lv.shape, chunks, dtype, axes, every_chunk=True)
+              for i, lv in enumerate(plan)]
     full = plan[0].shape
     for a in range(0, full[0], arrays[0].chunks[0]):
         b = min(a + arrays[0].chunks[0], full[0])
@@ -164,6 +167,12 @@ def _clean_stale(out: Path) -> None:
             remove(path)
 
 
+def is_image_store(path: Path) -> bool:
+    """Whether ``path`` is an image or label store this module wrote (``emfm ingest``, ``synth``, ``seeds``):
+    every version marked it in its attributes, and it appears only whole (renamed into place)."""
+    return read_attrs(path).get("kind") in ("image", "labels")
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished temp store to OUT; an old OUT is moved aside first and restored on failure."""
     old = None
@@ -209,7 +218,7 @@ def write_ome_zarr(source: Any, out: str | Path, *, axes: str | None = None,
         raise EmfmError(f"levels {levels!r}: expected a positive integer")
     chunks = _check_chunks(chunks, shape)
     label_srcs = _check_labels(labels, shape)
-    if (out.exists() or out.is_symlink()) and not overwrite:
+    if refuse_foreign("output", out, "image or label store", is_image_store) and not overwrite:
         raise EmfmError(f"{out} exists; pass --overwrite")
     plan = pyramid_plan(shape, vs, levels)
     if levels is not None and len(plan) < levels:
@@ -267,7 +276,8 @@ def ingest(path: str | Path, out: str | Path, *, voxel_size: Sequence[float] | N
         if voxel_size is None:
             voxel_size = src.voxel_size
             if voxel_size is None:
-                log.warning("%s: no voxel size given or found in metadata; using 1.0 nm, pass voxel_size", path)
+                log.warning("%s: no voxel size given or found in metadata; using 1.0 nm, pass --voxel-size %s", path,
+                            " ".join(axes.upper()))
             else:
                 log.info("%s: voxel size %s nm from file metadata", path, voxel_size)
         return write_ome_zarr(src, out, axes=axes, voxel_size=voxel_size, unit=unit, chunks=chunks, is_label=is_label,

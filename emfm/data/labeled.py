@@ -65,10 +65,12 @@ class LabeledVolume:
         raw, labels: zarr / OME-Zarr paths; 2-D images count as one slice.
         ignore_label: label value meaning "not labeled".
         level: multiscale level to read.
+        missing_chunks: what reading a chunk absent from a store does (:data:`~emfm.data.volume.MISSING_CHUNKS`).
     """
 
-    def __init__(self, raw: str | Path, labels: str | Path, ignore_label: int | None = None, level: int = 0) -> None:
-        self.raw, self.labels = Volume(raw, level=level), Volume(labels, level=level)
+    def __init__(self, raw: str | Path, labels: str | Path, ignore_label: int | None = None, level: int = 0,
+                 missing_chunks: str = "warn") -> None:
+        self.raw, self.labels = Volume(raw, level, missing_chunks), Volume(labels, level, missing_chunks)
         if self.raw.shape != self.labels.shape:
             raise EmfmError(f"{self.labels.path} has shape {list(self.labels.shape)}, but the raw volume "
                             f"{self.raw.path} has {list(self.raw.shape)}; labels must cover the raw voxel grid")
@@ -195,11 +197,12 @@ class LabeledDataModule(PatchDataModule):
         min_foreground: float = 0.5,
         pad_value: float | None = 0,
         seed: int = 0,
+        missing_chunks: str = "warn",
     ) -> None:
         super().__init__([raw, *volume_list(unlabeled, "data.unlabeled")], patch_shape, level=level,
                          batch_size=batch_size, num_workers=num_workers,
                          patches_per_epoch=patches_per_epoch, min_std=min_std, min_foreground=min_foreground,
-                         pad_value=pad_value, seed=seed)
+                         pad_value=pad_value, seed=seed, missing_chunks=missing_chunks)
         self.raw_path, self.label_path, self.ignore_label = raw, labels, ignore_label
         self.slice_spec, self.labeled_fraction, self.val_spec = labeled_slices, labeled_fraction, val_slices
         self.unlabeled_batch_size = unlabeled_batch_size
@@ -212,7 +215,7 @@ class LabeledDataModule(PatchDataModule):
         """The raw and label volumes, opened and checked with the slices on first use."""
         if self.data is not None:
             return self.data
-        raw = Volume(self.raw_path, level=self.level)
+        raw = Volume(self.raw_path, self.level, self.missing_chunks)
         depth = raw.shape[0] if raw.ndim == 3 else 1
         val = parse_slices(self.val_spec, depth, "data.val_slices")
         labeled = parse_slices(self.slice_spec, depth, "data.labeled_slices")
@@ -225,7 +228,7 @@ class LabeledDataModule(PatchDataModule):
             raise EmfmError(f"slices {overlap} are both in data.labeled_slices and data.val_slices; "
                             f"validation must use held-out slices")
         self.labeled, self.val = labeled, val
-        data = LabeledVolume(self.raw_path, self.label_path, self.ignore_label, self.level)
+        data = LabeledVolume(self.raw_path, self.label_path, self.ignore_label, self.level, self.missing_chunks)
         if len(self.patch_shape) == 3 and self.patch_shape[0] > depth:
             raise EmfmError(f"data.patch_shape {self.patch_shape} is deeper than {self.raw_path} ({depth} slices)")
         if any(p > s for p, s in zip(self.patch_shape[-2:], raw.shape[-2:])):
@@ -240,6 +243,9 @@ class LabeledDataModule(PatchDataModule):
         data = self.volume()
         rest = [slice(0, s) for s in data.raw.shape[-2:]]
         per_slice = {z: {int(v) for v in np.unique(data.read(slice(z, z + 1), rest, [z])[1])} for z in self.labeled}
+        if all(values == {IGNORE} for values in per_slice.values()):     # the loss would be 0 from the first step
+            raise EmfmError(f"{self.label_path}: data.labeled_slices {self.labeled} hold no labelled pixel, only "
+                            f"data.ignore_label={self.ignore_label}; nothing to train on")
         if empty := [z for z, values in per_slice.items() if values == {0}]:
             log.warning("%s: labeled slices %s hold only background (0); if they are not annotated, leave them "
                         "out of data.labeled_slices or mark them with data.ignore_label", self.label_path, empty)

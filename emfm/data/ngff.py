@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
@@ -91,15 +92,21 @@ def build_pyramid(arrays: Sequence[Any], plan: list[Level], is_label: bool, chan
 
 
 def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any,
-                 axes: str) -> zarr.Array:
-    """A zero-filled, zstd-compressed array in the group's zarr format, its chunks clipped to its shape."""
+                 axes: str, every_chunk: bool = False) -> zarr.Array:
+    """A zero-filled, zstd-compressed array in the group's zarr format, its chunks clipped to its shape.
+
+    ``every_chunk``: writes through the returned array store chunks of zeros too (zarr leaves them out), so that
+    a reader can tell a chunk lost from the store from an empty one.
+    """
     ch = tuple(min(c, s) for c, s in zip(chunks, shape))
     if group.metadata.zarr_format == 3:
         return group.create_array(name, shape=shape, chunks=ch, dtype=dtype, fill_value=0,
-                                  compressors=ZstdCodec(level=3), dimension_names=tuple(axes))
+                                  compressors=ZstdCodec(level=3), dimension_names=tuple(axes),
+                                  config={"write_empty_chunks": every_chunk})
     return group.create_array(name, shape=shape, chunks=ch, dtype=dtype, fill_value=0,
                               compressors=Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE),
-                              chunk_key_encoding={"name": "v2", "separator": "/"})
+                              chunk_key_encoding={"name": "v2", "separator": "/"},
+                              config={"write_empty_chunks": every_chunk})
 
 
 def image_attrs(name: str, axes: str, units: Sequence[str | None], plan: list[Level], origin: Sequence[float],
@@ -161,3 +168,13 @@ def set_label_colors(group: zarr.Group, colors: Mapping[int, Sequence[float]]) -
     ome: dict[str, Any] = attrs["ome"] if group.metadata.zarr_format == 3 else attrs
     ome["image-label"] = {**ome["image-label"], "colors": label_colors(colors)}
     group.attrs.update(attrs)
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """The ``emfm`` attributes of the store at ``path``: what it holds (``kind``) and how it was made; ``{}`` if it
+    is none (or they are malformed). Every store emfm writes carries them: they mark it as emfm's."""
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs).get("emfm")
+    except (OSError, ValueError):      # not a zarr group: zarr's errors derive from these
+        return {}
+    return attrs if isinstance(attrs, dict) else {}

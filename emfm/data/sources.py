@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,7 +155,16 @@ def _imagej_voxel_size(tif: Any) -> tuple[float, float, float] | None:
     (xn, xd), (yn, yd) = tags["XResolution"].value, tags["YResolution"].value
     if not (xn and yn):
         return None
-    return (float(ij.get("spacing", 0.0)) * scale, scale * yd / yn, scale * xd / xn)
+    [spacing] = _numbers(ij.get("spacing", 0.0), f"{tif.filehandle.path}: ImageJ metadata spacing")
+    return (spacing * scale, scale * yd / yn, scale * xd / xn)
+
+
+def _numbers(values: Any, where: str) -> list[float]:
+    """A voxel size from a file's metadata as numbers; anything else is refused, never taken for 1."""
+    try:
+        return [float(v) for v in np.ravel(values)]
+    except (TypeError, ValueError):
+        raise EmfmError(f"{where} is {values!r}: expected the voxel size as numbers") from None
 
 
 def _open_tiff(path: Path) -> Source:
@@ -162,13 +172,12 @@ def _open_tiff(path: Path) -> Source:
     try:
         with _quiet("tifffile"):     # its warnings on a damaged file would precede our one-line error
             tif = tifffile.TiffFile(path)
-            end = _truncated_at(tif)
+            cut = _cut_short(tif)
     except Exception as e:
         raise EmfmError(f"{path}: cannot read as TIFF ({first_line(e)})") from None
-    if end:
+    if cut:
         tif.close()
-        raise EmfmError(f"{path}: truncated: the file has {path.stat().st_size} bytes, its pages need {end} "
-                        f"(an interrupted copy or download?)")
+        raise EmfmError(f"{path}: truncated at {path.stat().st_size} bytes: {cut} (an interrupted copy or download?)")
     try:
         lead, plane_shape, dtype = _tiff_layout(tif, str(path))
     except EmfmError:
@@ -210,15 +219,37 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _truncated_at(tif: Any) -> int | None:
-    """The bytes a TIFF's pages need if the file is shorter (cut short), else None."""
+def _cut_short(tif: Any) -> str | None:
+    """How a TIFF is cut short, else None: the chain of page headers (IFDs) or the pages' data run past the end of
+    the file, or it has fewer pages than its metadata (ImageJ, OME, tifffile's shape) declares. tifffile reads
+    such a file without a word as the pages it finds, a 16-slice stack as one image."""
     size, series = tif.filehandle.size, tif.series[0]
-    ends = [o + c for page in tif.pages if page is not None
-            for o, c in zip(getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ()))]
-    if series.dataoffset is not None:       # one contiguous block (ImageJ hyperstacks, tifffile's shaped files)
-        ends.append(series.dataoffset + series.nbytes)
-    end = max(ends, default=0)
-    return end if end > size else None
+    pages = [page for page in tif.pages if page is not None]        # the whole chain, to where it ends or breaks
+    whole = sum(all(o + c <= size for o, c in zip(page.dataoffsets, page.databytecounts)) for page in pages)
+    planes = math.prod(n for n, axis in zip(series.shape, series.axes) if axis not in "YXS")
+    from_pages = series.kind in ("generic", "uniform")      # tifffile's series of the pages found, not of metadata
+    declared = max(0 if from_pages else planes, int((tif.imagej_metadata or {}).get("images", 0)))
+    # One block of data may hold many planes behind one page header (ImageJ hyperstacks, tifffile's shaped files).
+    contiguous = series.dataoffset is not None
+    if not (whole < len(pages) or _next_page(tif, pages[-1]) != 0
+            or (contiguous and series.dataoffset + series.nbytes > size)
+            or (not contiguous and len(pages) < declared)):
+        return None
+    if declared > whole:
+        return f"{whole} of {declared} pages found"
+    return f"{whole} whole page{'s' if whole != 1 else ''} found, the rest lies past its end"
+
+
+def _next_page(tif: Any, page: Any) -> int:
+    """Where the page header after ``page``'s starts, as the file says (0: none, the last page; -1: cut off)."""
+    fh, tiff = tif.filehandle, tif.tiff
+    try:
+        fh.seek(page.offset)
+        tags = struct.unpack(tiff.tagnoformat, fh.read(tiff.tagnosize))[0]
+        fh.seek(page.offset + tiff.tagnosize + tags * tiff.tagsize)
+        return int(struct.unpack(tiff.offsetformat, fh.read(tiff.offsetsize))[0])
+    except struct.error:
+        return -1
 
 
 def _slice_header(f: Path) -> tuple[tuple[int, int], np.dtype]:
@@ -286,10 +317,14 @@ def _open_h5(file: Path, key: str | None) -> Source:
         raise EmfmError(f"{file}: no dataset {key!r}; give 'file.h5:/path', datasets: "
                         f"{', '.join(names[:20]) or 'none'}")
     vs = None
-    if "element_size_um" in ds.attrs:   # Fiji / ilastik convention, zyx in micrometres
-        vs = [1e3 * float(v) for v in np.ravel(ds.attrs["element_size_um"])]
-    elif "resolution" in ds.attrs:      # CREMI convention, zyx in nm
-        vs = [float(v) for v in np.ravel(ds.attrs["resolution"])]
+    try:
+        if "element_size_um" in ds.attrs:   # Fiji / ilastik convention, zyx in micrometres
+            vs = [1e3 * v for v in _numbers(ds.attrs["element_size_um"], f"{file}:{ds.name} attribute element_size_um")]
+        elif "resolution" in ds.attrs:      # CREMI convention, zyx in nm
+            vs = _numbers(ds.attrs["resolution"], f"{file}:{ds.name} attribute resolution")
+    except EmfmError:
+        h5.close()
+        raise
     return _array_source(f"{file}:{ds.name}", ds, vs, handle=h5)
 
 

@@ -20,8 +20,9 @@ import tifffile
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from emfm.data.ingest import write_ome_zarr
+from emfm.data.ingest import is_image_store, write_ome_zarr
 from emfm.errors import EmfmError
+from emfm.paths import refuse_foreign
 
 # Intensities before texture, blur, noise and contrast stretch (EM convention: membranes dark).
 _CYTOPLASM = 0.68
@@ -31,6 +32,7 @@ _MITO_DARK = 0.16  # outer membrane and cristae
 _VESICLE_SHELL = 0.15
 _XY_NM = 8.0  # nominal lateral voxel size
 _MIN_CELL_VOXELS = 20  # smaller slivers (at volume corners) become membrane
+SOFTWARE = "emfm synth"  # the Software tag of the TIFFs written here: what marks them as emfm's
 
 _Box = tuple[slice, slice, slice]
 
@@ -274,26 +276,39 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip((image - low) * (255 / max(high - low, 1e-6)), 0, 255).astype(np.uint8)
 
 
-def check_output(out: str | Path) -> Path:
-    """The output path of :func:`save_synthetic`, checked before anything is generated: it writes by suffix."""
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """The output path of :func:`save_synthetic`, checked before anything is generated: it writes by suffix, and
+    replaces only an earlier output of its own, with ``overwrite``."""
     out = Path(out)
     if out.suffix.lower() not in (".zarr", ".tif", ".tiff"):
         raise EmfmError(f"--out {out}: expected a .zarr path (OME-Zarr with the labels) or a .tif one (raw only)")
+    what, ours = ("image or label store", is_image_store) if out.suffix.lower() == ".zarr" else \
+        ("synthetic TIFF", is_synthetic_tiff)
+    if refuse_foreign("output", out, what, ours) and not overwrite:
+        raise EmfmError(f"{out} exists; pass --overwrite")
     return out
+
+
+def is_synthetic_tiff(path: Path) -> bool:
+    """Whether ``path`` is a TIFF this module wrote: its Software tag says so (older ones carry none; they are
+    left alone like any other TIFF)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tif.pages.first.software == SOFTWARE
+    except (OSError, ValueError):      # a folder, not a TIFF (tifffile's errors are ValueErrors)
+        return False
 
 
 def save_synthetic(volume: SyntheticEM, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write a synthetic volume: ``.zarr`` as OME-Zarr with its ground truth under ``labels/``,
     ``.tif`` as a multi-page ImageJ TIFF of the raw data only (the kind of file users ingest)."""
-    out = check_output(out)
+    out = check_output(out, overwrite)
     if out.suffix.lower() in (".tif", ".tiff"):
-        if out.exists() and not overwrite:
-            raise EmfmError(f"{out} exists; pass --overwrite")
         z, y, x = volume.voxel_size
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(f".{out.name}.partial")
         tifffile.imwrite(partial, volume.raw, imagej=True, resolution=(1 / x, 1 / y),
-                         metadata={"spacing": z, "unit": "nm", "axes": "ZYX"})
+                         metadata={"spacing": z, "unit": "nm", "axes": "ZYX"}, software=SOFTWARE)
         return partial.replace(out)
     labels = {"membranes": volume.membranes, "mitochondria": volume.mitochondria,
               "instances": volume.instances}

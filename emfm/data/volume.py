@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from emfm.errors import EmfmError, first_line
 from emfm.paths import URL_SCHEMES, cache_dir, is_url, join, location, resolved
@@ -33,6 +37,18 @@ NORM_SAMPLE_VOXELS = 2_000_000   # upper bound (in whole chunks) on what is read
 NORM_SEED = 0                    # fixed: the same volume always gets the same normalisation
 SPATIAL = "zyx"
 METADATA_FILES = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+# What a read does where chunks are absent from a store (zarr reads them as the fill value): a store that holds
+# every chunk lost them (an interrupted copy), but many writers leave out the chunks that hold only the fill value.
+MISSING_CHUNKS = ("warn", "error", "fill")
+_REPORTED: set[str] = set()      # the arrays whose absent chunks this process has warned about
+
+
+def check_missing_chunks(value: Any, key: str = "missing_chunks") -> str:
+    """``value`` as one of MISSING_CHUNKS, or a one-line error naming ``key``."""
+    if value not in MISSING_CHUNKS:
+        raise EmfmError(f"{key}={value}: expected warn (read absent chunks as the fill value, saying so once), "
+                        f"error (refuse them) or fill (read them so without a word)")
+    return str(value)
 
 
 def storage_options(url: str) -> dict[str, Any]:
@@ -46,12 +62,30 @@ def storage_options(url: str) -> dict[str, Any]:
     return {}
 
 
+class _Misses(WrapperStore[Store]):
+    """A store that counts the keys zarr asked for and did not find: a read's absent chunks (which zarr reads as
+    the fill value) are known without asking the store again."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.count, self.last = 0, ""
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        found = await self._store.get(key, prototype, byte_range)
+        if found is None:
+            self.count, self.last = self.count + 1, key
+        return found
+
+
 def _open_node(path: str | Path, array: bool = False) -> Any:
-    """The zarr group or array at a local path or URL (``array``: an array only), read-only."""
+    """The zarr group or array at a local path or URL (``array``: an array only), read-only, through a store
+    that counts the chunks it does not find (:class:`_Misses`)."""
     opener = zarr.open_array if array else zarr.open
     if not is_url(str(path)):
+        if not Path(path).exists():
+            raise EmfmError(f"{path}: no such file or folder")       # as `emfm ingest` says it
         try:
-            return opener(str(path), mode="r")
+            return opener(store=_Misses(LocalStore(path, read_only=True)), mode="r")
         except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
             raise EmfmError(f"{path}: no zarr array or OME-Zarr image found") from None
     url = str(path)
@@ -61,7 +95,7 @@ def _open_node(path: str | Path, array: bool = False) -> Any:
                         f"stores and local paths")
     try:
         _probe(url)
-        return opener(url, mode="r", storage_options=storage_options(url))
+        return opener(store=_Misses(FsspecStore.from_url(url, storage_options(url), read_only=True)), mode="r")
     except ImportError as e:
         raise EmfmError(f"{url}: reading {scheme}:// stores needs {e.name or 'fsspec'}: "
                         f"pip install 'emfm[remote]'") from None
@@ -115,21 +149,29 @@ def _axes(value: Any, path: str | Path) -> tuple[list[str], list[str | None], li
 
 
 def _scale(transforms: Any, n: int, path: str | Path, key: str) -> list[float]:
-    """The scale of a list of OME coordinate transformations (1 per axis if it has none)."""
+    """The scale of a list of OME coordinate transformations (1 per axis if it has none); a scale that is not
+    one positive number per axis is refused, never read as 1."""
     for t in _objects(transforms, path, key):
-        scale = t.get("scale")
-        if t.get("type") == "scale" and isinstance(scale, list) and len(scale) == n:
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in scale):
+        if t.get("type") == "scale":
+            scale = t.get("scale")
+            if not (isinstance(scale, list) and len(scale) == n and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in scale)):
                 raise _malformed(path, f"{key} scale", scale, f"{n} positive numbers")
             return [float(v) for v in scale]
     return [1.0] * n
 
 
 class Volume:
-    """Lazy reader of one EM volume in zarr (v2, v3, OME-Zarr 0.4/0.5, any multiscale level)."""
+    """Lazy reader of one EM volume in zarr (v2, v3, OME-Zarr 0.4/0.5, any multiscale level).
 
-    def __init__(self, path: str | Path, level: int = 0) -> None:
+    ``missing_chunks`` (MISSING_CHUNKS): what a read does where chunks are absent. Stores emfm wrote leave out
+    chunks that hold only the fill value, as zarr does by default, so theirs are not looked at, except where
+    ``emfm ingest`` marked its store as holding every chunk.
+    """
+
+    def __init__(self, path: str | Path, level: int = 0, missing_chunks: str = "warn") -> None:
         self.path, self.level = location(path), int(level)
+        self.missing_chunks = check_missing_chunks(missing_chunks)
         node = _open_node(self.path)
         attrs = dict(node.attrs)
         ome = _mapping(attrs.get("ome"), self.path, "ome")
@@ -185,6 +227,7 @@ class Volume:
         self.units = tuple(units[i] for i in self._keep)     # of the spatial axes; None where the input names none
         self.levels = len(self._level_paths)
         self.is_label = emfm.get("kind") == "labels" or "image-label" in attrs or "image-label" in ome
+        self._checks_chunks = missing_chunks != "fill" and (not emfm or emfm.get("every_chunk") is True)
         self._norm: tuple[float, float] | None = None
         self._array: Any = node   # dropped when pickled or forked; reopened lazily
         self._pid = os.getpid()
@@ -213,19 +256,64 @@ class Volume:
         return tuple(key)
 
     def _read_raw(self, region: Any) -> np.ndarray:
+        arr = self._arr
+        misses = cast(_Misses, arr.store)
+        before = misses.count
         try:
-            return np.asarray(self._arr[self._key(region)])
+            data = np.asarray(arr[self._key(region)])
+        except (IndexError, EmfmError):
+            raise
         except Exception as e:
-            if isinstance(e, (IndexError, EmfmError)) or not isinstance(self.path, str):
-                raise
-            # a remote store: the connection, not the data, failed
-            raise EmfmError(f"{self.path}: cannot read region {region} ({type(e).__name__}: {first_line(e)})") from None
+            raise self._unreadable(region, e) from None
+        if self._checks_chunks and misses.count > before:
+            self._absent(region, misses.count - before, misses.last)
+        return data
+
+    def _chunk_name(self, key: str) -> str:
+        """A chunk's key in the array as a path in the store (``0/1/1/1``: level ``0``, chunk ``1/1/1``)."""
+        level = str(self._level_paths[self.level])[len(str(self.path)):].strip("/")
+        return f"{level}/{key}" if level else key
+
+    def _unreadable(self, region: Any, error: Exception) -> EmfmError:
+        """The one-line error of a failed read. On disk it names the first chunk of ``region`` that fails on its
+        own (looked for only now: reads that succeed pay nothing); from a remote store, where the connection may
+        be what failed, the region."""
+        arr = self._arr
+        if not isinstance(self.path, str):
+            spans = []
+            for k, n, c in zip(self._key(region), arr.shape, arr.chunks):
+                start, stop, _ = k.indices(n) if isinstance(k, slice) else (int(k) % n, int(k) % n + 1, 1)
+                spans.append(range(start // c, -(-stop // c)))
+            for block in itertools.product(*spans):
+                try:
+                    arr.get_block_selection(block)
+                except Exception as e:
+                    chunk = self._chunk_name(arr.metadata.encode_chunk_key(block))
+                    return EmfmError(f"{self.path}: chunk {chunk} cannot be read ({type(e).__name__}: "
+                                     f"{first_line(e)}): a damaged or incomplete copy? Copy the store again")
+        return EmfmError(f"{self.path}: cannot read region {_span(region)} ({type(error).__name__}: "
+                         f"{first_line(error)})")
+
+    def _absent(self, region: Any, count: int, key: str) -> None:
+        """Chunks of ``region`` absent from a store that should hold them all: refused (missing_chunks=error) or
+        said once per array and process."""
+        where = (f"{self.path}: {count} chunk{'s' if count > 1 else ''} of region {_span(region)} "
+                 f"{'are' if count > 1 else 'is'} missing from the store (e.g. {self._chunk_name(key)})")
+        fill = self._arr.fill_value
+        if self.missing_chunks == "error":
+            raise EmfmError(f"{where}: an incomplete copy? Copy the store again, or set missing_chunks=warn to read "
+                            f"absent chunks as the fill value {fill}")
+        array = str(self._level_paths[self.level])
+        if array not in _REPORTED:
+            _REPORTED.add(array)
+            log.warning("%s; read as the fill value %s: an incomplete copy? (said once; missing_chunks=error "
+                        "refuses such reads, missing_chunks=fill reads them silently)", where, fill)
 
     def read(self, region: tuple[slice | int, ...] = ()) -> np.ndarray:
         """Numpy array of `region` (slices over the spatial axes), native dtype; NaN/Inf refused."""
         data = self._read_raw(region)
         if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise EmfmError(f"{self.path}: NaN/Inf values in region {region}")
+            raise EmfmError(f"{self.path}: NaN/Inf values in region {_span(region)}")
         return data
 
     __getitem__ = read
@@ -305,6 +393,14 @@ def _members(group: Any) -> list[str] | None:
         return None
 
 
+def _span(region: Any) -> str:
+    """A region as a user writes one: ``[0:8, 32:64, 5]`` (``[:]``: all of it)."""
+    parts = region if isinstance(region, tuple) else (region,)
+    text = [f"{'' if r.start is None else r.start}:{'' if r.stop is None else r.stop}" if isinstance(r, slice)
+            else str(r) for r in parts]
+    return f"[{', '.join(text) or ':'}]"
+
+
 def _default_names(ndim: int) -> list[str]:
     return [f"dim{i}" for i in range(max(ndim - 3, 0))] + list(SPATIAL[-min(ndim, 3):])
 
@@ -313,7 +409,7 @@ def compute_normalization(vol: Volume) -> tuple[float, float]:
     """Percentiles of a seeded random sample of whole chunks from a coarse-but-not-tiny level: cheap, stable."""
     pick = vol
     for k in reversed(range(vol.levels)):
-        cand = vol if k == vol.level else Volume(vol.path, k)
+        cand = vol if k == vol.level else Volume(vol.path, k, vol.missing_chunks)
         if math.prod(cand.shape) >= NORM_MIN_VOXELS or k == 0:
             pick = cand
             break

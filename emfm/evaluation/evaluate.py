@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from emfm.checkpoints import fine_tuning_data
 from emfm.data.labeled import IGNORE, HeldOutSlices, LabeledVolume, parse_slices
 from emfm.errors import EmfmError
 from emfm.evaluation.metrics import instance_scores, rand_scores, voi
@@ -34,10 +35,11 @@ from emfm.finetune.instances import (
     size_filter,
 )
 from emfm.finetune.segmentation import SegmentationModule, load_segmenter, overlap_counts
+from emfm.paths import resolved
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # down to 0.02: gappy membranes cut best low
 SEEDING = "components"  # the seeds of ``emfm predict``'s instances (emfm/predict/stitch.py)
 
 
@@ -133,11 +135,14 @@ def evaluate_slices(module: SegmentationModule, data: LabeledVolume, slices: Seq
 def evaluate(cfg: Any) -> dict[str, Any]:
     """The ``emfm evaluate`` command: writes ``report.json`` and ``report.csv`` to ``cfg.output_dir``."""
     module = load_segmenter(cfg.checkpoint)
-    data = LabeledVolume(cfg.raw, cfg.labels, cfg.get("ignore_label"))
+    data = LabeledVolume(cfg.raw, cfg.labels, cfg.get("ignore_label"), missing_chunks=cfg.missing_chunks)
     tune = parse_slices(cfg.tune_slices, data.depth, "tune_slices")
     slices = parse_slices(cfg.slices, data.depth, "slices") or [z for z in range(data.depth) if z not in tune]
     if overlap := sorted(set(tune) & set(slices)):
         raise EmfmError(f"tune_slices {overlap} are also scored (slices): choose the threshold on other slices")
+    if trained := training_slices(cfg.checkpoint, cfg.raw, slices):
+        log.warning("slices %s of %s are training slices of checkpoint=%s (its data.labeled_slices): their scores "
+                    "are optimistic; score held-out slices", trained, cfg.raw, cfg.checkpoint)
     result = evaluate_slices(module, data, slices, tune, list(cfg.thresholds), cfg.min_size, cfg.seeding)
     report = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "raw": str(cfg.raw), "labels": str(cfg.labels),
               "slices": slices, "target": dict(module.hparams["target"]), **result["report"]}
@@ -146,6 +151,15 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         log.info("instances at threshold %g (chosen on %s): emfm predict ... instances=true threshold=%g",
                  report["threshold"], report["threshold_chosen_on"], report["threshold"])
     return report
+
+
+def training_slices(checkpoint: str, raw: str, slices: Sequence[int]) -> list[int]:
+    """Which of ``slices`` of ``raw`` the fine-tuning ``checkpoint`` was trained on, by its record of its data."""
+    trained = fine_tuning_data(checkpoint)
+    labeled = trained.get("labeled_slices")
+    if trained.get("raw") != resolved(raw) or not isinstance(labeled, list):
+        return []
+    return sorted(set(slices) & set(labeled))
 
 
 def write_report(report: Mapping[str, Any], out_dir: Path) -> None:

@@ -27,7 +27,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from emfm.checkpoints import load_encoder
-from emfm.data.ngff import check_zarr_format, image_attrs, label_colors, set_label_colors
+from emfm.data.ngff import check_zarr_format, image_attrs, label_colors, read_attrs, set_label_colors
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
@@ -42,9 +42,9 @@ from emfm.explore.features import (
     stored_pca,
 )
 from emfm.models.encoders import Encoder
-from emfm.paths import local_output, refuse_overlap, remove
+from emfm.paths import local_output, refuse_foreign, refuse_overlap, remove
 from emfm.predict.blocks import BlockGrid, Executor, parse_roi
-from emfm.predict.store import add_attrs, create_array, finish, placement, read_attrs, write
+from emfm.predict.store import add_attrs, create_array, finish, placement, write
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ METHODS = ("kmeans", "gmm")
 BACKENDS = ("sklearn", "minibatch", "faiss")
 CLUSTERS, BASELINE = "0", "intensity_baseline"
 HALO = 12   # voxels of context for the baseline's local statistics (3 sigma)
+REPORT_KEYS = ("input", "output", "features", "k", "method", "cluster_fraction")   # in every report emfm wrote
 
 
 class Clusterer:
@@ -62,8 +63,11 @@ class Clusterer:
             raise EmfmError(f"method={method}: expected one of {', '.join(METHODS)}")
         if backend not in BACKENDS:
             raise EmfmError(f"backend={backend}: expected one of {', '.join(BACKENDS)}")
-        if k < 2:
-            raise EmfmError(f"k={k}: expected at least 2 clusters")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:   # Hydra passes k=2.5, k=a as typed
+            # Quoted ('3'), a number is text to Hydra: refused like any key's, with the way to write it.
+            unquote = f" (write k={k.strip()}, unquoted)" if isinstance(k, str) and k.strip().isdigit() else ""
+            raise EmfmError(f"k={'null' if k is None else repr(k)}: expected a whole number of at least 2 "
+                            f"clusters{unquote}")
         self.method, self.k, self.backend, self.seed = method, k, backend, seed
         self.centers: np.ndarray | None = None
         self.gmm: Any = None
@@ -146,12 +150,13 @@ class Labels:
     """Ground truth classes over the raw grid: one integer class volume, or named binary masks
     (class i + 1 where mask i is set; later masks win)."""
 
-    def __init__(self, spec: str | Mapping[str, str], shape: tuple[int, ...], ignore: int | None = None) -> None:
+    def __init__(self, spec: str | Mapping[str, str], shape: tuple[int, ...], ignore: int | None = None,
+                 missing_chunks: str = "warn") -> None:
         if isinstance(spec, Mapping):
-            self.volumes = [Volume(p) for p in spec.values()]
+            self.volumes = [Volume(p, missing_chunks=missing_chunks) for p in spec.values()]
             self.names = {0: "background", **{i + 1: str(n) for i, n in enumerate(spec)}}
         else:
-            self.volumes = [Volume(spec)]
+            self.volumes = [Volume(spec, missing_chunks=missing_chunks)]
             self.names = {int(k): str(v) for k, v in (read_attrs(spec).get("classes") or {}).items()}
         for volume in self.volumes:
             if volume.shape != shape:
@@ -275,9 +280,10 @@ def plan(request: ClusterRequest) -> Plan:
         raise EmfmError(f"k={request.k} is larger than sample={request.sample}: the clustering is fitted on that "
                         f"many feature vectors; lower k or raise sample")
     output = str(local_output("output", request.output))
-    volume = Volume(request.input, request.level)
+    volume = Volume(request.input, request.level, request.missing_chunks)
     roi = parse_roi(request.roi, volume.shape)
-    labels = Labels(request.labels, volume.shape, request.ignore_label) if request.labels else None
+    labels = Labels(request.labels, volume.shape, request.ignore_label, request.missing_chunks) if request.labels \
+        else None
     store = request.store
     settings = {"input": str(volume.path), "input_shape": list(volume.shape), "roi": [[r.start, r.stop] for r in roi],
                 "k": request.k, "method": request.method, "backend": request.backend, "seed": request.seed,
@@ -290,8 +296,9 @@ def plan(request: ClusterRequest) -> Plan:
               "features store": None if store == f"{output}/features" else store}
     if request.report:
         refuse_overlap("report", request.report, inputs)
+        check_report(request.report, output, request.overwrite)
     if request.features:                             # a given store is checked first
-        check_store(store, volume, roi)
+        check_store(store, volume, roi, request.checkpoint)
     encoder = None if request.features else load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
     return Plan(volume, roi, labels, clusterer, settings, inputs, encoder)
 
@@ -431,6 +438,24 @@ def report_run(request: ClusterRequest, run: Plan, fitted: Fit, root: zarr.Group
     return report
 
 
+def read_report(path: Path) -> dict[str, Any]:
+    """The cluster report at ``path``; ``{}`` if it is none (a JSON object with the keys every report had)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):       # a folder, not text, not JSON
+        return {}
+    return report if isinstance(report, dict) and all(key in report for key in REPORT_KEYS) else {}
+
+
+def check_report(path: str, output: str, overwrite: bool) -> None:
+    """A report is written over only an earlier one of emfm's: of this cluster map (a rerun), or with overwrite."""
+    if refuse_foreign("report", path, "cluster report", lambda p: bool(read_report(p))) and not overwrite:
+        previous = str(read_report(Path(path))["output"])
+        if Path(previous).resolve() != Path(output):
+            raise EmfmError(f"report={path} holds the report of another cluster map ({previous}); choose another "
+                            f"report or set overwrite=true")
+
+
 def write_report(report: Mapping[str, Any], path: str) -> None:
     """JSON written to a temporary file and moved into place (never half a report)."""
     target = Path(path)
@@ -486,7 +511,22 @@ class SeedLabels:
         self.slices = None if slices is None else set(slices)
         if self.slices is not None and len(self.shape) != 3:
             raise EmfmError(f"{clusters}: slices apply to 3-D cluster maps only")
+        first = self.roi[0]
+        if outside := sorted(z for z in self.slices or () if not first.start <= z < first.stop):
+            raise EmfmError(f"slices {outside} lie outside the cluster map {clusters}, which covers slices "
+                            f"{first.start}-{first.stop - 1}")
         self.dtype, self.voxel_size, self.name = np.dtype(np.uint8), self.map.voxel_size, f"seeds of {clusters}"
+        if not self.labels_any():
+            where = f" on slices {sorted(self.slices)}" if self.slices is not None else ""
+            raise EmfmError(f"{clusters}: clusters {sorted(mapping)} hold no voxel{where}: every seed label would be "
+                            f"the ignore label {ignore}, nothing to train on; choose other clusters")
+
+    def labels_any(self) -> bool:
+        """Whether any voxel becomes a class, read until the first one is found (at once, unless there is none)."""
+        n, step = self.shape[0], self.map.chunks[0]
+        slabs = ([(z, z + 1) for z in sorted(self.slices)] if self.slices is not None
+                 else [(a, min(a + step, n)) for a in range(0, n, step)])
+        return any((self[a:b] != self.ignore).any() for a, b in slabs)
 
     def __getitem__(self, key: slice) -> np.ndarray:
         a, b = key.start, key.stop

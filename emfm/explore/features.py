@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from emfm.checkpoints import load_encoder
-from emfm.data.ngff import ZarrFormat, check_zarr_format, image_attrs
+from emfm.data.ngff import ZarrFormat, check_zarr_format, image_attrs, read_attrs
 from emfm.data.volume import SPATIAL, Volume
 from emfm.errors import EmfmError
 from emfm.inference import covering_tiles, sliding_window
@@ -34,6 +34,7 @@ from emfm.predict.blocks import Block, BlockGrid, Executor, executor_client, par
 from emfm.predict.store import (
     Progress,
     add_attrs,
+    checkpoint_digest,
     checkpoint_stamp,
     claim,
     create,
@@ -41,7 +42,6 @@ from emfm.predict.store import (
     fingerprint,
     finish,
     placement,
-    read_attrs,
     unchanged_checkpoint,
     write,
 )
@@ -71,6 +71,7 @@ class FeatureRequest:
     seed: int = 0
     zarr_format: int = 3          # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
     threads: int | None = None    # torch threads of a local run
+    missing_chunks: str = "warn"  # chunks absent from the input: warn | error | fill (emfm.data.volume)
     overwrite: bool = False
     progress: bool = True
 
@@ -104,6 +105,7 @@ class FeatureJob:
     batch_size: int
     zarr_format: ZarrFormat = 3
     threads: int | None = None
+    missing_chunks: str = "warn"          # what reading a chunk absent from the input does
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -155,8 +157,8 @@ def feature_function(encoder: Encoder, layer: int, tile: tuple[int, ...], stride
 
 
 @functools.lru_cache(maxsize=1)
-def input_volume(path: str, level: int) -> Volume:
-    return Volume(path, level)
+def input_volume(path: str, level: int, missing_chunks: str) -> Volume:
+    return Volume(path, level, missing_chunks)
 
 
 def read_padded(volume: Volume, roi: tuple[tuple[int, int], ...], span: tuple[slice, ...]) -> np.ndarray:
@@ -173,7 +175,7 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     cells = job.grid.region(index)
     voxels = tuple(slice(c.start * k, c.stop * k) for c, k in zip(cells, job.stride))
     span, corners = covering_tiles(voxels, job.padded, job.tile, job.overlap, job.stride)
-    image = torch.from_numpy(read_padded(input_volume(job.input, job.level), job.roi, span))[None]
+    image = torch.from_numpy(read_padded(input_volume(job.input, job.level, job.missing_chunks), job.roi, span))[None]
     encoder = job_encoder(job)
     fn = feature_function(encoder, job.layer, job.tile, job.stride)
     feats = sliding_window(fn, image, job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride)
@@ -243,7 +245,8 @@ def make_job(request: FeatureRequest, encoder: Encoder, volume: Volume, threads:
                       roi=tuple((r.start, r.stop) for r in region), tile=tile, stride=stride,
                       layer=request.layer % len(encoder.feature_strides), block=block, overlap=float(request.overlap),
                       blend=str(request.blend), batch_size=int(request.batch_size),
-                      zarr_format=check_zarr_format(request.zarr_format), threads=threads)
+                      zarr_format=check_zarr_format(request.zarr_format), threads=threads,
+                      missing_chunks=volume.missing_chunks)
 
 
 def create_store(job: FeatureJob, stamp: dict[str, Any], channels: int, volume: Volume) -> None:
@@ -256,12 +259,18 @@ def create_store(job: FeatureJob, stamp: dict[str, Any], channels: int, volume: 
     create_array(root, FEATURES, (channels, *job.grid.shape), (channels, *job.block), "float16", "c" + volume.axes)
 
 
-def check_store(path: str, volume: Volume, roi: tuple[slice, ...] | None = None) -> dict[str, Any]:
-    """The metadata of a complete feature store computed on ``volume`` (and ``roi``), or a clear error."""
+def check_store(path: str, volume: Volume, roi: tuple[slice, ...] | None = None,
+                checkpoint: str | None = None) -> dict[str, Any]:
+    """The metadata of a complete feature store computed on ``volume`` (and ``roi``) with ``checkpoint`` (its
+    files' digest, so a copy is the same checkpoint), or a clear error."""
     meta = read_attrs(path)
     if meta.get("kind") != "features" or not meta.get("complete"):
         raise EmfmError(f"features={path}: not a complete emfm feature store (make one with `emfm features`)")
     settings = meta["features"]
+    if checkpoint is not None and settings.get("checkpoint_sha256") != checkpoint_digest(checkpoint):
+        raise EmfmError(f"features={path}: computed with checkpoint {settings.get('checkpoint')}, not with "
+                        f"checkpoint={checkpoint} (their files differ); give that checkpoint, or leave out features= "
+                        f"to compute this one's")
     if settings["input_shape"] != list(volume.shape) or (
             roi is not None and settings["roi"] != [[r.start, r.stop] for r in roi]):
         raise EmfmError(f"features={path}: computed on a volume of shape {settings['input_shape']} (roi "
@@ -279,10 +288,10 @@ def extract_features(request: FeatureRequest, executor: Executor, encoder: Encod
     """
     input_volume.cache_clear()
     encoder = encoder or load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
-    volume = Volume(request.input, request.level)
+    volume = Volume(request.input, request.level, request.missing_chunks)
     job = make_job(request, encoder, volume, executor.threads(request.threads))
     channels = encoder.feature_channels[job.layer]
-    stamp = fingerprint(job, ("threads", "batch_size", "block"), input_shape=list(volume.shape))
+    stamp = fingerprint(job, ("threads", "batch_size", "block", "missing_chunks"), input_shape=list(volume.shape))
     complete = claim(job.output, "features", stamp, request.overwrite,
                      inputs={"input": job.input, "checkpoint": job.checkpoint}, describe="feature store")
     if complete is None:

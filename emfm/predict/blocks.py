@@ -9,8 +9,11 @@ equals an uninterrupted run.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -164,6 +167,30 @@ def dask_client(address: str | None, n_workers: int, threads_per_worker: int) ->
 
     if address:
         return Client(address)
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                           dashboard_address=None)
-    return Client(cluster)
+    with sigint_ignored():
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                               dashboard_address=None)
+    client = Client(cluster)
+    client.run(quiet_close)
+    return client
+
+
+def quiet_close() -> None:
+    """In a worker of our LocalCluster: closed with a task running (after a Ctrl-C or another block's error), a
+    worker logs a warning per task cancelled; this process says what happened, in one line."""
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+
+
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile, and so in the processes started meanwhile (they inherit it): Ctrl-C reaches every
+    process of the terminal's group, and this one, interrupted, closes its LocalCluster, whose workers would
+    otherwise each print a traceback. (A Ctrl-C while the workers start is lost.)"""
+    if threading.current_thread() is not threading.main_thread():      # only the main thread sets handlers
+        yield
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)

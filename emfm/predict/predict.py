@@ -70,6 +70,7 @@ class Job:
     zarr_format: ZarrFormat = 3           # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
     pyramid: bool = False                 # also downsampled levels, as ingest writes them
     threads: int | None = None            # torch threads per task process (Dask workers); None: torch's default
+    missing_chunks: str = "warn"          # what reading a chunk absent from the input does (emfm.data.volume)
 
     @property
     def grid(self) -> BlockGrid:
@@ -112,16 +113,16 @@ def model_function(job: Job, module: SegmentationModule | None = None) -> Probab
 
 
 @functools.lru_cache(maxsize=1)
-def input_volume(path: str, level: int) -> Volume:
+def input_volume(path: str, level: int, missing_chunks: str) -> Volume:
     """The input, opened once per process (its metadata and stored normalisation are read once)."""
-    return Volume(path, level)
+    return Volume(path, level, missing_chunks)
 
 
 def predict_block(job: Job, index: Block) -> Block:
     """Predict, encode and write one output block, then mark it done."""
     region = job.grid.region(index)
     span, corners = covering_tiles(region, job.grid.shape, job.tile, job.overlap)
-    volume = input_volume(job.input, job.level)
+    volume = input_volume(job.input, job.level, job.missing_chunks)
     raw = volume.read(tuple(slice(a + s.start, a + s.stop) for (a, _), s in zip(job.roi, span)))
     image = torch.from_numpy(volume.normalize(raw))[None]
     probs = sliding_window(model_function(job), image, job.tile, job.overlap, job.batch_size, corners, job.blend)
@@ -155,7 +156,8 @@ def make_job(module: SegmentationModule, volume: Volume, *, checkpoint: str, out
                roi=tuple((r.start, r.stop) for r in region),
                tile=tuple(int(t) for t in tile), block=tuple(int(b) for b in block), overlap=float(overlap),
                blend=str(blend), tta=bool(tta), batch_size=int(batch_size), dtype=str(dtype),
-               zarr_format=check_zarr_format(zarr_format), pyramid=bool(pyramid), threads=threads)
+               zarr_format=check_zarr_format(zarr_format), pyramid=bool(pyramid), threads=threads,
+               missing_chunks=volume.missing_chunks)
 
 
 def create_output(job: Job, stamp: dict[str, Any], channels: int, volume: Volume, instances: bool) -> None:
@@ -198,7 +200,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     executor = Executor(cfg.executor, **cfg.dask)
     input_volume.cache_clear()                      # the input may have been rewritten since a previous call
     module = load_segmenter(cfg.checkpoint)
-    volume = Volume(cfg.input, cfg.level)
+    volume = Volume(cfg.input, cfg.level, cfg.missing_chunks)
     job = make_job(module, volume, checkpoint=cfg.checkpoint, output=cfg.output, roi=cfg.roi,
                    block_shape=cfg.block_shape, overlap=cfg.overlap, blend=cfg.blend, tta=cfg.tta,
                    batch_size=cfg.batch_size, dtype=cfg.dtype, zarr_format=cfg.zarr_format, pyramid=cfg.pyramid,
@@ -211,7 +213,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 def run_prediction(job: Job, module: SegmentationModule, volume: Volume, instances: stitch.Settings | None,
                    executor: Executor, overwrite: bool, progress: bool) -> dict[str, Any]:
     """Create (or continue) the output of ``job``, predict its pending blocks, then stitch the instances."""
-    stamp = fingerprint(job, ("threads", "batch_size"), instances=None if instances is None else instances.stamp())
+    stamp = fingerprint(job, ("threads", "batch_size", "missing_chunks"),
+                        instances=None if instances is None else instances.stamp())
     complete = claim(job.output, "predict", stamp, overwrite, inputs={"input": job.input, "checkpoint": job.checkpoint},
                      describe="prediction", replace_same=True)
     if complete is None:

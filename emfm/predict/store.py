@@ -22,10 +22,10 @@ import numpy as np
 import zarr
 
 from emfm.data import ngff
-from emfm.data.ngff import Level, ZarrFormat, pyramid_plan
+from emfm.data.ngff import Level, ZarrFormat, pyramid_plan, read_attrs
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.paths import refuse_file, refuse_overlap, remove
+from emfm.paths import refuse_foreign, refuse_overlap, remove
 from emfm.predict.blocks import Block, BlockGrid
 
 PROGRESS, WORK = "_progress", "_work"    # removed when the store is complete
@@ -71,15 +71,6 @@ def fingerprint(job: Any, leave_out: tuple[str, ...] = (), **extra: Any) -> dict
     return json.loads(json.dumps({**settings, "checkpoint_sha256": checkpoint_digest(job.checkpoint), **extra}))
 
 
-def read_attrs(path: str | Path) -> dict[str, Any]:
-    """The ``emfm`` attributes of the store at ``path``; ``{}`` if it is none (or they are malformed)."""
-    try:
-        attrs = dict(zarr.open_group(str(path), mode="r").attrs).get("emfm")
-    except (OSError, ValueError):      # not a zarr group: zarr's errors derive from these
-        return {}
-    return attrs if isinstance(attrs, dict) else {}
-
-
 def add_attrs(group: zarr.Group, **attrs: Any) -> None:
     """Merge ``attrs`` into the ``emfm`` attributes of ``group``, keeping what other steps wrote there."""
     emfm = group.attrs.get("emfm")
@@ -91,31 +82,31 @@ def claim(output: str | Path, key: str, stamp: Mapping[str, Any], overwrite: boo
     """Make ``output`` ready for the job of fingerprint ``stamp`` (stored under attribute ``key``).
 
     Returns whether an existing store of this job is complete (it is continued or reused as it is),
-    or ``None`` once the path is free for :func:`create`. A store of another job (or anything else)
-    is replaced only with ``overwrite`` (``replace_same``: also one of this job); never one of
-    ``inputs``. ``describe`` names the kind of store in messages ("prediction").
+    or ``None`` once the path is free for :func:`create`. A store of another job of this command
+    (its attributes hold ``key``, finished or not) is replaced only with ``overwrite`` (``replace_same``:
+    also one of this job); anything else, and one of ``inputs``, never. ``describe`` names the kind of
+    store in messages ("prediction").
     """
     refuse_overlap("output", output, inputs)
-    refuse_file("output", output)
     out = Path(output)
-    if not (out.exists() or out.is_symlink()):
-        return None
     previous = read_attrs(out)
-    if previous.get(key) == stamp and not (overwrite and replace_same):
+    if not refuse_foreign("output", out, describe, lambda _: key in previous):
+        return None
+    if previous[key] == stamp and not (overwrite and replace_same):
         return bool(previous.get("complete"))
     if not overwrite:
-        what = (f"something that is not an emfm {describe}" if key not in previous else
-                f"a different, {'complete' if previous.get('complete') else 'unfinished'} {describe}")
-        raise EmfmError(f"output={out} already holds {what}; choose another output or set overwrite=true")
+        raise EmfmError(f"output={out} already holds a different, "
+                        f"{'complete' if previous.get('complete') else 'unfinished'} {describe}; choose another "
+                        f"output or set overwrite=true")
     remove(out)
     return None
 
 
 def create(output: str | Path, attrs: Mapping[str, Any], describe: str, zarr_format: ZarrFormat = 3) -> zarr.Group:
-    """A new store at ``output`` (zarr v3 or v2) with ``attrs`` and an empty progress record."""
+    """A new store at ``output`` (zarr v3 or v2) with ``attrs`` and an empty progress record; the attributes
+    (emfm's marker) are written with the group, so even a store interrupted here is recognised as emfm's."""
     try:
-        root = zarr.open_group(str(output), mode="w-", zarr_format=zarr_format)
-        root.attrs.update(dict(attrs))
+        root = zarr.open_group(str(output), mode="w-", zarr_format=zarr_format, attributes=dict(attrs))
         root.create_group(PROGRESS)
     except OSError as e:
         raise EmfmError(f"output={output}: cannot create the {describe} ({e.strerror or e})") from None
