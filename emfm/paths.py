@@ -89,6 +89,17 @@ def refuse_foreign(key: str, output: str | Path, what: str, ours: Callable[[Path
     return True
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs: the partial files of one that does not are left-overs to clear."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # another user's process
+        return True
+    return True
+
+
 def remove(path: str | Path) -> None:
     """Delete what is at ``path`` to replace it: a folder (a store) with its contents, a file or a link."""
     path = Path(path)

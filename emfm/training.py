@@ -6,6 +6,7 @@ run, and compiled training steps."""
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import math
 import os
@@ -34,6 +35,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
 from emfm.errors import EmfmError
+from emfm.paths import alive
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,6 +51,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale_partials(path)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
             with partial.open("wb") as f:
@@ -61,6 +64,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise OSError(cause.errno, cause.strerror, str(path)) from err
             raise
         os.replace(partial, path)
+
+
+def clear_stale_partials(path: Path) -> None:
+    """Remove the half-written copies of ``path`` whose writer is gone (killed with -9 while saving)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        pid = stale.name[len(path.name) + 2:-len(".partial")]
+        if pid.isdigit() and not alive(int(pid)):
+            stale.unlink(missing_ok=True)
 
 
 def os_error(err: BaseException) -> OSError | None:

@@ -165,6 +165,21 @@ def test_rerun_of_a_complete_prediction_does_nothing_and_other_settings_are_refu
         predict(tmp_path, model_2d, synth_zarr, tmp_path / "other.zarr")
 
 
+def test_a_store_interrupted_while_laid_out_is_started_afresh(synth_zarr: Path, model_2d: Path,
+                                                             tmp_path: Path) -> None:
+    out, roi = tmp_path / "p.zarr", "roi=[0:2,0:64,0:64]"
+    first = predict(tmp_path, model_2d, synth_zarr, out, roi)
+    expected = probabilities(out)
+    root = zarr.open_group(str(out), mode="r+")      # as a kill between the group and its arrays leaves it
+    root.attrs["emfm"] = {**root.attrs["emfm"], "complete": False}
+    for entry in out.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+    again = predict(tmp_path, model_2d, synth_zarr, out, roi)
+    assert again["computed"] == first["blocks"]
+    np.testing.assert_array_equal(probabilities(out), expected)
+
+
 def test_bad_inputs_are_named(synth_zarr: Path, model_2d: Path, model_3d: Path, tmp_path: Path) -> None:
     pretraining = pretrained(tmp_path / "pre", synth_zarr, 1, [*tiny(), "data.batch_size=2"])
     with pytest.raises(EmfmError, match=r"no segmentation head"):

@@ -88,6 +88,8 @@ def test_a_run_killed_after_several_saves_resumes_from_the_latest(synth_zarr: Pa
     proc.communicate()
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] >= 12
+    stale = last.with_name(f".last.ckpt.{proc.pid}.partial")      # as a kill in the middle of a save leaves it
+    stale.write_bytes(b"half a checkpoint")
 
     started = tmp_path / "started.pt"
     compose_run("pretrain", [*tiny(), f"data.volumes=[{synth_zarr}]", f"paths.output_dir={tmp_path}", "resume=auto",
@@ -98,6 +100,7 @@ def test_a_run_killed_after_several_saves_resumes_from_the_latest(synth_zarr: Pa
     assert resumed["global_step"] == saved["global_step"]
     assert_same_weights(resumed["state_dict"], saved["state_dict"])
     assert checkpoint_state(last) == (saved["global_step"] + 2,) * 3     # step, patch stream, LR schedule go on
+    assert not list(last.parent.glob(".*.partial"))       # the dead writer's half checkpoint is cleared by the next save
 
 
 def test_a_moved_run_folder_resumes_where_it_stopped(synth_zarr: Path, tmp_path: Path, run_cli: CommandLine) -> None:

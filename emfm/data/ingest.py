@@ -34,9 +34,10 @@ from emfm.data.ngff import (
 from emfm.data.sources import Source, open_source, source_path
 from emfm.data.volume import store_normalization
 from emfm.errors import EmfmError, first_line
-from emfm.paths import refuse_foreign, refuse_overlap, remove
+from emfm.paths import alive, refuse_foreign, refuse_overlap, remove
 
 log = logging.getLogger(__name__)
+
 
 def _out_dtype(dtype: np.dtype, is_label: bool, name: str) -> np.dtype:
     if dtype.kind == "b":
@@ -144,22 +145,12 @@ def _discard(path: Path) -> None:
         remove(path)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # another user's process
-        return True
-    return True
-
-
 def _clean_stale(out: Path) -> None:
     """Remove what writers into ``out`` killed midway (kill -9, power loss) left: ``.tmp-<pid>`` stores of
     processes that are gone. An ``.old-<pid>`` output they had moved aside is put back if nothing replaced it."""
     for path in sorted(out.parent.glob(f"{glob.escape(out.name)}.*-*")):
         kind, _, pid = path.name[len(out.name) + 1:].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or alive(int(pid)):
             continue
         if kind == "old" and not (out.exists() or out.is_symlink()):
             os.replace(path, out)

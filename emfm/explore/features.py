@@ -254,9 +254,12 @@ def create_store(job: FeatureJob, stamp: dict[str, Any], channels: int, volume: 
     on the centre of its voxels) by its OME scale and translation."""
     plan, origin = placement(volume, job.grid.shape, [a for a, _ in job.roi], stride=job.stride)
     attrs = image_attrs("features", "c" + volume.axes, volume.units, plan, origin, job.zarr_format, is_label=False)
-    root = create(job.output, attrs | {"emfm": {"kind": "features", "features": stamp, "complete": False}},
-                  "feature store", job.zarr_format)
-    create_array(root, FEATURES, (channels, *job.grid.shape), (channels, *job.block), "float16", "c" + volume.axes)
+
+    def layout(root: zarr.Group) -> None:
+        create_array(root, FEATURES, (channels, *job.grid.shape), (channels, *job.block), "float16", "c" + volume.axes)
+
+    create(job.output, attrs | {"emfm": {"kind": "features", "features": stamp, "complete": False}}, "feature store",
+           layout, job.zarr_format)
 
 
 def check_store(path: str, volume: Volume, roi: tuple[slice, ...] | None = None,

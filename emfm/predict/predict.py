@@ -166,19 +166,22 @@ def create_output(job: Job, stamp: dict[str, Any], channels: int, volume: Volume
     spatial = volume.axes
     plan, origin = levels(job, volume)
     attrs = image_attrs("probabilities", "c" + spatial, volume.units, plan, origin, job.zarr_format, is_label=False)
-    root = create(job.output, attrs | {"emfm": {"kind": "prediction", "predict": stamp, "complete": False}}, "output",
-                  job.zarr_format)
-    for i, level in enumerate(plan):
-        create_array(root, str(i), (channels, *level.shape), (channels, *job.block), job.dtype, "c" + spatial)
-    if instances:
-        labels = root.create_group("labels")
-        labels.attrs.update(labels_attrs(["instances"], job.zarr_format))
-        group = labels.create_group("instances")
-        group.attrs.update(image_attrs("instances", spatial, volume.units, plan, origin, job.zarr_format,
-                                       is_label=True, label={"source": {"image": "../../"}}))
+
+    def layout(root: zarr.Group) -> None:
         for i, level in enumerate(plan):
-            create_array(group, str(i), level.shape, job.block, "uint64", spatial)
-        create_array(root.create_group(WORK), "seeds", job.grid.shape, job.block, "uint64", spatial)
+            create_array(root, str(i), (channels, *level.shape), (channels, *job.block), job.dtype, "c" + spatial)
+        if instances:
+            labels = root.create_group("labels")
+            labels.attrs.update(labels_attrs(["instances"], job.zarr_format))
+            group = labels.create_group("instances")
+            group.attrs.update(image_attrs("instances", spatial, volume.units, plan, origin, job.zarr_format,
+                                           is_label=True, label={"source": {"image": "../../"}}))
+            for i, level in enumerate(plan):
+                create_array(group, str(i), level.shape, job.block, "uint64", spatial)
+            create_array(root.create_group(WORK), "seeds", job.grid.shape, job.block, "uint64", spatial)
+
+    create(job.output, attrs | {"emfm": {"kind": "prediction", "predict": stamp, "complete": False}}, "output", layout,
+           job.zarr_format)
 
 
 def levels(job: Job, volume: Volume) -> tuple[list[Level], list[float]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,12 @@ def claim(output: str | Path, key: str, stamp: Mapping[str, Any], overwrite: boo
     previous = read_attrs(out)
     if not refuse_foreign("output", out, describe, lambda _: key in previous):
         return None
-    if previous[key] == stamp and not (overwrite and replace_same):
+    laid_out = bool(previous.get("complete")) or (out / PROGRESS).is_dir()
+    if previous[key] == stamp and laid_out and not (overwrite and replace_same):
         return bool(previous.get("complete"))
+    if previous[key] == stamp and not laid_out:       # interrupted while its arrays were being made: no result yet
+        remove(out)
+        return None
     if not overwrite:
         raise EmfmError(f"output={out} already holds a different, "
                         f"{'complete' if previous.get('complete') else 'unfinished'} {describe}; choose another "
@@ -102,15 +106,17 @@ def claim(output: str | Path, key: str, stamp: Mapping[str, Any], overwrite: boo
     return None
 
 
-def create(output: str | Path, attrs: Mapping[str, Any], describe: str, zarr_format: ZarrFormat = 3) -> zarr.Group:
-    """A new store at ``output`` (zarr v3 or v2) with ``attrs`` and an empty progress record; the attributes
-    (emfm's marker) are written with the group, so even a store interrupted here is recognised as emfm's."""
+def create(output: str | Path, attrs: Mapping[str, Any], describe: str, layout: Callable[[zarr.Group], None],
+           zarr_format: ZarrFormat = 3) -> None:
+    """A new store at ``output`` (zarr v3 or v2) with ``attrs``, the arrays ``layout`` makes, and an empty progress
+    record, made last: a store interrupted before it holds no result, and :func:`claim` starts it afresh. The
+    attributes (emfm's marker) are written with the group, so even a store interrupted then is recognised as emfm's."""
     try:
         root = zarr.open_group(str(output), mode="w-", zarr_format=zarr_format, attributes=dict(attrs))
+        layout(root)
         root.create_group(PROGRESS)
     except OSError as e:
         raise EmfmError(f"output={output}: cannot create the {describe} ({e.strerror or e})") from None
-    return root
 
 
 def placement(volume: Volume, shape: tuple[int, ...], start: Sequence[int], levels: int | None = 1,
