@@ -1,6 +1,6 @@
 """The EM community's public encoders as ``init=``: a weights file's layout recognised from its key names.
 
-Layouts (what the files hold; where to get them is in the README):
+Layouts (what the files hold; where to get them is in docs/guide.md, "Public encoders"):
 
 - MoCo v2, as CEM500K's ResNet-50 (``cem500k_mocov2_resnet50_200ep.pth.tar``): ``state_dict`` holds
   ``module.encoder_q.*`` (the query encoder, a torchvision ResNet whose ``fc`` is the projection MLP),
