@@ -9,6 +9,9 @@ skips this), then fine-tunes these arms, which differ only in their start and th
     pretrained        from the pretraining checkpoint, supervised only
     scratch+semi      random weights, with the recipe's semi-supervised loss
     pretrained+semi   the recipe's full arm (without semi in the recipe, ``pretrained`` is)
+    torch-em          only when asked (``--arms scratch,torch-em``): torch-em's 2-D U-Net and trainer
+                      with their own defaults, on the same slices, patches, batch, steps and seeds
+                      (emfm/finetune/peers.py; ``pip install 'emfm[peers]'``)
 
 Every arm runs for each ``--labeled-slices`` set and ``--seeds`` seed with the recipe's steps and
 augmentation, and is scored on ``--eval-slices``: IoU / Dice of the target; V_rand, V_info and VI of
@@ -35,12 +38,13 @@ threads: on a CPU with few cores that is faster than one run on all of them (doc
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from multiprocessing import get_context
 from pathlib import Path
@@ -56,12 +60,14 @@ from emfm import run
 from emfm.data.labeled import LabeledVolume, parse_slices
 from emfm.errors import EmfmError
 from emfm.evaluation.comparison import METRICS, paired_differences, plot_curve, side_by_side, summarize
-from emfm.evaluation.evaluate import SEEDING, THRESHOLDS, evaluate_slices, load_segmenter
+from emfm.evaluation.evaluate import SEEDING, THRESHOLDS, Segments, evaluate_slices, load_segmenter
+from emfm.finetune import peers
 from emfm.threads import default_workers
 
 ARMS = ("scratch", "pretrained", "scratch+semi", "pretrained+semi")
 COMPARISONS = (("pretrained+semi", "scratch"), ("pretrained", "scratch"),   # the recipe; pretraining alone
-               ("pretrained+semi", "scratch+semi"), ("scratch+semi", "scratch"))  # pretraining with semi; semi alone
+               ("pretrained+semi", "scratch+semi"), ("scratch+semi", "scratch"),  # pretraining with semi; semi alone
+               ("pretrained+semi", "torch-em"), ("pretrained", "torch-em"), ("scratch", "torch-em"))  # vs the peer
 LR_RULE = "highest IoU on --val-slices (to 3 decimals), then highest V_rand; +semi arms use their base arm's"
 LOGGING = ["logger=default", "~logger.tensorboard", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 OWN_KEYS = {  # what the harness sets itself; an override of these would make the arms differ
@@ -167,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--lrs", default="1e-3,3e-3", help="learning rates to sweep; one value: no sweep")
     parser.add_argument("--semi", help="semi-supervised method of the +semi arms (default: the recipe's), e.g. restore")
-    parser.add_argument("--arms", help=f"comma-separated subset of {', '.join(ARMS)} (default: all that apply)")
+    parser.add_argument("--arms", help=f"comma-separated subset of {', '.join(ARMS + peers.PEERS)} (default: all "
+                                       "that apply but the peer tools)")
     parser.add_argument("--encoder", help="skip pretraining: the checkpoint the pretrained arms start from")
     parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for pretraining (repeatable)")
@@ -227,8 +234,9 @@ def compose_recipe(parser: argparse.ArgumentParser, plan: Plan, arms: str | None
         probe = compose_config("finetune", plan.finetune("scratch+semi", plan.lrs[0], plan.labeled_sets[0],
                                                          plan.seeds[0], plan.work))
         plan.semi = probe.semi.name
-        applicable = [a for a in ARMS if plan.semi or not a.endswith("+semi")]
-        plan.arms = tuple(dict.fromkeys(arms.split(","))) if arms else tuple(applicable)
+        own = [a for a in ARMS if plan.semi or not a.endswith("+semi")]
+        plan.arms = tuple(dict.fromkeys(arms.split(","))) if arms else tuple(own)
+        applicable = [*own, *peers.PEERS]
         if unknown := [a for a in plan.arms if a not in applicable]:
             why = f"semi={plan.semi}" if plan.semi else f"recipe {plan.recipe} has no semi; see --semi"
             parser.error(f"--arms: {', '.join(unknown)} not among {', '.join(applicable)} ({why})")
@@ -239,7 +247,22 @@ def compose_recipe(parser: argparse.ArgumentParser, plan: Plan, arms: str | None
         parser.error(f"composing recipe {plan.recipe}: {str(err).splitlines()[0]}")
     return {"pretrain": pretrain and composed(pretrain, REPORTED["pretrain"]),
             "finetune": composed(probe, REPORTED["finetune"]),
-            "ignore_label": probe.data.ignore_label}
+            "ignore_label": probe.data.ignore_label,
+            "torch_em": check_torch_em(parser, plan, probe) if "torch-em" in plan.arms else None}
+
+
+def check_torch_em(parser: argparse.ArgumentParser, plan: Plan, probe: DictConfig) -> dict[str, Any]:
+    """The torch-em arm's settings for the report, or its refusals before any work: torch-em missing, a
+    target or patch it cannot train, unlabelled pixels on a labelled slice."""
+    if importlib.util.find_spec("torch_em") is None:
+        parser.error("--arms torch-em: torch-em is not installed; pip install 'emfm[peers]'")
+    try:
+        peer = peers.TorchEmRun.from_config(probe, plan.work)
+        for slices in plan.labeled_sets:
+            replace(peer, slices=tuple(slices)).training_data()
+    except EmfmError as err:
+        parser.error(str(err))
+    return peers.torch_em_settings(peer)
 
 
 class Finetuner:
@@ -253,6 +276,7 @@ class Finetuner:
         self.data = LabeledVolume(plan.raw, plan.labels, ignore_label)
         self.runs: dict[tuple[str, float, str, int], tuple[Path, float]] = {}
         self.reused: list[str] = []
+        self.peers: dict[Path, peers.TorchEmRun] = {}     # by checkpoint: the peer runs, scored through their tool
 
     def train(self, arm: str, lr: float, slices: Sequence[int], seed: int) -> tuple[Path, float]:
         """(last checkpoint, training seconds) of this run."""
@@ -262,14 +286,14 @@ class Finetuner:
     def train_all(self, runs: Iterable[tuple[str, float, Sequence[int], int]]) -> None:
         """Train the runs not trained yet, up to ``plan.jobs`` at a time in spawned processes that share the
         torch threads; a run's seconds are its wall time, its process's start included."""
-        todo: dict[tuple[str, float, str, int], tuple[Path, DictConfig]] = {}
+        todo: dict[tuple[str, float, str, int], tuple[Path, Any, Callable[[Any], object]]] = {}
         for arm, lr, slices, seed in runs:
             if (key := (arm, lr, tag(slices), seed)) not in self.runs:
                 todo[key] = self.prepare(arm, lr, slices, seed)
         if self.plan.jobs == 1:
-            for key, (checkpoint, cfg) in todo.items():
+            for key, (checkpoint, job, train) in todo.items():
                 start = time.perf_counter()
-                run.finetune(cfg)
+                train(job)
                 self.finished(key, checkpoint, start)
             return
         threads = (self.plan.finetune_threads,)
@@ -278,8 +302,8 @@ class Finetuner:
             running: dict[Future, tuple[tuple[str, float, str, int], Path, float]] = {}
             while queue or running:
                 while queue and len(running) < self.plan.jobs:    # submitted only when a process is free
-                    key, (checkpoint, cfg) = queue.pop(0)
-                    running[pool.submit(run.finetune, cfg)] = (key, checkpoint, time.perf_counter())
+                    key, (checkpoint, job, train) = queue.pop(0)
+                    running[pool.submit(train, job)] = (key, checkpoint, time.perf_counter())
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     key, checkpoint, start = running.pop(future)
@@ -288,29 +312,42 @@ class Finetuner:
 
     def finished(self, key: tuple[str, float, str, int], checkpoint: Path, start: float) -> None:
         self.runs[key] = (checkpoint, time.perf_counter() - start)
-        print(f"trained {checkpoint.parents[1].name} in {self.runs[key][1]:.0f} s", flush=True)
+        print(f"trained {self.run_dir(*key).name} in {self.runs[key][1]:.0f} s", flush=True)
 
-    def prepare(self, arm: str, lr: float, slices: Sequence[int], seed: int) -> tuple[Path, DictConfig]:
-        """(last checkpoint, composed config) of a run; a run an earlier invocation finished is reused."""
-        name = f"slices{tag(slices).replace(',', '-')}_seed{seed}_{arm.replace('+', '_')}_lr{lr:g}"
-        run_dir = self.plan.work / name
+    def run_dir(self, arm: str, lr: float, slices: str, seed: int) -> Path:
+        return self.plan.work / f"slices{slices.replace(',', '-')}_seed{seed}_{arm.replace('+', '_')}_lr{lr:g}"
+
+    def prepare(self, arm: str, lr: float, slices: Sequence[int],
+                seed: int) -> tuple[Path, DictConfig | peers.TorchEmRun, Callable[[Any], object]]:
+        """(last checkpoint, job, the function that trains it) of a run: emfm's fine-tuning of its composed
+        config, or a peer's training of what the scratch arm's config composes (same slices, patches, batch,
+        steps, seed). A run an earlier invocation finished is reused."""
+        run_dir = self.run_dir(arm, lr, tag(slices), seed)
         init = self.encoder if arm.startswith("pretrained") and self.encoder else "scratch"
-        checkpoint = run_dir / "checkpoints" / "last.ckpt"
-        if checkpoint.is_file():
-            self.reused.append(name)
         cfg = compose_config("finetune", self.plan.finetune(arm, lr, slices, seed, run_dir, init))
+        job: DictConfig | peers.TorchEmRun = cfg
+        train: Callable[[Any], object] = run.finetune
+        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        if arm in peers.PEERS:      # the config composed for it is the scratch arm's (init=scratch, semi=none)
+            peer = peers.TorchEmRun.from_config(cfg, run_dir)
+            job, train, checkpoint = peer, peers.train_torch_em, peer.checkpoint
+            self.peers[checkpoint] = peer
         chosen = {o.split("=")[0].lstrip("+~") for o in self.plan.finetune_overrides}
         if self.plan.jobs > 1 and "data.num_workers" not in chosen:
             share = default_workers(self.plan.jobs)     # runs side by side: loader processes only from spare cores
             cfg.data.num_workers = share if cfg.data.num_workers is None else min(cfg.data.num_workers, share)
-        return checkpoint, cfg
+        if checkpoint.is_file():
+            self.reused.append(run_dir.name)
+        return checkpoint, job, train
 
     def score(self, checkpoint: Path, slices: Sequence[int]) -> tuple[dict[str, Any], tuple, float]:
         """(scores, (raw, probs, labels) of the last slice, seconds) on ``slices``; the instance threshold
         is chosen on the val slices (on ``slices`` when they are the val slices or there are none)."""
         start = time.perf_counter()
         tune = [] if list(slices) == self.plan.val_slices else self.plan.val_slices
-        scored = evaluate_slices(load_segmenter(checkpoint), self.data, slices, tune, THRESHOLDS)
+        model: Segments = peers.load_torch_em(self.peers[checkpoint]) if checkpoint in self.peers \
+            else load_segmenter(checkpoint)
+        scored = evaluate_slices(model, self.data, slices, tune, THRESHOLDS)
         return scored["report"], scored["example"], time.perf_counter() - start
 
 
@@ -392,7 +429,8 @@ def build_report(plan: Plan, encoder: str | None, results: dict, sweep: dict, lr
         "recipe": plan.recipe, "recipe_arm": plan.full_arm, "baseline_arm": "scratch",
         **{key: results[arm][first] for key, arm in (("pretrained", plan.full_arm), ("scratch", "scratch"))
            if arm in results},
-        "arms": {arm: {"init": encoder if arm.startswith("pretrained") else "scratch",
+        "arms": {arm: {"trainer": "torch-em" if arm in peers.PEERS else "emfm",
+                       "init": encoder if arm.startswith("pretrained") else "scratch",
                        "semi": plan.semi if arm.endswith("+semi") else None, "lr": lrs[arm],
                        "slice_sets": results[arm]} for arm in plan.arms},
         "differences": differences(plan, results),
@@ -408,7 +446,7 @@ def build_report(plan: Plan, encoder: str | None, results: dict, sweep: dict, lr
                    "pretrain_overrides": plan.pretrain_overrides, "finetune_overrides": plan.finetune_overrides,
                    "torch_threads": torch.get_num_threads(), "jobs": plan.jobs,
                    "finetune_threads": plan.finetune_threads,
-                   "composed": {k: settings[k] for k in ("pretrain", "finetune")}},
+                   "composed": {k: settings[k] for k in ("pretrain", "finetune")}, "torch_em": settings["torch_em"]},
         "seconds": seconds,
     }
 
@@ -428,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     tuner = Finetuner(plan, encoder, settings["ignore_label"])
     sweep = sweep_lrs(plan, tuner)
-    lrs = {arm: sweep["chosen"][arm.split("+")[0]] for arm in plan.arms}
+    lrs = {arm: settings["torch_em"]["learning_rate"] if arm in peers.PEERS else sweep["chosen"][arm.split("+")[0]]
+           for arm in plan.arms}
     results, seconds["arms"], pictures = run_arms(plan, tuner, lrs)
     seconds["lr_sweep"], seconds["total"] = sweep.pop("seconds"), time.perf_counter() - started
     seconds["reused"] = reused + tuner.reused

@@ -16,6 +16,7 @@ from PIL import Image
 
 from emfm import threads
 from emfm.checkpoints import read_checkpoint
+from emfm.data.labeled import LabeledVolume
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = ["model.name=test_resnet", "data.patch_shape=[64,64]", "head.channels=8", "data.batch_size=2",
@@ -165,6 +166,46 @@ def test_runs_side_by_side_take_loader_workers_only_from_spare_cores(synth_zarr:
     assert workers(2) == 3
 
 
+def test_torch_em_arm_trains_the_scratch_arm_s_slices_with_its_own_trainer_and_is_scored_alike(
+        synth_zarr: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "peer.json"
+    report = load_harness().main(harness_args(synth_zarr, out, "--labeled-slices", "0,1", "--val-slices", "10",
+                                              "--eval-slices", "13", "--seeds", "0,1", "--lrs", "2e-3",
+                                              "--arms", "scratch,torch-em"))
+    peer, config = report["arms"]["torch-em"], report["config"]
+    assert list(report["arms"]) == ["scratch", "torch-em"] and report["arms"]["scratch"]["trainer"] == "emfm"
+    assert (peer["trainer"], peer["init"], peer["semi"], peer["lr"]) == ("torch-em", "scratch", None, 1e-3)
+    settings, composed = config["torch_em"], config["composed"]["finetune"]     # torch-em's defaults, emfm's budget
+    assert settings["model"] | {"class": None} == {"class": None, "in_channels": 1, "out_channels": 1,
+                                                   "final_activation": "Sigmoid", "initial_features": 32, "depth": 4,
+                                                   "gain": 2}
+    assert settings["learning_rate"] == 1e-3 and settings["compile_model"] is False     # as the emfm arms (eager)
+    assert (settings["iterations"], settings["batch_size"], settings["patch_shape"]) == (
+        composed["trainer.max_steps"], composed["data.batch_size"], composed["data.patch_shape"]) == (2, 2, [64, 64])
+
+    scratch, torch_em = (report["arms"][arm]["slice_sets"]["0,1"]["seeds"] for arm in ("scratch", "torch-em"))
+    assert [r["seed"] for r in torch_em] == [r["seed"] for r in scratch] == [0, 1]
+    volume = LabeledVolume(synth_zarr, synth_zarr / "labels" / "membranes")
+    slices = [volume.read(slice(z, z + 1), [slice(0, 96)] * 2, [z])[0][0] for z in (0, 1)]
+    weights = []
+    for row in torch_em:    # scored by emfm's code: pixels and cells, the threshold chosen on the val slice
+        assert all(0 <= row[m] <= 1 for m in ("iou", "vrand")) and row["vi"] >= 0
+        assert row["threshold_chosen_on"] == "tune_slices [10]" and row["seeding"] == "components"
+        saved = torch.load(row["checkpoint"], weights_only=False)    # torch-em's own record of what it trained
+        assert saved["iteration"] == 2 and saved["init"]["train_loader_kwargs"]["batch_size"] == 2
+        trained = saved["init"]["train_dataset"].raw_images        # the labelled slices, whole
+        assert len(trained) == 2 and all(np.array_equal(a, b) for a, b in zip(trained, slices))
+        weights.append(saved["model_state"])
+    assert any(not torch.equal(w, weights[1][k]) for k, w in weights[0].items())    # the seed reached it
+
+    pair = report["differences"]["0,1"]["scratch - torch-em"]
+    for metric in ("iou", "vrand", "vi"):
+        assert pair[metric]["values"] == pytest.approx([a[metric] - b[metric] for a, b in zip(scratch, torch_em)])
+    with Image.open(report["curve"][0]["picture"]) as image:      # raw | truth | scratch | torch-em
+        assert image.size == (4 * 96, 96)
+    assert "scratch - torch-em" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--labeled-slices", "0", "--labeled-slices", "3-5", "--eval-slices", "5-7"],
      "--labeled-slices [3, 4, 5] overlap --eval-slices at [5]"),
@@ -174,7 +215,11 @@ def test_runs_side_by_side_take_loader_workers_only_from_spare_cores(synth_zarr:
     (["--labeled-slices", "0", "--eval-slices", "5"], "a learning-rate sweep needs --val-slices"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--recipe", "nope"], "recipes: restore_unet"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--lrs", "1e-3", "--arms", "scratch,teacher"],
-     "--arms: teacher not among scratch, pretrained (recipe restore_unet has no semi; see --semi)"),
+     "--arms: teacher not among scratch, pretrained, torch-em (recipe restore_unet has no semi; see --semi)"),
+    (["--labeled-slices", "0", "--eval-slices", "5", "--lrs", "1e-3", "--arms", "torch-em", "--target", "semantic"],
+     "--arms torch-em trains one sigmoid channel: target semantic has 3 (softmax); use --target membrane or"),
+    (["--labeled-slices", "0", "--eval-slices", "5", "--lrs", "1e-3", "--arms", "torch-em", "--finetune-override",
+      "data.ignore_label=1"], "slice 0 has unlabelled pixels (data.ignore_label=1); torch-em's Dice loss has no mask"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--finetune-override", "module.lr=1"],
      "the harness sets module.lr itself"),
     (["--labeled-slices", "0", "--eval-slices", "5", "--jobs", "0"], "--jobs 0: expected 1 to"),

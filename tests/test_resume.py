@@ -100,7 +100,7 @@ def test_a_run_killed_after_several_saves_resumes_from_the_latest(synth_zarr: Pa
     assert resumed["global_step"] == saved["global_step"]
     assert_same_weights(resumed["state_dict"], saved["state_dict"])
     assert checkpoint_state(last) == (saved["global_step"] + 2,) * 3     # step, patch stream, LR schedule go on
-    assert not list(last.parent.glob(".*.partial"))       # the dead writer's half checkpoint is cleared by the next save
+    assert not list(last.parent.glob(".*.partial"))       # the dead writer's half checkpoint: cleared on save
 
 
 def test_a_moved_run_folder_resumes_where_it_stopped(synth_zarr: Path, tmp_path: Path, run_cli: CommandLine) -> None:

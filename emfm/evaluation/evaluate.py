@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from emfm.checkpoints import fine_tuning_data
 from emfm.data.labeled import IGNORE, HeldOutSlices, LabeledVolume, parse_slices
+from emfm.data.targets import Target
 from emfm.errors import EmfmError
 from emfm.evaluation.metrics import instance_scores, rand_scores, voi
 from emfm.finetune.instances import (
@@ -34,13 +35,29 @@ from emfm.finetune.instances import (
     from_membranes,
     size_filter,
 )
-from emfm.finetune.segmentation import SegmentationModule, load_segmenter, overlap_counts
+from emfm.finetune.segmentation import load_segmenter, overlap_counts
 from emfm.paths import resolved
 
 log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # down to 0.02: gappy membranes cut best low
 SEEDING = "components"  # the seeds of ``emfm predict``'s instances (emfm/predict/stitch.py)
+
+
+class Segments(Protocol):
+    """What scoring asks of a model: a ``SegmentationModule``, or a peer tool's network behind the same
+    members (:class:`~emfm.finetune.peers.PeerSegmenter`), so that both are scored by this one code."""
+
+    @property
+    def hparams(self) -> Mapping[str, Any]: ...          # "target": the target config
+
+    @property
+    def target(self) -> Target: ...
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...        # the sliding window's tile
+
+    def predict_region(self, image: torch.Tensor) -> torch.Tensor: ...
 
 
 def predicted_instances(probs: np.ndarray, target: Mapping[str, Any], threshold: float,
@@ -77,7 +94,7 @@ def score_instances(seg: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {**rand, **info, "ap50": inst["ap"][0], "mean_ap": inst["mean_ap"]}
 
 
-def evaluate_region(module: SegmentationModule, regions: HeldOutSlices, thresholds: Sequence[float],
+def evaluate_region(module: Segments, regions: HeldOutSlices, thresholds: Sequence[float],
                     min_size: int = 0, seeding: str = SEEDING) -> dict[str, Any]:
     """Scores of ``module`` on every region of ``regions`` (instances at the best of ``thresholds``),
     plus the probabilities for pictures."""
@@ -113,13 +130,13 @@ def evaluate_region(module: SegmentationModule, regions: HeldOutSlices, threshol
     return {"report": report, "example": last}
 
 
-def evaluate_slices(module: SegmentationModule, data: LabeledVolume, slices: Sequence[int],
+def evaluate_slices(module: Segments, data: LabeledVolume, slices: Sequence[int],
                     tune_slices: Sequence[int], thresholds: Sequence[float], min_size: int = 0,
                     seeding: str = SEEDING) -> dict[str, Any]:
     """``evaluate_region`` on ``slices``, the instance threshold chosen on ``tune_slices`` when given."""
     if seeding not in METHODS:
         raise EmfmError(f"seeding={seeding!r}: expected one of {', '.join(METHODS)}")
-    shape = module.model.encoder.input_shape
+    shape = module.input_shape
     chosen = None
     if tune_slices:
         tuned = evaluate_region(module, HeldOutSlices(data, tune_slices, shape), thresholds, min_size, seeding)

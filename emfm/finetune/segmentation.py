@@ -215,12 +215,16 @@ class SegmentationModule(pl.LightningModule):
         """Probabilities: softmax over classes, or a sigmoid per channel."""
         return activate(logits, self.target)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The tile of ``predict_region``: the encoder's input shape."""
+        return self.model.encoder.input_shape
+
     @torch.no_grad()
     def predict_region(self, image: torch.Tensor, overlap: float | None = None) -> torch.Tensor:
         """Probabilities (K, *spatial) over a whole slice (1, Y, X) or block (1, Z, Y, X)."""
         overlap = self.hparams["overlap"] if overlap is None else overlap
-        encoder = self.model.encoder
-        return sliding_window(lambda x: self.activate(self.model(x)), image, encoder.input_shape, overlap)
+        return sliding_window(lambda x: self.activate(self.model(x)), image, self.input_shape, overlap)
 
     def on_train_batch_start(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         if self.semi is not None:
