@@ -449,11 +449,11 @@ def read_report(path: Path) -> dict[str, Any]:
 
 def check_report(path: str, output: str, overwrite: bool) -> None:
     """A report is written over only an earlier one of emfm's: of this cluster map (a rerun), or with overwrite."""
-    if refuse_foreign("report", path, "cluster report", lambda p: bool(read_report(p))) and not overwrite:
-        previous = str(read_report(Path(path))["output"])
-        if Path(previous).resolve() != Path(output):
-            raise EmfmError(f"report={path} holds the report of another cluster map ({previous}); choose another "
-                            f"report or set overwrite=true")
+    previous = read_report(Path(path))
+    if refuse_foreign("report", path, "cluster report", lambda _: bool(previous)) and not overwrite:
+        if Path(str(previous["output"])).resolve() != Path(output):
+            raise EmfmError(f"report={path} holds the report of another cluster map ({previous['output']}); choose "
+                            f"another report or set overwrite=true")
 
 
 def write_report(report: Mapping[str, Any], path: str) -> None:
