@@ -2,7 +2,7 @@
 model zoo open.
 
 The package holds TorchScript weights (they run without emfm) and the state dict of
-:class:`~emfm.finetune.segmentation.Segmenter` (rebuilt from emfm and the configs the description
+:class:`~emfm.models.segmenter.Segmenter` (rebuilt from emfm and the configs the description
 keeps), emfm's intensity normalisation as ``scale_range`` preprocessing, a test input and the
 probabilities the model computes from it, a cover and the model card. bioimage.io's tools check a
 package by running the test input through preprocessing and each weights format and comparing with
@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from emfm.checkpoints import fill, read_checkpoint, read_segmenter
+from emfm.checkpoints import check_export_dir, fill, read_checkpoint, read_segmenter
 from emfm.data.synthetic import make_synthetic_em
 from emfm.data.volume import NORM_PERCENTILES, Volume
 from emfm.errors import EmfmError, first_line
-from emfm.export import check_output
-from emfm.finetune.segmentation import Segmenter
+from emfm.models.segmenter import Segmenter
 from emfm.paths import remove
 
 RDF = "rdf.yaml"
@@ -105,10 +104,10 @@ def export_package(checkpoint: str | Path, out_dir: str | Path, *, sample: str |
     except ImportError:
         raise EmfmError("a bioimage.io package needs bioimageio.spec: pip install 'emfm[bioimageio]'") from None
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    check_output(checkpoint, out_dir, overwrite)
+    check_export_dir(checkpoint, out_dir, overwrite)
     hparams, weights = read_segmenter(checkpoint, None)
     configs = {k: dict(hparams[k]) for k in ("encoder", "head", "target")}
-    segmenter = Segmenter(**configs).eval()
+    segmenter = Segmenter(configs["encoder"], configs["head"], configs["target"]).eval()
     fill(segmenter, {k: v for k, v in weights.items() if k.startswith("model.")}, str(checkpoint))
     encoder = segmenter.model.encoder
     raw = sample_tile(sample, encoder.input_shape, encoder.in_chans)
@@ -176,7 +175,7 @@ def describe(files: Path, configs: dict[str, Any], in_shape: Sequence[int],
             pytorch_state_dict=spec.PytorchStateDictWeightsDescr(
                 source=files / "weights.pt", pytorch_version=version,
                 architecture=spec.ArchitectureFromLibraryDescr(
-                    callable=spec.Identifier("Segmenter"), import_from="emfm.finetune.segmentation",
+                    callable=spec.Identifier("Segmenter"), import_from="emfm.models.segmenter",
                     kwargs=configs)),
             torchscript=spec.TorchscriptWeightsDescr(
                 source=files / "weights_torchscript.pt", pytorch_version=version, parent="pytorch_state_dict"),
@@ -213,7 +212,7 @@ def package_card(hparams: Mapping[str, Any], checkpoint: Path, steps: Any, shape
         f"- Output `{OUTPUT}`: per-voxel probabilities of the target `{dict(target)}` "
         f"({'softmax over classes' if target['kind'] == 'semantic' else 'a sigmoid per channel'}).",
         "- Weights: TorchScript (runs without emfm) and the PyTorch state dict of "
-        "`emfm.finetune.segmentation.Segmenter` (needs emfm installed).",
+        "`emfm.models.segmenter.Segmenter` (needs emfm installed).",
         "",
         "Run it in Python (`pip install bioimageio.core torch`), in this folder:",
         "",

@@ -4,11 +4,14 @@ Three kinds: a pretraining checkpoint (``emfm pretrain``: the encoder and the ob
 fine-tuning checkpoint (``emfm finetune``: encoder and segmentation head) and an export folder
 (``emfm export``: ``encoder.safetensors`` and ``config.json``). Lightning checkpoints are loaded with
 ``torch.load(weights_only=True)``, exports with safetensors. Every file gets the same checks, so a
-damaged file or one of another kind is named in one line, whichever command was given it.
+damaged file or one of another kind is named in one line, whichever command was given it. A checkpoint's
+stamp (its files' times and sizes) tells a running job's weights from a rewritten file, its digest a copy from
+another checkpoint. The folder an export is written to is checked here too, against what an export is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,11 +19,14 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
+import yaml
 from torch import nn
 
 from emfm.errors import EmfmError, first_line
 from emfm.models.encoders import Encoder, create_encoder
 from emfm.models.public import PublicWeights, listed, recognise
+from emfm.models.segmenter import Segmenter
+from emfm.paths import refuse_foreign, refuse_overlap
 
 WEIGHTS, CONFIG, CARD = "encoder.safetensors", "config.json", "README.md"    # an export folder
 FORMAT = "emfm-encoder/1"
@@ -155,6 +161,18 @@ def read_segmenter(path: str | Path, key: str | None = "checkpoint") -> tuple[di
     return hparams, state_dict(state, where)
 
 
+def load_segmenter(path: str | Path, key: str = "checkpoint") -> Segmenter:
+    """A fine-tuned model for inference, in eval mode on CPU; other checkpoints are refused with the reason."""
+    hparams, weights = read_segmenter(path, key)
+    try:
+        segmenter = Segmenter(hparams.get("encoder", {}), hparams["head"], hparams["target"],
+                              hparams.get("overlap", 0.25))
+    except TypeError as err:
+        raise EmfmError(f"{key}={path}: its hyper_parameters do not build a segmentation model ({err})") from None
+    fill(segmenter, {k: v for k, v in weights.items() if k.startswith("model.")}, f"{key}={path}")
+    return segmenter.eval()
+
+
 def fine_tuning_data(path: str | Path, key: str | None = "checkpoint") -> dict[str, Any]:
     """What a fine-tuning checkpoint was trained on, as its data module recorded it (``raw``, ``labels``,
     ``labeled_slices``, ``val_slices``); ``{}`` where it holds no record."""
@@ -187,6 +205,26 @@ def read_export(path: str | Path, key: str | None = None) -> tuple[dict[str, Any
     encoder = build_encoder(model, str(config_file))
     fill(exported_module(encoder), read_safetensors(weights_file, str(weights_file)), str(weights_file))
     return model, encoder
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a folder ``emfm export`` wrote (renamed into place whole): an encoder's ``config.json``
+    in emfm's format, or a bioimage.io package whose network is imported from emfm (its ``rdf.yaml``)."""
+    try:
+        if (path / CONFIG).is_file():
+            return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
+        rdf = yaml.safe_load((path / "rdf.yaml").read_text())
+        return str(rdf["weights"]["pytorch_state_dict"]["architecture"]["import_from"]).startswith("emfm.")
+    except (OSError, ValueError, yaml.YAMLError, LookupError, TypeError, AttributeError):    # not what emfm wrote
+        return False
+
+
+def check_export_dir(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse an export folder that is or holds the checkpoint, holds anything but an earlier export, or is one
+    (unless ``overwrite``)."""
+    refuse_overlap("out_dir", out_dir, {"checkpoint": checkpoint})
+    if refuse_foreign("out_dir", out_dir, "export", is_export) and not overwrite:
+        raise EmfmError(f"{out_dir} exists; pass --overwrite to replace it")
 
 
 def read_safetensors(path: str | Path, where: str) -> dict[str, torch.Tensor]:
@@ -247,3 +285,33 @@ def load_encoder(path: str | Path, as_timm: bool = True, key: str | None = None)
         fill(encoder, network.weights, named(path, key))
     module = encoder.timm_model if as_timm and encoder.timm_model is not None else encoder
     return module.eval()
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """A checkpoint file, or every file of an export directory."""
+    return sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 of a checkpoint file, or of every file of an export directory."""
+    digest = hashlib.sha256()
+    for file in checkpoint_files(path):
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_stamp(path: str | Path) -> tuple[tuple[int, int], ...]:
+    """Modification time and size of each checkpoint file: cheap to read, and changed when the checkpoint is
+    rewritten (a new ``last.ckpt``)."""
+    return tuple((s.st_mtime_ns, s.st_size) for s in (f.stat() for f in checkpoint_files(path)))
+
+
+def unchanged_checkpoint(path: str, stamp: tuple[tuple[int, int], ...]) -> str:
+    """``path``, once its files are checked to be as they were when the run started (``stamp``): a process that
+    loads the model later must not compute with other weights than the blocks before it."""
+    if checkpoint_stamp(path) != stamp:
+        raise EmfmError(f"checkpoint={path}: rewritten since this run started (its finished blocks came from the "
+                        "earlier file): put that back, or run again with overwrite=true")
+    return path

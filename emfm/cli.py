@@ -38,6 +38,7 @@ commands:
   synth     write a synthetic EM volume with ground truth (OME-Zarr or TIFF)
   export    a fine-tuned model as a bioimage.io package, or a pretrained encoder (safetensors + card)
   seeds     turn chosen clusters of `emfm cluster` into sparse labels for `emfm finetune`
+  compare   does pretraining pay on my data? a recipe against training from scratch, over seeds
 {hydra}
 
 `emfm ingest -h` for the flags of a data command; `emfm pretrain --help` for a Hydra command's
@@ -244,7 +245,7 @@ def seeds(argv: list[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     from emfm.data.labeled import parse_slices
-    from emfm.explore.cluster import clusters_to_labels
+    from emfm.explore.seeds import clusters_to_labels
 
     try:
         mapping = {int(c): int(v) for c, v in (item.split("=") for item in args.map)}
@@ -257,5 +258,13 @@ def seeds(argv: list[str]) -> None:
           f"target.classes={sorted({v for v in mapping.values() if v})}")
 
 
-# The data verbs (ordinary flags), each a function above.
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth, "export": export, "seeds": seeds}
+def compare(argv: list[str]) -> None:
+    """Its flags and their checks live with the command: every refusal names the flag, before any work."""
+    from emfm.evaluation.compare import main as run_compare
+
+    run_compare(argv)
+
+
+# The verbs with ordinary flags, each a function above.
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"ingest": ingest, "synth": synth, "export": export, "seeds": seeds,
+                                                    "compare": compare}

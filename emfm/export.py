@@ -16,15 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from safetensors.torch import save_file
 
+from emfm.bioimage_io import export_package
 from emfm.checkpoints import (
     CARD,
     CONFIG,
     FORMAT,
     WEIGHTS,
     build_encoder,
+    check_export_dir,
     exported_module,
     fill,
     hyper_parameters,
@@ -33,7 +34,7 @@ from emfm.checkpoints import (
 )
 from emfm.errors import EmfmError
 from emfm.models.encoders import Encoder
-from emfm.paths import refuse_foreign, refuse_overlap, remove
+from emfm.paths import remove
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, *, sample: str | Path | None = None,
@@ -44,8 +45,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, sample: str | Path | 
             raise EmfmError(f"{checkpoint}: a pretraining checkpoint, exported as its encoder; --sample and "
                             f"--author apply to fine-tuning checkpoints (bioimage.io packages)")
         return export_encoder(checkpoint, out_dir, overwrite=overwrite)
-    from emfm.bioimage_io import export_package
-
     return export_package(checkpoint, out_dir, sample=sample, authors=authors, license=license, overwrite=overwrite)
 
 
@@ -55,32 +54,12 @@ def is_segmenter(checkpoint: str | Path) -> bool:
     return "head" in hparams and "target" in hparams
 
 
-def check_output(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
-    """Refuse an export folder that is or holds the checkpoint, holds anything but an earlier export, or is one
-    (unless ``overwrite``)."""
-    refuse_overlap("out_dir", out_dir, {"checkpoint": checkpoint})
-    if refuse_foreign("out_dir", out_dir, "export", is_export) and not overwrite:
-        raise EmfmError(f"{out_dir} exists; pass --overwrite to replace it")
-
-
-def is_export(path: Path) -> bool:
-    """Whether ``path`` is a folder ``emfm export`` wrote (renamed into place whole): an encoder's ``config.json``
-    in emfm's format, or a bioimage.io package whose network is imported from emfm (its ``rdf.yaml``)."""
-    try:
-        if (path / CONFIG).is_file():
-            return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
-        rdf = yaml.safe_load((path / "rdf.yaml").read_text())
-        return str(rdf["weights"]["pytorch_state_dict"]["architecture"]["import_from"]).startswith("emfm.")
-    except (OSError, ValueError, yaml.YAMLError, LookupError, TypeError, AttributeError):    # not what emfm wrote
-        return False
-
-
 def export_encoder(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``out_dir`` with the encoder of an emfm pretraining checkpoint; returns ``out_dir``."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     state = read_pretraining(checkpoint)
     hparams, model = state["hyper_parameters"], dict(state["hyper_parameters"]["encoder"])
-    check_output(checkpoint, out_dir, overwrite)
+    check_export_dir(checkpoint, out_dir, overwrite)
     encoder = build_encoder(model, str(checkpoint))
     fill(encoder, {k.removeprefix("encoder."): v for k, v in state["state_dict"].items() if k.startswith("encoder.")},
          str(checkpoint))

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from emfm.checkpoints import hyper_parameters, read_checkpoint
 from emfm.errors import EmfmError, first_line
-from emfm.training import LastCheckpoint, check_max_steps, compiler_missing
+from emfm.training import LastCheckpoint, LogConfig, check_max_steps, compiler_missing
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     callbacks = instantiate_all(cfg.get("callbacks"))
     if not loggers:  # logger=none: the learning-rate monitor would have nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    else:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(config, dict)
+        callbacks.append(LogConfig({str(k): v for k, v in config.items()}))
     return build(
         trainer_cfg,
         precision=choose_precision(trainer_cfg.precision, trainer_cfg.accelerator),

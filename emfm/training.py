@@ -1,7 +1,7 @@
 """Trainer pieces shared by every command: the optimiser and its schedule, atomic checkpoints (the latest
 state and the best, kept when the run's folder moves), a clean stop on preemption or Ctrl-C, metrics
-appended across resumes, a run stopped when its loss stops being finite, the projected time of a CPU
-run, and compiled training steps."""
+appended across resumes, the whole config given to every logger, a run stopped when its loss stops being
+finite, the projected time of a CPU run, and compiled training steps."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
+from torch.utils.tensorboard.summary import hparams
 
 from emfm.errors import EmfmError
 from emfm.paths import alive
@@ -257,6 +258,35 @@ def duration(seconds: float) -> str:
         if seconds >= 2 * size:
             return f"{seconds / size:.1f} {unit}" if unit != "min" else f"{seconds / size:.0f} min"
     return f"{seconds:.0f} s"
+
+
+class LogConfig(pl.Callback):
+    """Give every logger the whole composed config, not only the module's hyperparameters (Lightning's own
+    call), so runs are compared and filtered in CSV, TensorBoard or W&B by any setting (``data.patch_shape``)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:      # loggers write on rank 0 only
+            return
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config)
+            if isinstance(logger, TensorBoardLogger):   # its HParams view needs a session, which Lightning
+                flat = flatten(self.config)             # writes only with a metric (default_hp_metric: false)
+                for summary in hparams(flat, {}):
+                    logger.experiment._get_file_writer().add_summary(summary)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"patch_shape": [64, 64]}}`` -> ``{"data/patch_shape": "[64, 64]"}``: TensorBoard's scalar types."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
 
 
 class AppendingCSVLogger(CSVLogger):

@@ -16,7 +16,7 @@ out="demo/$(date +%Y%m%d-%H%M%S)"
 
 # Pretrain once, then fine-tune both arms on slice 0; score on slices 40-47 (REPORT.json, side-by-side PNG),
 # the instance threshold chosen on slices 30-31.
-python "$(dirname "$0")/label_efficiency.py" --recipe restore_unet --raw demo/synth.zarr \
+emfm compare --recipe restore_unet --raw demo/synth.zarr \
     --labels demo/truth.zarr/labels/membranes --target membrane --labeled-slices 0 --eval-slices 40-47 \
     --val-slices 30-31 \
     --seeds 0 --lrs 3e-3 --arms scratch,pretrained --jobs 2 --out "$out/REPORT.json" \

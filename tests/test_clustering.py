@@ -13,13 +13,14 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.metrics.cluster import contingency_matrix
 
 import emfm.checkpoints
+from emfm.blockwise.grid import BlockGrid
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.evaluation.metrics import adjusted_rand_index, matched_iou, merged_iou
-from emfm.explore.cluster import Clusterer, clusters_to_labels, upsample_linear
+from emfm.explore.clusterer import Clusterer, upsample_linear
 from emfm.explore.pictures import umap_embedding
-from emfm.predict.blocks import BlockGrid
+from emfm.explore.seeds import clusters_to_labels
+from emfm.metrics import adjusted_rand_index, matched_iou, merged_iou
 from tests.conftest import TINY_FINETUNE, CommandLine, compose_run, file_hashes, refusal
 
 LABELS = "{{membranes:{v}/labels/membranes,mitochondria:{v}/labels/mitochondria}}"

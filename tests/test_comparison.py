@@ -8,6 +8,7 @@ from PIL import Image
 
 from emfm.errors import EmfmError
 from emfm.evaluation.comparison import mean_std, paired_differences, plot_curve, side_by_side, summarize
+from emfm.pictures import LINE
 
 BASELINE = [{"seed": 0, "iou": 0.50, "vrand": 0.40}, {"seed": 1, "iou": 0.60, "vrand": 0.50},
             {"seed": 2, "iou": 0.70, "vrand": 0.60}]
@@ -45,4 +46,5 @@ def test_curve_and_side_by_side_are_readable_pngs(tmp_path: Path) -> None:
     raw, truth = np.random.default_rng(0).normal(size=(24, 32)), np.zeros((24, 32), dtype=int)
     side_by_side(tmp_path / "sheet.png", raw, truth, {"a": np.zeros((1, 24, 32)), "b": np.ones((1, 24, 32))})
     with Image.open(tmp_path / "sheet.png") as image:
-        assert image.size == (4 * 32, 24) and np.asarray(image)[:, -32:].min() == 255
+        assert image.size == (4 * 32, 24 + LINE) and np.asarray(image)[LINE:, -32:].min() == 255
+        assert np.asarray(image)[:LINE, -30:-2].min() < 100                # the last column's title: "b probability"

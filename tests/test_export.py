@@ -13,9 +13,9 @@ import timm
 import torch
 
 import emfm
+from emfm.checkpoints import load_segmenter
 from emfm.errors import EmfmError
 from emfm.export import export, export_encoder
-from emfm.finetune.segmentation import load_segmenter
 from emfm.models.encoders import Encoder
 from emfm.pretrain.base import PretrainModule
 from tests.conftest import FAMILY_OBJECTIVES, CommandLine

@@ -9,10 +9,10 @@ import pytest
 import torch
 import zarr
 
+from emfm.blockwise import job as blockwise_job
 from emfm.checkpoints import load_encoder
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.explore import features as features_module
 from emfm.explore.features import FeatureJob, FeatureRequest, dense_features, job_encoder, make_job
 from tests.conftest import compose_run, later
 
@@ -133,6 +133,6 @@ def test_a_worker_keeps_its_run_encoder_and_a_new_run_loads_the_rewritten_checkp
     moved = [not torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values())
              if a.is_floating_point()]
     assert moved and all(moved)
-    features_module._ENCODERS.clear()                                   # a new worker process of the first run
+    blockwise_job._LOADED.clear()                                       # a new worker process of the first run
     with pytest.raises(EmfmError, match="rewritten since this run started"):
         job_encoder(job)

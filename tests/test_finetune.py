@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from emfm import run
+from emfm.checkpoints import load_segmenter
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.labeled import (
     IGNORE,
@@ -24,7 +25,6 @@ from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.export import export_encoder
 from emfm.finetune.callbacks import panels
-from emfm.finetune.segmentation import load_segmenter
 from tests.conftest import TINY_FINETUNE, CommandLine, overflowing, pretrained, tiny
 
 LABELS = {"membrane": "membranes", "boundary": "instances", "affinity": "instances", "semantic": "membranes",
@@ -62,8 +62,9 @@ def test_prediction_panels_show_truth_with_unknown_pixels_grey() -> None:
     image = torch.arange(4.0).view(1, 2, 2)
     truth = torch.tensor([[0, 2], [IGNORE, 1]])
     probs = torch.tensor([[[0.7, 0.1], [0.5, 0.2]], [[0.2, 0.1], [0.5, 0.3]], [[0.1, 0.8], [0.0, 0.5]]])
-    sheet = panels(image, truth, probs, softmax=True)
+    sheet, titles = panels(image, truth, probs, softmax=True)
     assert sheet.shape == (5, 1, 2, 2)                       # raw, truth of classes 1 and 2, their probabilities
+    assert titles == ["raw", "truth class 1", "truth class 2", "probability class 1", "probability class 2"]
     assert torch.equal(sheet[1, 0], torch.tensor([[0.0, 0.0], [0.5, 1.0]]))
     assert torch.equal(sheet[2, 0], torch.tensor([[0.0, 1.0], [0.5, 0.0]]))
     assert torch.equal(sheet[3:, 0], probs[1:])

@@ -1,20 +1,34 @@
-"""Instance post-processing on constructed cases: boundaries, membranes, affinities round trip, size filter."""
+"""Instance post-processing on constructed cases (boundaries, membranes, affinities round trip, size filter), and one
+cut of cells for emfm predict and emfm evaluate."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
+from scipy import ndimage
 from skimage.metrics import adapted_rand_error
+from skimage.segmentation import relabel_sequential
 
+from emfm.blockwise.store import decode
+from emfm.checkpoints import load_segmenter
+from emfm.data.labeled import HeldOutSlices, LabeledVolume
 from emfm.data.targets import NEAREST, make_target
 from emfm.errors import EmfmError
-from emfm.finetune.instances import (
+from emfm.evaluation.evaluate import evaluate_slices, score_instances, true_instances
+from emfm.instances import (
     from_affinities,
     from_boundaries,
     from_membranes,
+    from_probabilities,
+    grow,
     size_filter,
 )
+from emfm.models.segmenter import Segmenter
+from tests.conftest import CommandLine
 
 
 def same_objects(truth: np.ndarray, pred: np.ndarray) -> bool:
@@ -118,3 +132,58 @@ def test_errors() -> None:
         from_affinities(np.zeros((2, 4, 4)), NEAREST[3])
     with pytest.raises(EmfmError, match="nearest-neighbour"):
         from_affinities(np.zeros((1, 4, 4)), [[0, -3]])
+
+
+def test_a_block_read_with_a_halo_floods_as_the_whole_region() -> None:
+    """emfm predict grows each block read with a halo: equal heights of a uint8 map go by position, not by the
+    watershed's queue (which holds other pixels in a block than in the whole region), so each block's part is the
+    whole region's."""
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        relief = ndimage.gaussian_filter(rng.random((96, 96)), 2)
+        relief = np.round((relief - relief.min()) / (relief.max() - relief.min()) * 255) / 255
+        seeds = ndimage.label(relief <= 0.4)[0]
+        whole = grow(relief, seeds, None)
+        for y in range(0, 96, 16):
+            for x in range(0, 96, 16):
+                window = (slice(max(0, y - 48), y + 64), slice(max(0, x - 48), x + 64))
+                part = grow(relief[window], seeds[window], None)
+                inner = (slice(y - window[0].start, y - window[0].start + 16),
+                         slice(x - window[1].start, x - window[1].start + 16))
+                np.testing.assert_array_equal(part[inner], whole[y:y + 16, x:x + 16])
+
+
+class StoredMap:
+    """``segmenter`` answering with a probability map read from a store, so that evaluate scores that very map."""
+
+    def __init__(self, segmenter: Segmenter, probs: np.ndarray) -> None:
+        self.hparams, self.target, self.input_shape = segmenter.hparams, segmenter.target, segmenter.input_shape
+        self.probs = probs
+
+    def predict_region(self, image: torch.Tensor) -> torch.Tensor:
+        assert image.shape[1:] == self.probs.shape[1:]
+        return torch.from_numpy(self.probs)
+
+
+def test_predict_and_evaluate_cut_the_same_cells(synth_zarr: Path, model_2d: Path, run_cli: CommandLine,
+                                                 tmp_path: Path) -> None:
+    out = tmp_path / "p.zarr"
+    [done] = run_cli([(["predict", f"checkpoint={model_2d}", f"input={synth_zarr}", f"output={out}", "instances=true",
+                        "block_shape=[4,32,32]", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"], None)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    probs = decode(zarr.open_array(f"{out}/0", mode="r")[...])      # the uint8 map, read as the stitching reads it
+    cells = zarr.open_array(f"{out}/labels/instances/0", mode="r")[...].astype(np.int64)
+    segmenter = load_segmenter(model_2d)
+    data = LabeledVolume(synth_zarr, f"{synth_zarr}/labels/membranes")
+    crossing = 0
+    for z in range(len(cells)):
+        # the stitched blocks of emfm predict are the cut of the whole slice at once
+        assert same_objects(cells[z], from_probabilities(probs[:, z], segmenter.hparams["target"], 0.5))
+        boxes = [b for b in ndimage.find_objects(relabel_sequential(cells[z])[0]) if b is not None]
+        crossing += sum(any(s.start // 32 != (s.stop - 1) // 32 for s in box) for box in boxes)
+        # and emfm evaluate, given that map, scores exactly predict's cells
+        report = evaluate_slices(StoredMap(segmenter, probs[:, z]), data, [z], [], [0.5])["report"]
+        truth = true_instances(HeldOutSlices(data, [z], segmenter.input_shape)[0]["labels"][0].numpy(), "membrane")
+        scores = score_instances(cells[z], truth)
+        assert report["seeding"] == "components" and {k: report[k] for k in scores} == pytest.approx(scores, rel=1e-12)
+    assert crossing >= 3                  # the check saw cells cut by block borders

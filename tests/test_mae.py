@@ -3,9 +3,9 @@ import torch
 
 from emfm.errors import EmfmError
 from emfm.models.encoders import create_encoder
+from emfm.models.masking import masked_mse, patchify, random_masking, unpatchify
 from emfm.pretrain.base import PretrainModule
 from emfm.pretrain.mae import MAE
-from emfm.pretrain.masking import masked_mse, patchify, random_masking, unpatchify
 from tests.conftest import fixed_batch_losses, tiny_encoder
 
 

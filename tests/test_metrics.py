@@ -8,7 +8,7 @@ import pytest
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from emfm.errors import EmfmError
-from emfm.evaluation.metrics import (
+from emfm.metrics import (
     DEFAULT_THRESHOLDS,
     class_scores,
     contingency_table,

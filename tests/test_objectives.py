@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from emfm import run
 from emfm.errors import EmfmError
 from emfm.models.encoders import create_encoder
+from emfm.models.masking import tube_masking
 from emfm.pretrain.base import PretrainModule
 from emfm.pretrain.contrastive import info_nce, nt_xent
 from emfm.pretrain.densecl import DenseCL, dense_info_nce, match_cells
-from emfm.pretrain.masking import tube_masking
 from emfm.pretrain.mim import MIM
 from emfm.pretrain.mocov3 import MoCoV3
-from emfm.pretrain.restore import Corruption
+from emfm.restoration import Corruption
 from tests.conftest import fixed_batch_losses, tiny, tiny_encoder
 
 MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}

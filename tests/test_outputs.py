@@ -23,8 +23,8 @@ from ome_zarr_models.v05 import ImageLabel as ImageLabel05
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.synthetic import make_synthetic_em
 from emfm.data.volume import Volume
-from emfm.explore.cluster import clusters_to_labels
 from emfm.explore.pictures import palette
+from emfm.explore.seeds import clusters_to_labels
 from tests.conftest import TINY_PRETRAIN, CommandLine, compose_run, file_hashes
 
 VOXEL = (0.04, 0.008, 0.008)       # micrometres: a store another tool wrote in um, not nm

@@ -15,13 +15,13 @@ import torch
 import zarr
 from scipy import ndimage
 
+from emfm.blockwise import job as blockwise_job
+from emfm.checkpoints import load_segmenter
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.evaluation.metrics import rand_scores
-from emfm.finetune.segmentation import load_segmenter
-from emfm.predict import predict as predict_module
-from emfm.predict.predict import Job, make_job, model_function
+from emfm.metrics import rand_scores
+from emfm.predict.predict import Job, PredictRequest, make_job, model_function
 from tests.conftest import compose_run, finetuned, later, pretrained, tiny
 
 
@@ -144,7 +144,7 @@ def test_dask_executor_equals_local_with_instances_stitched(synth_zarr: Path, mo
     assert crossing >= 1                                    # the check did see objects cut by block borders
     assert len(np.unique(labels[labels > 0])) == n          # and no object lost or split
     # Grown over the membranes, per slice they match growing each whole slice at once.
-    from emfm.finetune.instances import from_membranes
+    from emfm.instances import from_membranes
 
     for z in (0, 7):
         whole = from_membranes(probabilities(local)[0, z] / 255, 0.5, method="components")
@@ -208,9 +208,9 @@ def test_a_worker_keeps_its_run_model_and_a_new_run_loads_the_retrained_checkpoi
     shutil.copy(model_2d, checkpoint)
 
     def job_now(tta: bool = False) -> Job:
-        return make_job(load_segmenter(checkpoint), Volume(synth_zarr), checkpoint=str(checkpoint),
-                        output=str(tmp_path / "out.zarr"), roi=None, block_shape=None, overlap=0.25, blend="linear",
-                        tta=tta, batch_size=2, dtype="float16", zarr_format=3, pyramid=False, threads=None)
+        request = PredictRequest(str(checkpoint), str(synth_zarr), str(tmp_path / "out.zarr"), batch_size=2,
+                                 tta=tta, dtype="float16")
+        return make_job(request, load_segmenter(checkpoint), Volume(synth_zarr), None)
 
     job = job_now()
     tiles = torch.rand(2, 1, *job.tile, generator=torch.Generator().manual_seed(0))
@@ -230,6 +230,6 @@ def test_a_worker_keeps_its_run_model_and_a_new_run_loads_the_retrained_checkpoi
         flipped = model_function(job_now(tta=True))(tiles)
         assert not torch.allclose(flipped, after, atol=1e-4)
 
-    predict_module._CACHE.clear()                                       # a new worker process of the first run
+    blockwise_job._LOADED.clear()                                       # a new worker process of the first run
     with pytest.raises(EmfmError, match="last.ckpt: rewritten since this run started"):
         model_function(job)

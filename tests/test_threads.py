@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from emfm import threads
+from emfm.blockwise.executor import Executor
 from emfm.data.datamodule import PatchDataModule
-from emfm.predict.blocks import Executor
 
 WAITING = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch._dynamo.utils import counters
 
 from emfm import run
-from emfm.finetune.segmentation import load_segmenter
+from emfm.checkpoints import load_segmenter
 from emfm.pretrain.base import PretrainModule
 from emfm.training import AppendingCSVLogger, duration
-from tests.conftest import TINY_PRETRAIN, finetuned, pretrained, tiny
+from tests.conftest import TINY_PRETRAIN, compose_run, finetuned, pretrained, tiny
 
 
 def test_metrics_are_appended_across_runs_and_a_new_key_widens_the_header(tmp_path: Path) -> None:
@@ -92,7 +93,6 @@ def test_fine_tuning_compiled_from_a_compiled_pretraining_gives_a_segmenter(
     state = torch.load(checkpoint, weights_only=True)
     assert torch.isfinite(torch.stack([v.float().sum() for v in state["state_dict"].values()])).all()
     segmenter = load_segmenter(checkpoint)
-    assert segmenter.compiled_loss is None
     assert segmenter.predict_region(torch.rand(1, 32, 32)).shape[1:] == (32, 32)
 
 
@@ -103,3 +103,14 @@ def test_without_a_cpp_compiler_training_stays_eager_and_says_so(compose_config,
         run.compile_training(module, "cpu")
     assert module.compiled_loss is None
     assert "trainer.compile=true: torch.compile builds C++ kernels on a CPU and found no C++ compiler" in caplog.text
+
+
+def test_every_logger_gets_the_whole_config_so_runs_compare_by_any_setting(synth_zarr: Path, tmp_path: Path) -> None:
+    compose_run("pretrain", [*tiny(), f"data.volumes=[{synth_zarr}]", f"paths.output_dir={tmp_path}",
+                             "trainer.max_steps=2", "data.batch_size=3"])
+    logged = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())
+    assert logged["data"]["batch_size"] == 3 and logged["data"]["patch_shape"] == [32, 32]
+    assert "mae" in logged["objective"]["methods"] and logged["trainer"]["max_steps"] == 2
+    assert logged["model"]["family"] == "vit2d"
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and b"data/batch_size" in b"".join(e.read_bytes() for e in events)

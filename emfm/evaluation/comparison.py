@@ -18,6 +18,7 @@ from PIL import Image
 
 from emfm.data.labeled import IGNORE
 from emfm.errors import EmfmError
+from emfm.pictures import titled
 
 METRICS = ("iou", "dice", "vrand", "vinfo", "vi")  # VI: lower is better; the others higher
 
@@ -79,9 +80,10 @@ def plot_curve(path: Path, counts: Sequence[int], arms: Mapping[str, Sequence[Ma
     fig.savefig(path, dpi=110)
 
 
-def side_by_side(path: Path, raw: np.ndarray, truth: np.ndarray, probs: Mapping[str, np.ndarray]) -> None:
-    """raw | truth | one probability map per arm (its first channel), one greyscale PNG; unlabeled
-    truth pixels grey."""
+def side_by_side(path: Path, raw: np.ndarray, truth: np.ndarray, probs: Mapping[str, np.ndarray],
+                 heading: str = "") -> None:
+    """raw | truth | one probability map per arm (its first channel), one greyscale PNG under the panels'
+    names; unlabeled truth pixels grey."""
     shown = np.where(truth == IGNORE, 0.5, truth > 0)
     panels = [_grey(raw, *np.percentile(raw, [1, 99])), _grey(shown.astype(float), 0, 1)]
     panels += [_grey(p[0], 0, 1) for p in probs.values()]
@@ -89,7 +91,7 @@ def side_by_side(path: Path, raw: np.ndarray, truth: np.ndarray, probs: Mapping[
     sheet = Image.new("L", (width * len(panels), height))
     for i, image in enumerate(panels):
         sheet.paste(image, (i * width, 0))
-    sheet.save(path)
+    titled(sheet, ["raw", "truth", *(f"{arm} probability" for arm in probs)], heading).save(path)
 
 
 def _grey(array: np.ndarray, lo: float, hi: float) -> Image.Image:

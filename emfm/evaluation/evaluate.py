@@ -3,8 +3,9 @@
 Semantic scores (IoU, Dice per class) use the same sliding window and counting as validation
 during fine-tuning. Instance scores follow the ISBI 2012 convention for membrane and boundary
 predictions: the prediction is turned into cells at a threshold and compared with the ground-truth
-cells on the ground-truth foreground. By default the cells are made as ``emfm predict`` makes them
-(``seeding: components``), so the scores are those of what the tool writes. The threshold is the
+cells on the ground-truth foreground. The cells are cut by :func:`emfm.instances.from_probabilities`,
+which ``emfm predict`` runs block by block: with the default ``seeding: components`` the scores are
+those of what the tool writes. The threshold is the
 one with the best mean Rand F-score on ``tune_slices``, other slices than the scored ones; without
 them it is the best on the scored slices themselves, an optimistic choice the report names.
 """
@@ -16,37 +17,50 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from scipy import ndimage
 
-from emfm.checkpoints import fine_tuning_data
+from emfm.checkpoints import fine_tuning_data, load_segmenter
 from emfm.data.labeled import IGNORE, HeldOutSlices, LabeledVolume, parse_slices
 from emfm.data.targets import Target
 from emfm.errors import EmfmError
-from emfm.evaluation.metrics import instance_scores, rand_scores, voi
-from emfm.finetune.instances import (
-    METHODS,
-    from_affinities,
-    from_boundaries,
-    from_membranes,
-    size_filter,
-)
-from emfm.finetune.segmentation import load_segmenter, overlap_counts
+from emfm.instances import KINDS, METHODS, SEEDING, from_probabilities
+from emfm.metrics import instance_scores, rand_scores, voi
+from emfm.models.segmenter import overlap_counts
 from emfm.paths import resolved
+from emfm.requests import Request
 
 log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # down to 0.02: gappy membranes cut best low
-SEEDING = "components"  # the seeds of ``emfm predict``'s instances (emfm/predict/stitch.py)
+
+
+@dataclass(frozen=True)
+class EvaluateRequest(Request):
+    """What ``emfm evaluate`` is asked: the keys of its config (emfm/configs/evaluate.yaml)."""
+
+    checkpoint: str
+    raw: str
+    labels: str
+    output_dir: str
+    slices: int | str | Sequence[int] | None = None         # z-slices scored; None: all but tune_slices
+    tune_slices: int | str | Sequence[int] | None = None    # other z-slices the instance threshold is chosen on
+    ignore_label: int | None = None
+    missing_chunks: str = "warn"
+    thresholds: Sequence[float] = THRESHOLDS
+    seeding: str = SEEDING
+    min_size: int = 0
 
 
 class Segments(Protocol):
-    """What scoring asks of a model: a ``SegmentationModule``, or a peer tool's network behind the same
-    members (:class:`~emfm.finetune.peers.PeerSegmenter`), so that both are scored by this one code."""
+    """What scoring asks of a model: a :class:`~emfm.models.segmenter.Segmenter`, or a peer tool's network behind
+    the same members (:class:`~emfm.evaluation.peers.PeerSegmenter`), so that both are scored by this one code."""
 
     @property
     def hparams(self) -> Mapping[str, Any]: ...          # "target": the target config
@@ -58,21 +72,6 @@ class Segments(Protocol):
     def input_shape(self) -> tuple[int, ...]: ...        # the sliding window's tile
 
     def predict_region(self, image: torch.Tensor) -> torch.Tensor: ...
-
-
-def predicted_instances(probs: np.ndarray, target: Mapping[str, Any], threshold: float,
-                        min_size: int, seeding: str = SEEDING) -> np.ndarray | None:
-    """Instances from the probabilities of an instance-capable target; ``None`` for semantic targets."""
-    kind = target["kind"]
-    if kind == "membrane":
-        return from_membranes(probs[0], threshold, method=seeding, min_size=min_size)
-    if kind == "boundary":
-        return from_boundaries(probs[0], probs[1], threshold, method=seeding, min_size=min_size)
-    if kind == "affinity":
-        return from_affinities(probs, target["offsets"], threshold, min_size=min_size)
-    if kind == "foreground":
-        return size_filter(ndimage.label(probs[0] > threshold)[0], min_size)
-    return None
 
 
 def true_instances(labels: np.ndarray, kind: str) -> np.ndarray:
@@ -110,10 +109,9 @@ def evaluate_region(module: Segments, regions: HeldOutSlices, thresholds: Sequen
         labels = item["labels"][0].numpy()
         probs_np = probs.numpy()
         gt = true_instances(labels, target["kind"])
-        for t in thresholds if gt.any() else ():    # a region without true objects has no instance scores
-            seg = predicted_instances(probs_np, target, t, min_size, seeding)
-            if seg is not None:
-                per_threshold[t].append(score_instances(seg, gt))
+        # a semantic target, or a region without true objects, has no instance scores
+        for t in thresholds if target["kind"] in KINDS and gt.any() else ():
+            per_threshold[t].append(score_instances(from_probabilities(probs_np, target, t, seeding, min_size), gt))
         last = (item["image"][0].numpy(), probs_np, labels)
     inter, pred, true = torch.stack(counts).sum(0)
     iou, dice = (inter / (pred + true - inter).clamp(min=1)), (2 * inter / (pred + true).clamp(min=1))
@@ -149,21 +147,23 @@ def evaluate_slices(module: Segments, data: LabeledVolume, slices: Sequence[int]
     return result
 
 
-def evaluate(cfg: Any) -> dict[str, Any]:
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """The ``emfm evaluate`` command: writes ``report.json`` and ``report.csv`` to ``cfg.output_dir``."""
-    module = load_segmenter(cfg.checkpoint)
-    data = LabeledVolume(cfg.raw, cfg.labels, cfg.get("ignore_label"), missing_chunks=cfg.missing_chunks)
-    tune = parse_slices(cfg.tune_slices, data.depth, "tune_slices")
-    slices = parse_slices(cfg.slices, data.depth, "slices") or [z for z in range(data.depth) if z not in tune]
+    request = EvaluateRequest.from_config(cfg)
+    module = load_segmenter(request.checkpoint)
+    data = LabeledVolume(request.raw, request.labels, request.ignore_label, missing_chunks=request.missing_chunks)
+    tune = parse_slices(request.tune_slices, data.depth, "tune_slices")
+    slices = parse_slices(request.slices, data.depth, "slices") or [z for z in range(data.depth) if z not in tune]
     if overlap := sorted(set(tune) & set(slices)):
         raise EmfmError(f"tune_slices {overlap} are also scored (slices): choose the threshold on other slices")
-    if trained := training_slices(cfg.checkpoint, cfg.raw, slices):
+    if trained := training_slices(request.checkpoint, request.raw, slices):
         log.warning("slices %s of %s are training slices of checkpoint=%s (its data.labeled_slices): their scores "
-                    "are optimistic; score held-out slices", trained, cfg.raw, cfg.checkpoint)
-    result = evaluate_slices(module, data, slices, tune, list(cfg.thresholds), cfg.min_size, cfg.seeding)
-    report = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "raw": str(cfg.raw), "labels": str(cfg.labels),
-              "slices": slices, "target": dict(module.hparams["target"]), **result["report"]}
-    write_report(report, Path(cfg.output_dir))
+                    "are optimistic; score held-out slices", trained, request.raw, request.checkpoint)
+    result = evaluate_slices(module, data, slices, tune, list(request.thresholds), request.min_size, request.seeding)
+    report = {"checkpoint": str(Path(request.checkpoint).resolve()), "raw": str(request.raw),
+              "labels": str(request.labels), "slices": slices, "target": dict(module.hparams["target"]),
+              **result["report"]}
+    write_report(report, Path(request.output_dir))
     if "threshold" in report:
         log.info("instances at threshold %g (chosen on %s): emfm predict ... instances=true threshold=%g",
                  report["threshold"], report["threshold_chosen_on"], report["threshold"])

@@ -9,42 +9,38 @@ projection fitted on a sample can be stored beside the full features (``pca=K``)
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from emfm.checkpoints import load_encoder
-from emfm.data.ngff import ZarrFormat, check_zarr_format, image_attrs, read_attrs
-from emfm.data.volume import SPATIAL, Volume
-from emfm.errors import EmfmError
-from emfm.inference import covering_tiles, sliding_window
-from emfm.models.encoders import Encoder
-from emfm.paths import local_output, resolved
-from emfm.predict.blocks import Block, BlockGrid, Executor, executor_client, parse_roi, run_blocks
-from emfm.predict.store import (
+from emfm.blockwise.executor import Executor, executor_client, run_blocks
+from emfm.blockwise.grid import Block, BlockGrid, parse_roi
+from emfm.blockwise.job import BlockJob, BlockRequest, cached, input_volume
+from emfm.blockwise.store import (
     Progress,
     add_attrs,
-    checkpoint_digest,
-    checkpoint_stamp,
     claim,
     create,
     create_array,
     fingerprint,
     finish,
     placement,
-    unchanged_checkpoint,
     write,
 )
+from emfm.checkpoints import checkpoint_digest, load_encoder
+from emfm.data.ngff import image_attrs, read_attrs
+from emfm.data.volume import SPATIAL, Volume
+from emfm.errors import EmfmError
+from emfm.inference import covering_tiles, sliding_window
+from emfm.models.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -52,68 +48,27 @@ FEATURES, PCA = "0", "pca"
 
 
 @dataclass(frozen=True)
-class FeatureRequest:
-    """What ``emfm features`` (and ``emfm cluster``, for its feature store) is asked to compute."""
+class FeatureRequest(BlockRequest):
+    """What ``emfm features`` (and ``emfm cluster``, for its feature store) is asked to compute: the keys of
+    every blockwise command (``block_shape`` in feature cells) and these."""
 
-    checkpoint: str
-    input: str
-    output: str
-    level: int = 0
-    roi: Any = None               # [z0:z1,y0:y1,x0:x1]; None = the whole volume
     layer: int = -1               # which of the encoder's feature maps
     stride: Any = None            # voxels per feature cell (int or per axis); None = the map's own
-    block_shape: Any = None       # feature cells per block; None = 4 encoder tiles per axis
-    overlap: float = 0.25
-    blend: str = "linear"
-    batch_size: int = 8
     pca: int | None = None        # also store the features projected on this many principal components
     sample: int = 20000           # feature vectors sampled to fit the projection
     seed: int = 0
-    zarr_format: int = 3          # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
-    threads: int | None = None    # torch threads of a local run
-    missing_chunks: str = "warn"  # chunks absent from the input: warn | error | fill (emfm.data.volume)
-    overwrite: bool = False
-    progress: bool = True
-
-    @classmethod
-    def from_config(cls: type[Request], cfg: DictConfig, **given: Any) -> Request:
-        """The request's keys of a composed ``features`` (or ``cluster``) config, ``given`` ones replaced."""
-        values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
-        plain = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
-        return cls(**{**plain, **given})
 
 
-Request = TypeVar("Request", bound=FeatureRequest)
+@dataclass(frozen=True, kw_only=True)
+class FeatureJob(BlockJob):
+    """Everything a block task of ``emfm features`` needs; its blocks are in feature cells."""
 
-
-@dataclass(frozen=True)
-class FeatureJob:
-    """Everything a block task needs (small and picklable, for Dask workers)."""
-
-    checkpoint: str
-    checkpoint_stamp: tuple[tuple[int, int], ...]     # its files' (mtime, size) as the run starts
-    input: str
-    output: str
-    level: int
-    roi: tuple[tuple[int, int], ...]      # (start, stop) per axis of the input volume
-    tile: tuple[int, ...]                 # encoder tile over the region's axes (1 in z: a 2-D encoder)
     stride: tuple[int, ...]               # voxels per feature cell, per axis
     layer: int                            # index into the encoder's forward_features maps
-    block: tuple[int, ...]                # in feature cells; one chunk of the store
-    overlap: float
-    blend: str
-    batch_size: int
-    zarr_format: ZarrFormat = 3
-    threads: int | None = None
-    missing_chunks: str = "warn"          # what reading a chunk absent from the input does
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The region's shape in voxels."""
-        return tuple(b - a for a, b in self.roi)
 
     @property
     def grid(self) -> BlockGrid:
+        """The store's blocks of feature cells."""
         return BlockGrid(tuple(math.ceil(s / k) for s, k in zip(self.shape, self.stride)), self.block)
 
     @property
@@ -122,22 +77,12 @@ class FeatureJob:
         return tuple(max(t, n * k) for t, n, k in zip(self.tile, self.grid.shape, self.stride))
 
 
-_ENCODERS: dict[FeatureJob, Encoder] = {}
-
-
 def job_encoder(job: FeatureJob, encoder: Encoder | None = None) -> Encoder:
-    """The job's encoder, loaded once per process (one per Dask worker), on ``job.threads`` torch threads;
-    kept per job, as ``predict.model_function`` keeps its model.
+    """The job's encoder, loaded once per process and job (:func:`~emfm.blockwise.job.cached`).
 
     ``encoder``: the checkpoint's, already loaded in this process, to use instead of loading it again.
     """
-    if encoder is not None or job not in _ENCODERS:
-        if job.threads:
-            torch.set_num_threads(job.threads)
-        _ENCODERS.clear()
-        _ENCODERS[job] = encoder if encoder is not None else \
-            load_encoder(unchanged_checkpoint(job.checkpoint, job.checkpoint_stamp), as_timm=False)
-    return _ENCODERS[job]
+    return cached(job, lambda path: load_encoder(path, as_timm=False), encoder)
 
 
 def feature_function(encoder: Encoder, layer: int, tile: tuple[int, ...], stride: tuple[int, ...]) -> Any:
@@ -156,11 +101,6 @@ def feature_function(encoder: Encoder, layer: int, tile: tuple[int, ...], stride
     return features
 
 
-@functools.lru_cache(maxsize=1)
-def input_volume(path: str, level: int, missing_chunks: str) -> Volume:
-    return Volume(path, level, missing_chunks)
-
-
 def read_padded(volume: Volume, roi: tuple[tuple[int, int], ...], span: tuple[slice, ...]) -> np.ndarray:
     """The normalised input over ``span`` (region coordinates), mirrored where it passes the region's end."""
     inside = tuple(slice(s.start, min(s.stop, b - a)) for s, (a, b) in zip(span, roi))
@@ -175,7 +115,7 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     cells = job.grid.region(index)
     voxels = tuple(slice(c.start * k, c.stop * k) for c, k in zip(cells, job.stride))
     span, corners = covering_tiles(voxels, job.padded, job.tile, job.overlap, job.stride)
-    image = torch.from_numpy(read_padded(input_volume(job.input, job.level, job.missing_chunks), job.roi, span))[None]
+    image = torch.from_numpy(read_padded(job.volume(), job.roi, span))[None]
     encoder = job_encoder(job)
     fn = feature_function(encoder, job.layer, job.tile, job.stride)
     feats = sliding_window(fn, image, job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride)
@@ -237,16 +177,8 @@ def make_job(request: FeatureRequest, encoder: Encoder, volume: Volume, threads:
     cells = tuple(math.ceil(s / k) for s, k in zip(shape, stride))
     default = tuple(min(c, 4 * t // k) for c, t, k in zip(cells, tile, stride))
     block = _per_axis(request.block_shape, len(cells), "block_shape") if request.block_shape else default
-    if request.batch_size < 1:
-        raise EmfmError(f"batch_size={request.batch_size}: expected at least 1 tile per forward pass")
-    return FeatureJob(checkpoint=str(Path(request.checkpoint).resolve()),
-                      checkpoint_stamp=checkpoint_stamp(request.checkpoint), input=resolved(volume.path),
-                      output=str(local_output("output", request.output)), level=volume.level,
-                      roi=tuple((r.start, r.stop) for r in region), tile=tile, stride=stride,
-                      layer=request.layer % len(encoder.feature_strides), block=block, overlap=float(request.overlap),
-                      blend=str(request.blend), batch_size=int(request.batch_size),
-                      zarr_format=check_zarr_format(request.zarr_format), threads=threads,
-                      missing_chunks=volume.missing_chunks)
+    return FeatureJob.of(request, volume, region, threads, tile=tile, block=block, stride=stride,
+                         layer=request.layer % len(encoder.feature_strides))
 
 
 def create_store(job: FeatureJob, stamp: dict[str, Any], channels: int, volume: Volume) -> None:

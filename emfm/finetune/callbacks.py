@@ -16,8 +16,10 @@ from emfm.pictures import publish
 MAX_CHANNELS = 3   # affinity targets have many channels; the first few tell the story
 
 
-def panels(image: torch.Tensor, truth: torch.Tensor, probs: torch.Tensor, softmax: bool) -> torch.Tensor:
-    """(P, 1, Y, X) panels in [0, 1]: the raw image, then truth and probability per shown channel.
+def panels(image: torch.Tensor, truth: torch.Tensor, probs: torch.Tensor,
+           softmax: bool) -> tuple[torch.Tensor, list[str]]:
+    """(P, 1, Y, X) panels in [0, 1] and their titles: the raw image, then truth and probability per shown channel
+    (classes 1.. of a softmax target, channels 0.. of the others).
 
     ``image`` (1, *spatial), ``truth`` a class map (*spatial) for softmax targets or (C, *spatial),
     ``probs`` (K, *spatial); 3-D regions show their middle section. Unknown truth is grey.
@@ -33,7 +35,9 @@ def panels(image: torch.Tensor, truth: torch.Tensor, probs: torch.Tensor, softma
         truth = truth[shown].float().masked_fill(truth[shown] == IGNORE, 0.5)
     low, high = torch.quantile(image.float().flatten()[:1_000_000], torch.tensor([0.01, 0.99]))
     raw = ((image.float() - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
-    return torch.cat([raw, truth, probs[shown].float()]).unsqueeze(1).cpu()
+    name = "class" if softmax else "channel"
+    titles = ["raw", *(f"truth {name} {c}" for c in shown), *(f"probability {name} {c}" for c in shown)]
+    return torch.cat([raw, truth, probs[shown].float()]).unsqueeze(1).cpu(), titles
 
 
 class PredictionImages(pl.Callback):
@@ -48,6 +52,8 @@ class PredictionImages(pl.Callback):
             return
         assert isinstance(pl_module, SegmentationModule), "PredictionImages is a callback of emfm finetune"
         truth = pl_module.target(batch["labels"])[0]
-        sheet = panels(batch["image"], truth, outputs, pl_module.target.loss == "softmax")
+        sheet, titles = panels(batch["image"], truth, outputs, pl_module.target.loss == "softmax")
         grid = make_grid(sheet, nrow=len(sheet), padding=4, pad_value=1.0)
-        publish(trainer, grid, self.dirpath / f"step_{trainer.global_step:07d}.png", "predictions/raw|truth|probs")
+        step = trainer.global_step
+        publish(trainer, grid, self.dirpath / f"step_{step:07d}.png", "predictions/raw|truth|probs", titles,
+                f"step {step}: the first validation region")

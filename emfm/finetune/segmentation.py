@@ -1,14 +1,14 @@
 """Fine-tuning an encoder with a segmentation head on a few labeled slices.
 
 The encoder starts from an emfm checkpoint, an exported encoder, or scratch; the head and target
-come from config. Validation predicts whole held-out slices with the same sliding window as
-``emfm evaluate`` and logs IoU / Dice, so the best checkpoint is the best segmenter.
+come from config. The network, its activation and its sliding window are those inference runs
+(:mod:`emfm.models.segmenter`): validation predicts whole held-out slices as ``emfm evaluate`` does
+and logs IoU / Dice, so the best checkpoint is the best segmenter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,17 +16,17 @@ import torch
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.layers import resample_abs_pos_embed
 
-from emfm.checkpoints import PretrainedHead, fill, read_init, read_segmenter
+from emfm.checkpoints import PretrainedHead, fill, read_init
 from emfm.data.augment import Augment
 from emfm.data.labeled import LabeledDataModule
-from emfm.data.targets import IGNORE, Target, make_target
+from emfm.data.targets import IGNORE
 from emfm.errors import EmfmError
 from emfm.finetune.losses import SegmentationLoss
 from emfm.finetune.semi import create_semi
-from emfm.inference import sliding_window
-from emfm.models.encoders import Encoder, ViTEncoder, create_encoder
-from emfm.models.heads import SegmentationModel, create_head, head_settings
+from emfm.models.encoders import Encoder, ViTEncoder
+from emfm.models.heads import SegmentationModel, head_settings
 from emfm.models.public import PublicWeights, fit_timm
+from emfm.models.segmenter import Predicts, overlap_counts, segmentation_network
 from emfm.training import adamw_warmup_cosine, compiled, param_groups
 
 # Settings that must agree between a pretrained encoder and the one fine-tuned (the input shape may differ).
@@ -91,53 +91,7 @@ def load_decoder(model: SegmentationModel, decoder: PretrainedHead, head: Mappin
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def segmentation_network(encoder: Mapping[str, Any], head: Mapping[str, Any],
-                         target: Mapping[str, Any]) -> tuple[SegmentationModel, Target]:
-    """The network of a ``model``, ``head`` and ``target`` config (random weights), and its target."""
-    settings = dict(target)
-    made = make_target(settings.pop("kind"), ignore_label=IGNORE, **settings)
-    net = create_encoder(**encoder)
-    return SegmentationModel(net, create_head(encoder=net, out_channels=made.channels, **head)), made
-
-
-def activate(logits: torch.Tensor, target: Target) -> torch.Tensor:
-    """Probabilities: softmax over classes, or a sigmoid per channel."""
-    return logits.softmax(1) if target.loss == "softmax" else logits.sigmoid()
-
-
-class Segmenter(torch.nn.Module):
-    """A fine-tuned network with its activation: images (N, C, *spatial) -> probabilities (N, K, *spatial).
-
-    What ``emfm export`` traces into a bioimage.io package, and the architecture its state dict
-    names: bioimage.io tools rebuild it from the three configs kept in the package.
-    """
-
-    def __init__(self, encoder: Mapping[str, Any], head: Mapping[str, Any], target: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.model, self.target = segmentation_network(encoder, head, target)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return activate(self.model(x), self.target)
-
-
-def overlap_counts(probs: torch.Tensor, truth: torch.Tensor, kind: str) -> torch.Tensor:
-    """(3, C) intersection, predicted and true pixel counts per foreground class/channel, known pixels only.
-
-    ``probs`` (K, *spatial) probabilities and ``truth`` the target of the same region: a class map
-    for softmax (classes 1..K-1 counted), per-channel 0/1 maps for sigmoid (threshold 0.5).
-    """
-    if kind == "softmax":
-        pred, known = probs.argmax(0), truth != IGNORE
-        classes = torch.arange(1, probs.shape[0], device=probs.device).view(-1, *[1] * truth.ndim)
-        pred, truth, known = pred[None] == classes, truth[None] == classes, known[None]
-    else:
-        pred, known, truth = probs > 0.5, truth != IGNORE, truth == 1
-    pred, truth = pred & known, truth & known
-    dims = tuple(range(1, pred.ndim))
-    return torch.stack([(pred & truth).sum(dims), pred.sum(dims), truth.sum(dims)]).double()
-
-
-class SegmentationModule(pl.LightningModule):
+class SegmentationModule(Predicts, pl.LightningModule):
     """Encoder + head trained on labeled patches (and, with ``semi``, unlabeled ones).
 
     Args:
@@ -211,21 +165,6 @@ class SegmentationModule(pl.LightningModule):
         if isinstance(datamodule, LabeledDataModule):
             self.target.check_values(datamodule.label_values(), str(datamodule.label_path))
 
-    def activate(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities: softmax over classes, or a sigmoid per channel."""
-        return activate(logits, self.target)
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """The tile of ``predict_region``: the encoder's input shape."""
-        return self.model.encoder.input_shape
-
-    @torch.no_grad()
-    def predict_region(self, image: torch.Tensor, overlap: float | None = None) -> torch.Tensor:
-        """Probabilities (K, *spatial) over a whole slice (1, Y, X) or block (1, Z, Y, X)."""
-        overlap = self.hparams["overlap"] if overlap is None else overlap
-        return sliding_window(lambda x: self.activate(self.model(x)), image, self.input_shape, overlap)
-
     def on_train_batch_start(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         if self.semi is not None:
             self.semi.before_step(self.model)
@@ -282,14 +221,3 @@ class SegmentationModule(pl.LightningModule):
         return adamw_warmup_cosine(param_list, self.trainer.max_steps, hp["lr"], hp["betas"], hp["warmup_steps"],
                                    hp["min_lr_ratio"])
 
-
-def load_segmenter(checkpoint: str | Path, key: str = "checkpoint") -> SegmentationModule:
-    """A fine-tuned model in eval mode on CPU; other checkpoints are refused with the reason."""
-    hparams, weights = read_segmenter(checkpoint, key)
-    try:  # init=scratch: the weights come from this checkpoint, not from the one it was initialised with
-        module = SegmentationModule(**{**hparams, "init": "scratch"})
-    except TypeError as err:
-        raise EmfmError(f"{key}={checkpoint}: its hyper_parameters do not build a segmentation model ({err})") \
-            from None
-    fill(module, weights, f"{key}={checkpoint}")
-    return module.eval()

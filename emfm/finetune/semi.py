@@ -30,7 +30,7 @@ from emfm.errors import EmfmError
 from emfm.finetune.losses import SegmentationLoss
 from emfm.models.heads import SegmentationModel
 from emfm.models.layers import conv_nd
-from emfm.pretrain.restore import Corruption, restoration_loss
+from emfm.restoration import Corruption, restoration_loss
 
 # The strong view: what a segmentation should not depend on.
 STRONG = {"intensity": {"p": 1.0, "brightness": [-0.15, 0.15], "contrast": [0.6, 1.5], "gamma": [0.7, 1.4]},

@@ -4,16 +4,15 @@ The sliding-window tiles form one grid over the whole region of interest. Each o
 blends exactly the tiles of that grid that touch it (reading the input they cover), so the
 blocks join without seams: the result is the whole-region sliding window, computed out of core.
 Tiles straddling a block border are computed once per block they touch; that is the price of
-independent blocks, which is what makes the job resumable and distributable.
+independent blocks, which is what makes the job resumable and distributable. The blocks, their
+executors (here or on Dask) and the resumable output store are :mod:`emfm.blockwise`'s.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,19 +20,13 @@ import torch
 import zarr
 from omegaconf import DictConfig
 
-from emfm.data.ngff import Level, ZarrFormat, build_pyramid, check_zarr_format, image_attrs, labels_attrs
-from emfm.data.volume import Volume
-from emfm.errors import EmfmError
-from emfm.finetune.segmentation import SegmentationModule, load_segmenter
-from emfm.inference import covering_tiles, sliding_window
-from emfm.paths import local_output, resolved
-from emfm.predict import stitch
-from emfm.predict.blocks import Block, BlockGrid, Executor, executor_client, parse_roi, run_blocks
-from emfm.predict.store import (
+from emfm.blockwise.executor import Executor, executor_client, run_blocks
+from emfm.blockwise.grid import Block, parse_roi
+from emfm.blockwise.job import BlockJob, BlockRequest, cached, input_volume
+from emfm.blockwise.store import (
     DTYPES,
     WORK,
     Progress,
-    checkpoint_stamp,
     claim,
     create,
     create_array,
@@ -41,9 +34,15 @@ from emfm.predict.store import (
     fingerprint,
     finish,
     placement,
-    unchanged_checkpoint,
     write,
 )
+from emfm.checkpoints import load_segmenter
+from emfm.data.ngff import Level, build_pyramid, image_attrs, labels_attrs
+from emfm.data.volume import Volume
+from emfm.errors import EmfmError
+from emfm.inference import covering_tiles, sliding_window
+from emfm.models.segmenter import Segmenter
+from emfm.predict import stitch
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +50,24 @@ Probabilities = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Job:
-    """Everything a block task needs; small and picklable, so Dask workers receive it with each task."""
+class PredictRequest(BlockRequest):
+    """What ``emfm predict`` is asked: the keys of every blockwise command and these."""
 
-    checkpoint: str
-    checkpoint_stamp: tuple[tuple[int, int], ...]     # its files' (mtime, size) as the run starts
-    input: str
-    output: str
-    level: int
-    roi: tuple[tuple[int, int], ...]      # (start, stop) per axis of the input volume
-    tile: tuple[int, ...]                 # sliding-window tile over the region's axes (1 in z: a 2-D model)
-    block: tuple[int, ...]
-    overlap: float
-    blend: str
-    tta: bool
-    batch_size: int
-    dtype: str
-    zarr_format: ZarrFormat = 3           # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
-    pyramid: bool = False                 # also downsampled levels, as ingest writes them
-    threads: int | None = None            # torch threads per task process (Dask workers); None: torch's default
-    missing_chunks: str = "warn"          # what reading a chunk absent from the input does (emfm.data.volume)
+    tta: bool = False             # also predict the in-plane flips and average
+    dtype: str = "uint8"          # uint8 (255 = probability 1) | float32 | float16
+    pyramid: bool = False         # also downsampled levels, as ingest writes them
+    instances: bool = False       # also labels/instances
+    threshold: float = 0.5        # instances: probability threshold of the object interior
+    instance_halo: int = 32       # instances: voxels of context read around each block when growing seeds
 
-    @property
-    def grid(self) -> BlockGrid:
-        return BlockGrid(tuple(b - a for a, b in self.roi), self.block)
+
+@dataclass(frozen=True, kw_only=True)
+class Job(BlockJob):
+    """Everything a block task of ``emfm predict`` needs."""
+
+    tta: bool                             # also the in-plane flips, averaged
+    dtype: str                            # how probabilities are stored (one of DTYPES)
+    pyramid: bool                         # also downsampled levels, as ingest writes them
 
     @property
     def per_slice(self) -> bool:
@@ -82,47 +75,36 @@ class Job:
         return len(self.tile) == 3 and self.tile[0] == 1
 
 
-_CACHE: dict[Job, Probabilities] = {}
+def model_function(job: Job, module: Segmenter | None = None) -> Probabilities:
+    """The probability function of the job's checkpoint, loaded once per process and job
+    (:func:`~emfm.blockwise.job.cached`).
 
-
-def model_function(job: Job, module: SegmentationModule | None = None) -> Probabilities:
-    """The probability function of the job's checkpoint, loaded once per process (one model per Dask worker).
-
-    Kept per job, whose stamp of the checkpoint files tells runs apart: the workers of a running scheduler
-    (``executor.address``) serve one run after another, with other settings or a retrained ``last.ckpt``.
     ``module``: the checkpoint already loaded in this process, to use instead of loading it again.
     """
-    if module is not None or job not in _CACHE:
-        if job.threads:
-            torch.set_num_threads(job.threads)
-        model = module if module is not None else load_segmenter(unchanged_checkpoint(job.checkpoint,
-                                                                                      job.checkpoint_stamp))
-
-        def segment(x: torch.Tensor) -> torch.Tensor:
-            out = model.activate(model.model(x))
-            if job.tta:                             # mean over the in-plane flips
-                for dims in ((-1,), (-2,), (-2, -1)):
-                    out = out + model.activate(model.model(x.flip(dims))).flip(dims)
-                out = out / 4
-            return out
-
-        _CACHE.clear()
-        # Tiles of a 2-D model over a 3-D volume are (B, C, 1, Y, X).
-        _CACHE[job] = (lambda x: segment(x[:, :, 0]).unsqueeze(2)) if job.per_slice else segment
-    return _CACHE[job]
+    return cached(job, lambda path: probabilities(job, load_segmenter(path)),
+                  None if module is None else probabilities(job, module))
 
 
-@functools.lru_cache(maxsize=1)
-def input_volume(path: str, level: int, missing_chunks: str) -> Volume:
-    """The input, opened once per process (its metadata and stored normalisation are read once)."""
-    return Volume(path, level, missing_chunks)
+def probabilities(job: Job, model: Segmenter) -> Probabilities:
+    """Tiles -> probabilities of ``model``, averaged over the in-plane flips with ``tta``."""
+
+    def segment(x: torch.Tensor) -> torch.Tensor:
+        out = model.activate(model.model(x))
+        if job.tta:                             # mean over the in-plane flips
+            for dims in ((-1,), (-2,), (-2, -1)):
+                out = out + model.activate(model.model(x.flip(dims))).flip(dims)
+            out = out / 4
+        return out
+
+    # Tiles of a 2-D model over a 3-D volume are (B, C, 1, Y, X).
+    return (lambda x: segment(x[:, :, 0]).unsqueeze(2)) if job.per_slice else segment
 
 
 def predict_block(job: Job, index: Block) -> Block:
     """Predict, encode and write one output block, then mark it done."""
     region = job.grid.region(index)
     span, corners = covering_tiles(region, job.grid.shape, job.tile, job.overlap)
-    volume = input_volume(job.input, job.level, job.missing_chunks)
+    volume = job.volume()
     raw = volume.read(tuple(slice(a + s.start, a + s.stop) for (a, _), s in zip(job.roi, span)))
     image = torch.from_numpy(volume.normalize(raw))[None]
     probs = sliding_window(model_function(job), image, job.tile, job.overlap, job.batch_size, corners, job.blend)
@@ -132,32 +114,23 @@ def predict_block(job: Job, index: Block) -> Block:
     return index
 
 
-def make_job(module: SegmentationModule, volume: Volume, *, checkpoint: str, output: str, roi: Any,
-             block_shape: Any, overlap: float, blend: str, tta: bool, batch_size: int, dtype: str,
-             zarr_format: int, pyramid: bool, threads: int | None) -> Job:
+def make_job(request: PredictRequest, module: Segmenter, volume: Volume, threads: int | None) -> Job:
     """Check the settings against the model and the volume, and build the job."""
     patch = tuple(module.model.encoder.input_shape)
     if len(patch) == 3 and volume.ndim == 2:
         raise EmfmError(f"input={volume.path}: a 2-D image, but the checkpoint's model is 3-D (patch {list(patch)}); "
                         f"use a 2-D model or a 3-D volume")
     tile = (1, *patch) if volume.ndim == 3 and len(patch) == 2 else patch
-    region = parse_roi(roi, volume.shape)
+    region = parse_roi(request.roi, volume.shape)
     shape = tuple(r.stop - r.start for r in region)
-    block = tuple(block_shape) if block_shape else tuple(min(s, 4 * t) for s, t in zip(shape, tile))
+    block = tuple(request.block_shape) if request.block_shape else tuple(min(s, 4 * t) for s, t in zip(shape, tile))
     if len(block) != len(shape) or min(block) < 1:
         raise EmfmError(f"block_shape={list(block)}: expected {len(shape)} positive sizes for a {volume.ndim}-D volume")
-    if dtype not in DTYPES:
-        raise EmfmError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}")
-    if batch_size < 1:
-        raise EmfmError(f"batch_size={batch_size}: expected at least 1 tile per forward pass")
-    return Job(checkpoint=str(Path(checkpoint).resolve()), checkpoint_stamp=checkpoint_stamp(checkpoint),
-               input=resolved(volume.path),
-               output=str(local_output("output", output)), level=volume.level,
-               roi=tuple((r.start, r.stop) for r in region),
-               tile=tuple(int(t) for t in tile), block=tuple(int(b) for b in block), overlap=float(overlap),
-               blend=str(blend), tta=bool(tta), batch_size=int(batch_size), dtype=str(dtype),
-               zarr_format=check_zarr_format(zarr_format), pyramid=bool(pyramid), threads=threads,
-               missing_chunks=volume.missing_chunks)
+    if request.dtype not in DTYPES:
+        raise EmfmError(f"dtype={request.dtype}: expected one of {', '.join(DTYPES)}")
+    return Job.of(request, volume, region, threads, tile=tuple(int(t) for t in tile),
+                  block=tuple(int(b) for b in block), tta=bool(request.tta), dtype=str(request.dtype),
+                  pyramid=bool(request.pyramid))
 
 
 def create_output(job: Job, stamp: dict[str, Any], channels: int, volume: Volume, instances: bool) -> None:
@@ -200,20 +173,18 @@ def write_pyramid(job: Job, volume: Volume, instances: bool) -> None:
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """The ``emfm predict`` command: probabilities (and optionally instances) of a volume into OME-Zarr."""
-    executor = Executor(cfg.executor, **cfg.dask)
+    request, executor = PredictRequest.from_config(cfg), Executor(cfg.executor, **cfg.dask)
     input_volume.cache_clear()                      # the input may have been rewritten since a previous call
-    module = load_segmenter(cfg.checkpoint)
-    volume = Volume(cfg.input, cfg.level, cfg.missing_chunks)
-    job = make_job(module, volume, checkpoint=cfg.checkpoint, output=cfg.output, roi=cfg.roi,
-                   block_shape=cfg.block_shape, overlap=cfg.overlap, blend=cfg.blend, tta=cfg.tta,
-                   batch_size=cfg.batch_size, dtype=cfg.dtype, zarr_format=cfg.zarr_format, pyramid=cfg.pyramid,
-                   threads=executor.threads(cfg.threads))
-    instances = stitch.settings(module.hparams["target"]["kind"], cfg.threshold, cfg.instance_halo) \
-        if cfg.instances else None
-    return run_prediction(job, module, volume, instances, executor, overwrite=cfg.overwrite, progress=cfg.progress)
+    module = load_segmenter(request.checkpoint)
+    volume = Volume(request.input, request.level, request.missing_chunks)
+    job = make_job(request, module, volume, executor.threads(request.threads))
+    instances = stitch.settings(module.hparams["target"]["kind"], request.threshold, request.instance_halo) \
+        if request.instances else None
+    return run_prediction(job, module, volume, instances, executor, overwrite=request.overwrite,
+                          progress=request.progress)
 
 
-def run_prediction(job: Job, module: SegmentationModule, volume: Volume, instances: stitch.Settings | None,
+def run_prediction(job: Job, module: Segmenter, volume: Volume, instances: stitch.Settings | None,
                    executor: Executor, overwrite: bool, progress: bool) -> dict[str, Any]:
     """Create (or continue) the output of ``job``, predict its pending blocks, then stitch the instances."""
     stamp = fingerprint(job, ("threads", "batch_size", "missing_chunks"),

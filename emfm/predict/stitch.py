@@ -5,8 +5,13 @@
    across a block face they are the same component; a union-find over those face contacts gives
    every component one global id, exactly as labelling the whole volume at once would.
 2. Growth: every block, read with a halo, floods its seeds (now global ids) over the probability
-   map with a watershed -- the post-processing of ``emfm evaluate`` with ``method="components"``
-   -- and keeps its own part. An object crossing a border carries the same id on both sides.
+   map with a watershed and keeps its own part. An object crossing a border carries the same id on
+   both sides.
+
+Both passes are those of :func:`emfm.instances.from_probabilities` (its ``maps`` and ``grow``), the
+cells ``emfm evaluate`` scores: the same cells wherever a flood stays within ``instance_halo`` voxels
+of its block (membranes thinner than the halo); a wider region without interior may be cut
+otherwise than over the whole volume at once.
 
 A 2-D model's objects are per z-slice (no contact across slices), a 3-D model's are 3-D.
 """
@@ -21,13 +26,12 @@ import zarr
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from skimage.segmentation import watershed
 
+from emfm.blockwise.executor import run_blocks
+from emfm.blockwise.grid import Block, BlockGrid
+from emfm.blockwise.store import WORK, Progress, decode, write
 from emfm.errors import EmfmError
-from emfm.predict.blocks import Block, BlockGrid, run_blocks
-from emfm.predict.store import WORK, Progress, decode, write
-
-KINDS = ("membrane", "boundary", "foreground", "affinity")
+from emfm.instances import KINDS, grow, maps
 
 
 @dataclass(frozen=True)
@@ -63,20 +67,6 @@ class InstanceJob:
     @property
     def block(self) -> tuple[int, ...]:
         return self.grid.block
-
-
-def maps(probs: np.ndarray, kind: str, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(interior, relief, mask): seeds grow from the interior over the relief, inside the mask."""
-    if kind == "membrane":
-        return probs[0] <= threshold, probs[0], None
-    if kind == "boundary":
-        mask = probs[0] > threshold
-        return mask & (probs[1] <= threshold), probs[1], mask
-    if kind == "foreground":
-        mask = probs[0] > threshold
-        return mask, 1 - probs[0], mask
-    mean = probs.mean(0)                                    # affinity: strongly linked voxels are inside
-    return mean > threshold, 1 - mean, None
 
 
 def structure(job: InstanceJob) -> np.ndarray:
@@ -144,10 +134,9 @@ def grow_block(job: InstanceJob, ids: np.ndarray, roots: np.ndarray, index: Bloc
     _, relief, mask = maps(probs, job.settings.kind, job.settings.threshold)
     seeds = relabel(np.asarray(zarr_array(job, f"{WORK}/seeds")[outer]), ids, roots)
     if job.per_slice:
-        grown = np.stack([watershed(relief[z], seeds[z], mask=None if mask is None else mask[z])
-                          for z in range(len(relief))])
+        grown = np.stack([grow(relief[z], seeds[z], None if mask is None else mask[z]) for z in range(len(relief))])
     else:
-        grown = watershed(relief, seeds, mask=mask)
+        grown = grow(relief, seeds, mask)
     inner = tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, outer))
     write(job.output, "labels/instances/0", region, grown[inner].astype(np.uint64))
     Progress(job.output, "instances", job.grid).mark(index)

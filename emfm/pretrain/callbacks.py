@@ -58,5 +58,6 @@ class ReconstructionImages(pl.Callback):
         zoom = max(1, MIN_PANEL_PIXELS // max(rows.shape[-2:]))
         rows = F.interpolate(rows, scale_factor=zoom, mode="nearest")  # small patches stay visible
         grid = make_grid(rows.cpu(), nrow=len(panels), padding=2, pad_value=1.0)
-        return publish(trainer, grid, self.dirpath / f"step_{step:07d}.png", "reconstructions/" + "|".join(panels))
+        return publish(trainer, grid, self.dirpath / f"step_{step:07d}.png", "reconstructions/" + "|".join(panels),
+                       list(panels), f"step {step}: one row per image of the first training batch")
 

@@ -18,14 +18,14 @@ from torch import nn
 from emfm.errors import EmfmError
 from emfm.models.encoders import Encoder, ViTEncoder
 from emfm.models.layers import sincos_pos_embed
-from emfm.pretrain.base import Objective, register
-from emfm.pretrain.masking import (
+from emfm.models.masking import (
     masked_mse,
     pixel_target,
     random_masking,
     reconstruction_panels,
     tube_masking,
 )
+from emfm.pretrain.base import Objective, register
 
 
 @register("mae")

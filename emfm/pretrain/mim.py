@@ -20,8 +20,7 @@ from torch import nn
 from emfm.errors import EmfmError
 from emfm.models.encoders import Encoder
 from emfm.models.layers import conv_nd
-from emfm.pretrain.base import Objective, register
-from emfm.pretrain.masking import (
+from emfm.models.masking import (
     masked_mse,
     patchify,
     pixel_target,
@@ -29,6 +28,7 @@ from emfm.pretrain.masking import (
     reconstruction_panels,
     unpatchify,
 )
+from emfm.pretrain.base import Objective, register
 
 
 @register("mim")

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
+from emfm.blockwise.grid import parse_roi
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.predict.blocks import parse_roi
+from emfm.models.masking import patchify, unpatchify
 from emfm.pretrain.base import PretrainModule
-from emfm.pretrain.masking import patchify, unpatchify
 
 
 def tiles(array: np.ndarray, tile: Sequence[int]) -> np.ndarray:

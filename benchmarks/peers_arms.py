@@ -1,4 +1,4 @@
-"""The arms of ``bench_peers.py``: what emfm and each peer run, one call per fresh process.
+"""The arms of ``benchmarks/peers.py``: what emfm and each peer run, one call per fresh process.
 
 Each arm times only its own work (not the interpreter start, nor imports), reads its peak RSS at
 the end and reports what it computed (``Result.facts``), read from the objects it built, so that
@@ -8,7 +8,6 @@ arms: an emfm process never loads lightly or MONAI.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,30 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_train import bare_parts, config, optimizer, peak_rss_mib, plain_loop, real_batch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from benchmarks.harness import Result, config, peak_rss_mib
+from benchmarks.workloads import K, bare_parts, optimizer, plain_loop, real_batch, trained_parameters
 from emfm.data.volume import Volume
 
 MODEL_3D = ["model=vit3d", "model.name=vit_tiny_patch16_224", "model.patch_size=[4,16,16]",
             "data.patch_shape=[16,64,64]"]
 PROBES = 4096       # output values of the in-memory sliding windows compared between the two sides
-K = 8               # clusters
-
-
-@dataclass(frozen=True)
-class Result:
-    """One arm's run: throughput, peak RSS, what it computed (``facts``) and arm-specific numbers."""
-
-    rate: float
-    rss_mib: float
-    facts: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def trained_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def parameters(module: torch.nn.Module) -> str:
@@ -99,7 +83,7 @@ def paired_train(args: list[str], steps: int, rounds: int) -> tuple[list[Result]
 
 
 def emfm_arm(args: list[str], steps: int) -> TrainArm:
-    """``bench_train.bare_parts`` (emfm's module, ``compute_loss``, AdamW); its augmentation timed alone."""
+    """``workloads.bare_parts`` (emfm's module, ``compute_loss``, AdamW); its augmentation timed alone."""
     from emfm.data.augment import OPTIONS
     from emfm.pretrain.contrastive import TwoViews
 
@@ -218,10 +202,9 @@ def lightly_arm(args: list[str]) -> TrainArm:
 
 def model_3d() -> Any:
     """A 3-D ViT-Ti UNETR with seeded random weights: the same in every process."""
-    from emfm.finetune.segmentation import Segmenter
+    from emfm.models.segmenter import Segmenter
 
-    with initialize_config_module("emfm.configs", version_base="1.3"):
-        cfg = compose("finetune", MODEL_3D)
+    cfg = config(MODEL_3D, "finetune")
     torch.manual_seed(0)
     parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "head", "target")]
     return Segmenter(*parts).eval()  # type: ignore[arg-type]
@@ -233,7 +216,7 @@ def segment_fn(checkpoint: Path | None) -> tuple[Callable[[torch.Tensor], torch.
     if checkpoint is None:
         net = model_3d()
         return net, tuple(net.model.encoder.input_shape)
-    from emfm.finetune.segmentation import load_segmenter
+    from emfm.checkpoints import load_segmenter
 
     module = load_segmenter(checkpoint)
     return (lambda x: module.activate(module.model(x[:, :, 0])).unsqueeze(2)), (1, *module.model.encoder.input_shape)
@@ -293,7 +276,7 @@ def monai_whole(checkpoint: Path, volume: Path, output: Path, overlap: float, ba
     import zarr
     from monai.inferers import sliding_window_inference
 
-    from emfm.predict.store import encode
+    from emfm.blockwise.store import encode
 
     start, tiles = time.perf_counter(), [0]
     fn, tile = segment_fn(checkpoint)
@@ -310,25 +293,6 @@ def monai_whole(checkpoint: Path, volume: Path, output: Path, overlap: float, ba
 
 
 # --- clustering ---------------------------------------------------------------------------------------------------
-
-
-def emfm_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:
-    """``emfm cluster`` as users run it (no pictures), timed from the command's start to its map; its modules are
-    imported before, as the notebook's are."""
-    import sklearn.cluster  # noqa: F401  (imported on first use by the command)
-
-    import emfm.explore.cluster  # noqa: F401
-    from emfm import run
-
-    with initialize_config_module("emfm.configs", version_base="1.3"):
-        cfg = compose("cluster", [f"checkpoint={checkpoint}", f"input={volume}", f"output={output}", f"k={K}",
-                                  "pictures=null", "progress=false", f"paths.output_dir={output}.run"])
-    start = time.perf_counter()
-    run.cluster(cfg)
-    return Result(math.prod(Volume(volume).shape) / (time.perf_counter() - start), peak_rss_mib(),
-                  {"vectors k-means is fitted on": f"a sample of {cfg.sample}", "projection": f"PCA to {cfg.pca}",
-                   "k-means": f"scikit-learn, k={K}, 3 inits", "features": "float16 store on disk",
-                   "map on the voxel grid": "cluster scores interpolated linearly"})
 
 
 def plain_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:

@@ -1,28 +1,28 @@
 """What does `trainer.compile=true` buy on a CPU? Training images/s with and without torch.compile, and its cost.
 
 Three setups, each the real command (`emfm pretrain` / `emfm finetune`: the Hydra config composed,
-`emfm.run.prepare`, `trainer.fit`, timed per batch as in bench_train.py) on a synthetic OME-Zarr volume:
+`emfm.run.prepare`, `trainer.fit`, timed per batch as in benchmarks/train.py) on a synthetic OME-Zarr volume:
 the restore_unet recipe's ResNet-18 U-Net pretraining by restoration and its fine-tuning (128x128, batch 8), and
 a ViT-Ti/16 MAE (128x128, batch 32). The two arms are the same config with trainer.compile=false (eager) and
 true (compiled: the training loss through torch.compile's inductor backend, augmentation and validation eager).
 
 Every run is a fresh spawned process; the arms alternate (eager, compiled, eager, ..., eager) so that machine
 noise falls on both, and each compiled run is paired with the mean of the two eager runs around it. Both arms
-skip bench_train's warm-up steps and time the same steps; validation and pictures are pushed past the window.
+skip the harness's warm-up steps and time the same steps; validation and pictures are pushed past the window.
 
 Compile time is a compiled run's first step (torch.compile traces the loss and builds the forward and backward
 kernels there) minus the eager runs' mean first step. Inductor caches what it builds: the first compiled run of
 each setup starts from an empty cache (what a user's first run pays, "cold"), the later ones reuse it ("warm":
 what a rerun of the same model pays).
 
-The script runs with the environment it is given (threads, OMP_WAIT_POLICY), as bench_train.py does; run it on
-an idle machine. The measurement, then quick checks of the script itself (small models, minutes; --override
+The benchmark runs with the environment it is given (threads, OMP_WAIT_POLICY), as benchmarks/train.py does; run
+it on an idle machine. The measurement, then quick checks of the benchmark itself (small models, minutes; --override
 applies to every config chosen):
 
-    python scripts/bench_compile.py --repeats 2          # docs/benchmarks.md
-    python scripts/bench_compile.py --configs vit --steps 2 --batch 2 --repeats 1 --override model.name=test_vit \\
+    python -m benchmarks.compile --repeats 2          # docs/benchmarks.md
+    python -m benchmarks.compile --configs vit --steps 2 --batch 2 --repeats 1 --override model.name=test_vit \\
         model.patch_size=8 data.patch_shape=[32,32] objective.methods.mae.decoder_depth=1
-    python scripts/bench_compile.py --configs unet unet_ft --steps 2 --batch 2 --repeats 1 \\
+    python -m benchmarks.compile --configs unet unet_ft --steps 2 --batch 2 --repeats 1 \\
         --override model.name=resnet10t data.patch_shape=[64,64]
 """
 
@@ -33,39 +33,24 @@ import itertools
 import os
 import statistics
 import tempfile
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
-from bench_train import WARMUP, Arm, Run, bench_all, in_fresh_process, ours
-from bench_train import overrides as pretrain_overrides
-
-
-@dataclass(frozen=True)
-class Setup:
-    """One model and command: its config overrides, batch size and timed steps."""
-
-    command: str
-    overrides: tuple[str, ...]
-    batch: int
-    steps: int
-    label: str
-
+from benchmarks.harness import WARMUP, Arm, Run, command_line, in_fresh_process, machine, paired
+from benchmarks.workloads import Setup, bench_all, ours
+from benchmarks.workloads import overrides as pretrain_overrides
 
 SETUPS = {
-    "unet": Setup("pretrain", ("experiment=restore_unet/pretrain",), batch=8, steps=20,
-                  label="ResNet-18 U-Net restore, 128x128"),
-    "unet_ft": Setup("finetune", ("experiment=restore_unet/finetune", "target=membrane"), batch=8, steps=20,
-                     label="ResNet-18 U-Net fine-tune, 128x128"),
-    "vit": Setup("pretrain", ("model=vit2d", "objective=mae", "model.name=vit_tiny_patch16_224",
-                              "data.patch_shape=[128,128]"), batch=32, steps=20,
-                 label="ViT-Ti/16 MAE, 128x128"),
+    "unet": Setup(("experiment=restore_unet/pretrain",), batch=8, steps=20, label="ResNet-18 U-Net restore, 128x128"),
+    "unet_ft": Setup(("experiment=restore_unet/finetune", "target=membrane"), batch=8, steps=20,
+                     label="ResNet-18 U-Net fine-tune, 128x128", command="finetune"),
+    "vit": Setup(("model=vit2d", "objective=mae", "model.name=vit_tiny_patch16_224", "data.patch_shape=[128,128]"),
+                 batch=32, steps=20, label="ViT-Ti/16 MAE, 128x128"),
 }
 
 
 def overrides(setup: Setup, volume: Path, run_dir: Path, args: argparse.Namespace, compile: bool) -> list[str]:
-    """bench_train's window (no validation or pictures in it) for either command, and the arm's compile key."""
+    """The training window (no validation or pictures in it) for either command, and the arm's compile key."""
     batch, steps = args.batch or setup.batch, args.steps or setup.steps
     window = pretrain_overrides(setup, volume, run_dir, batch, steps, args.workers, None)
     if setup.command == "finetune":       # labeled patches of the synthetic membranes instead of unlabeled ones
@@ -98,13 +83,12 @@ def bench(name: str, volume: Path, args: argparse.Namespace) -> tuple[Arm, Arm]:
             compiled.runs.append(run(True))
         eager.runs.append(run(False))
     for result, before, after in zip(compiled.runs, eager.runs, eager.runs[1:]):
-        compiled.paired.append(2 * result.rate / (before.rate + after.rate))
+        compiled.paired.append(paired(result, before, after))
     return eager, compiled
 
 
 def report(results: dict[str, tuple[Arm, Arm]], args: argparse.Namespace) -> None:
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, {args.workers} loader workers, "
+    print(f"\n{machine()}, {args.workers} loader workers, "
           f"warm-up {WARMUP} steps; mean (min-max) over runs; compile s = first step - eager's mean first step")
     if args.override:
         print(f"every config with {' '.join(args.override)} (the labels name the configs without them)")
@@ -114,16 +98,16 @@ def report(results: dict[str, tuple[Arm, Arm]], args: argparse.Namespace) -> Non
         setup = SETUPS[name]
         first = eager.mean("first")
         warm = [r.first - first for r in compiled.runs[1:]]
-        paired = f"{statistics.mean(compiled.paired):.3f} ({min(compiled.paired):.3f}-{max(compiled.paired):.3f})"
+        ratios = f"{statistics.mean(compiled.paired):.3f} ({min(compiled.paired):.3f}-{max(compiled.paired):.3f})"
         rss = f"{max(r.rss_mib for r in eager.runs):.0f}/{max(r.rss_mib for r in compiled.runs):.0f}"
         print(f"{setup.label:<36}{args.batch or setup.batch:>6}{args.steps or setup.steps:>6}  {eager.summary():<21}"
-              f"{compiled.summary():<21}{compiled.mean() / eager.mean():>6.3f}  {paired:<20}"
+              f"{compiled.summary():<21}{compiled.mean() / eager.mean():>6.3f}  {ratios:<20}"
               f"{compiled.runs[0].first - first:>15.1f}{statistics.mean(warm) if warm else float('nan'):>7.1f}"
               f"{first:>12.2f}{rss:>24}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("compile", __doc__)
     parser.add_argument("--configs", nargs="+", choices=sorted(SETUPS), default=list(SETUPS))
     parser.add_argument("--steps", type=int, help="timed steps (default: per config)")
     parser.add_argument("--batch", type=int, help="batch size (default: per config)")

@@ -5,18 +5,18 @@ Each backend fits the same sample (real features from a store made by ``emfm fea
 k-means inertia (sum of squared distances to the nearest centre) relative to the best backend,
 so "faster" never hides "worse".
 
-    python scripts/bench_cluster.py --features clusters.zarr/features --k 8 --samples 20000 100000
+    python -m benchmarks.kmeans --features clusters.zarr/features --k 8 --samples 20000 100000
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
 
-from emfm.explore.cluster import BACKENDS, Clusterer
+from benchmarks.harness import command_line
+from emfm.explore.clusterer import BACKENDS, Clusterer
 from emfm.explore.features import Projection, sample_store
 
 
@@ -26,7 +26,7 @@ def inertia(x: np.ndarray, centers: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line("kmeans", __doc__)
     parser.add_argument("--features", help="a feature store; default: Gaussian blobs")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--pca", type=int, default=32)
@@ -49,9 +49,10 @@ def main() -> None:
             times, values = [], []
             for repeat in range(args.repeats):
                 start = time.perf_counter()
-                model = Clusterer("kmeans", args.k, backend, seed=repeat).fit(x)
+                centers = Clusterer("kmeans", args.k, backend, seed=repeat).fit(x).centers
                 times.append(time.perf_counter() - start)
-                values.append(inertia(x, model.centers))
+                assert centers is not None
+                values.append(inertia(x, centers))
             rows[backend] = (min(times), min(values))
         best = min(v for _, v in rows.values())
         print(f"\n{source}: {len(x)} vectors x {x.shape[1]} dims, k={args.k} (best of {args.repeats})")

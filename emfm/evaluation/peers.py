@@ -1,4 +1,4 @@
-"""The tools a user would train instead of emfm, as arms of ``scripts/label_efficiency.py``.
+"""The tools a user would train instead of emfm, as arms of ``emfm compare``.
 
 A peer arm trains another tool's supervised network with that tool's own trainer and defaults, on
 the labelled slices, patch shape, batch size, steps and seed of the recipe's fine-tuning as

@@ -1,4 +1,8 @@
-"""Instance segmentation from network outputs, 2-D (Y, X) and 3-D (Z, Y, X): numpy in, labels out.
+"""Instances from the probability maps of a network, 2-D (Y, X) and 3-D (Z, Y, X): numpy in, labels out.
+
+The one home of cutting maps into cells: ``from_probabilities`` is what ``emfm evaluate`` (and the
+label-efficiency comparison) scores, and ``emfm predict`` writes the same cells block by block
+(emfm/predict/stitch.py: the same ``maps`` and ``grow``, with the seeds merged across block faces).
 
 Every method goes the same way: seeds (one per object, ideally) in the pixels surely inside an
 object, a watershed from the seeds inside the foreground, which also gives the boundary pixels
@@ -14,7 +18,8 @@ numbered 1..n.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -25,7 +30,9 @@ from skimage.segmentation import relabel_sequential, watershed
 from emfm.data.targets import offset_slices
 from emfm.errors import EmfmError
 
+KINDS = ("membrane", "boundary", "foreground", "affinity")    # the targets whose probabilities hold instances
 METHODS = ("watershed", "components")
+SEEDING = "components"       # emfm predict's seeds: the interior's components, merged across blocks
 
 
 def _as_labels(labels: np.ndarray) -> np.ndarray:
@@ -81,6 +88,59 @@ def _seeds(interior: np.ndarray, method: str, seed_distance: float, sampling: Se
     return ndimage.label(h_maxima(dist, seed_distance, footprint=faces) & interior)[0]
 
 
+def maps(probs: np.ndarray, kind: str, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(interior, relief, mask) of the probabilities (K, *spatial) of a ``kind`` target: seeds are made in the
+    interior and grow over the relief inside the mask (``None``: everywhere)."""
+    if kind == "membrane":
+        return probs[0] <= threshold, probs[0], None
+    if kind == "boundary":
+        mask = probs[0] > threshold
+        return mask & (probs[1] <= threshold), probs[1], mask
+    if kind == "foreground":
+        mask = probs[0] > threshold
+        return mask, 1 - probs[0], mask
+    if kind == "affinity":
+        mean = probs.mean(0)                                # strongly linked voxels are inside
+        return mean > threshold, 1 - mean, None
+    raise EmfmError(f"a {kind!r} target has no instances; needs one of {', '.join(KINDS)}")
+
+
+def grow(relief: np.ndarray, seeds: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The seeds flooded over the relief inside the mask (a seeded watershed).
+
+    Equal heights (common in a uint8 map) are flooded in raster order, not in the order of the
+    watershed's queue, which depends on everything else in the image: so a block read with enough
+    halo floods exactly as the whole region does.
+    """
+    order = np.argsort(relief, axis=None, kind="stable")
+    rank = np.empty(relief.size, np.int64)
+    rank[order] = np.arange(relief.size)
+    return watershed(rank.reshape(relief.shape), seeds, mask=mask)
+
+
+def _from_maps(probs: np.ndarray, kind: str, threshold: float, method: str, min_size: int, seed_distance: float,
+               sampling: Sequence[float] | None) -> np.ndarray:
+    interior, relief, mask = maps(probs, kind, threshold)
+    return size_filter(grow(relief, _seeds(interior, method, seed_distance, sampling), mask), min_size)
+
+
+def from_probabilities(probs: np.ndarray, target: Mapping[str, Any], threshold: float = 0.5,
+                       seeding: str = SEEDING, min_size: int = 0) -> np.ndarray:
+    """Instances from the probabilities (K, *spatial) of a ``target`` config: the cells ``emfm predict`` writes
+    and ``emfm evaluate`` scores.
+
+    ``seeding="watershed"`` seeds at distance-transform maxima instead of the interior's
+    components, and cuts affinities with ``from_affinities`` (a merge of fragments over the whole
+    region, which blockwise prediction does not do). Foreground objects are the components of the
+    foreground whatever the seeding.
+    """
+    kind = target["kind"]
+    if kind == "affinity" and seeding == "watershed":
+        return from_affinities(probs, target["offsets"], threshold, min_size=min_size)
+    method = "components" if kind == "foreground" else seeding
+    return _from_maps(np.asarray(probs, dtype=np.float32), kind, threshold, method, min_size, 1.0, None)
+
+
 def from_boundaries(foreground: np.ndarray, boundary: np.ndarray, threshold: float = 0.5, method: str = "watershed",
                     min_size: int = 0, seed_distance: float = 1.0,
                     sampling: Sequence[float] | None = None) -> np.ndarray:
@@ -93,9 +153,8 @@ def from_boundaries(foreground: np.ndarray, boundary: np.ndarray, threshold: flo
     """
     foreground, boundary = np.asarray(foreground, dtype=np.float32), np.asarray(boundary, dtype=np.float32)
     _check("from_boundaries", [foreground, boundary], sampling, method)
-    mask = foreground > threshold
-    seeds = _seeds(mask & (boundary <= threshold), method, seed_distance, sampling)
-    return size_filter(watershed(boundary, seeds, mask=mask), min_size)
+    return _from_maps(np.stack([foreground, boundary]), "boundary", threshold, method, min_size, seed_distance,
+                      sampling)
 
 
 def from_membranes(membrane: np.ndarray, threshold: float = 0.5, method: str = "watershed", min_size: int = 0,
@@ -106,7 +165,8 @@ def from_membranes(membrane: np.ndarray, threshold: float = 0.5, method: str = "
     the membrane pixels are shared out between the cells they separate (by the watershed).
     """
     membrane = np.asarray(membrane, dtype=np.float32)
-    return from_boundaries(np.ones_like(membrane), membrane, threshold, method, min_size, seed_distance, sampling)
+    _check("from_membranes", [membrane], sampling, method)
+    return _from_maps(membrane[None], "membrane", threshold, method, min_size, seed_distance, sampling)
 
 
 def _pair_grid(shape: Sequence[int],

@@ -1,24 +1,25 @@
-"""scripts/label_efficiency.py end to end: the restore_unet recipe shrunk to seconds, every arm, the lr
-sweep, the report's statistics checked against its own per-seed rows, and the one-line refusals."""
+"""`emfm compare` end to end: the restore_unet recipe shrunk to seconds, every arm, the lr sweep, the
+report's statistics checked against its own per-seed rows, and the one-line refusals."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+import subprocess
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from emfm import threads
+from emfm import cli, threads
 from emfm.checkpoints import read_checkpoint
 from emfm.data.labeled import LabeledVolume
+from emfm.evaluation.arms import Finetuner
+from emfm.evaluation.compare import make_plan
+from emfm.pictures import LINE
+from tests.conftest import CommandLine, refusal
 
-ROOT = Path(__file__).resolve().parents[1]
 SHRINK = ["model.name=test_resnet", "data.patch_shape=[64,64]", "head.channels=8", "data.batch_size=2",
           "data.num_workers=0", "trainer.max_steps=2", "trainer.accelerator=cpu"]
 PRETRAIN = [*SHRINK, "data.val_patches=2", "objective.warmup_steps=1", "callbacks.reconstructions=null"]
@@ -26,29 +27,27 @@ FINETUNE = [*SHRINK, "module.warmup_steps=1"]
 ARMS = ["scratch", "pretrained", "scratch+semi", "pretrained+semi"]
 
 
-def load_harness() -> ModuleType:
-    """The script as a module (it lives outside the package, as an entry point)."""
-    if "label_efficiency" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "scripts" / "label_efficiency.py")
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)   # dataclasses look it up
-        spec.loader.exec_module(module)
-    return sys.modules["label_efficiency"]
-
-
-def harness_args(volume: Path, out: Path, *extra: str) -> list[str]:
+def compare_args(volume: Path, out: Path, *extra: str) -> list[str]:
     overrides = [a for o in PRETRAIN for a in ("--pretrain-override", o)]
     overrides += [a for o in FINETUNE for a in ("--finetune-override", o)]
-    return ["--raw", str(volume), "--labels", str(volume / "labels" / "membranes"), "--out", str(out),
+    return ["compare", "--raw", str(volume), "--labels", str(volume / "labels" / "membranes"), "--out", str(out),
             *overrides, *extra]
 
 
-def test_every_arm_with_its_own_lr_and_paired_differences(synth_zarr: Path, tmp_path: Path, capsys) -> None:
+def compare(run_cli: CommandLine, volume: Path, out: Path, *extra: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """``emfm compare`` on the command line: its REPORT.json and its output."""
+    done, = run_cli([(compare_args(volume, out, *extra), None)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done
+
+
+def test_every_arm_with_its_own_lr_and_paired_differences(synth_zarr: Path, tmp_path: Path,
+                                                          run_cli: CommandLine) -> None:
     out = tmp_path / "le" / "report.json"
-    report = load_harness().main(harness_args(
-        synth_zarr, out, "--unlabeled", str(synth_zarr), "--labeled-slices", "0", "--labeled-slices", "0,1",
+    report, done = compare(
+        run_cli, synth_zarr, out, "--unlabeled", str(synth_zarr), "--labeled-slices", "0", "--labeled-slices", "0,1",
         "--val-slices", "10", "--eval-slices", "13", "--seeds", "0,1", "--lrs", "1e-3,3e-3",
-        "--semi", "restore"))   # the recipe has no semi: this adds the +semi arms
-    assert json.loads(out.read_text()) == report
+        "--semi", "restore")   # the recipe has no semi: this adds the +semi arms
     sets = ["0", "0,1"]
 
     assert list(report["arms"]) == ARMS and report["recipe_arm"] == "pretrained+semi"
@@ -89,7 +88,7 @@ def test_every_arm_with_its_own_lr_and_paired_differences(synth_zarr: Path, tmp_
         assert image.format == "PNG" and image.size[0] > image.size[1]
     for point in report["curve"]:
         with Image.open(point["picture"]) as image:       # raw | truth | four arms
-            assert image.size == (6 * 96, 96)
+            assert image.size == (6 * 96, 96 + 2 * LINE)     # under a heading and the panels' names
     config = report["config"]
     assert config["seeds"] == [0, 1] and config["semi"] == "restore" and config["eval_slices"] == [13]
     assert [config["composed"][phase]["trainer.max_steps"] for phase in ("pretrain", "finetune")] == [2, 2]
@@ -101,15 +100,13 @@ def test_every_arm_with_its_own_lr_and_paired_differences(synth_zarr: Path, tmp_
     seconds = report["seconds"]
     assert seconds["pretrain"] > 0 and seconds["lr_sweep"]["train"] > 0
     assert all(t["train"] > 0 and t["evaluate"] > 0 for arms in seconds["arms"].values() for t in arms.values())
-    printed = capsys.readouterr().out
-    assert "pretrained+semi - scratch" in printed and str(report["curve_png"]) in printed
+    assert "pretrained+semi - scratch" in done.stdout and str(report["curve_png"]) in done.stdout
 
 
-def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep_and_reruns_reuse_it(synth_zarr: Path,
-                                                                              tmp_path: Path) -> None:
-    args = harness_args(synth_zarr, tmp_path / "r.json", "--labeled-slices", "0", "--eval-slices", "13",
-                        "--arms", "scratch", "--lrs", "2e-3")
-    report = load_harness().main(args)
+def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep_and_reruns_reuse_it(synth_zarr: Path, tmp_path: Path,
+                                                                              run_cli: CommandLine) -> None:
+    args = [tmp_path / "r.json", "--labeled-slices", "0", "--eval-slices", "13", "--arms", "scratch", "--lrs", "2e-3"]
+    report, _ = compare(run_cli, synth_zarr, *args)
     assert list(report["arms"]) == ["scratch"] and "pretrained" not in report and "pretrain" not in report["seconds"]
     assert report["lr_sweep"]["runs"] == [] and report["arms"]["scratch"]["lr"] == 2e-3
     assert report["differences"] == {"0": {}} and not (tmp_path / "r" / "pretrain").exists()
@@ -118,7 +115,7 @@ def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep_and_reruns_reuse_it(sy
 
     checkpoint = Path(report["scratch"]["seeds"][0]["checkpoint"])
     weights = {k: w.clone() for k, w in read_checkpoint(checkpoint)["state_dict"].items()}
-    again = load_harness().main(args)    # the finished run is reused as it is, not trained further
+    again, _ = compare(run_cli, synth_zarr, *args)    # the finished run is reused as it is, not trained further
     assert again["seconds"]["reused"] == [checkpoint.parents[1].name]
     assert read_checkpoint(checkpoint)["global_step"] == 2
     assert all(torch.equal(w, read_checkpoint(checkpoint)["state_dict"][k]) for k, w in weights.items())
@@ -126,11 +123,12 @@ def test_one_arm_one_lr_needs_no_pretraining_and_no_sweep_and_reruns_reuse_it(sy
 
 
 def test_runs_side_by_side_train_what_one_at_a_time_trains(synth_zarr: Path, tmp_path: Path, capsys) -> None:
-    harness, threads = load_harness(), torch.get_num_threads()
+    saved = torch.get_num_threads()
 
-    def report(name: str, *extra: str) -> dict:
-        return harness.main(harness_args(synth_zarr, tmp_path / name, "--labeled-slices", "0", "--eval-slices", "13",
-                                         "--arms", "scratch", "--lrs", "2e-3", "--seeds", "0,1", *extra))
+    def report(name: str, *extra: str) -> dict:      # in this process, whose torch threads the test sets
+        cli.main(compare_args(synth_zarr, tmp_path / name, "--labeled-slices", "0", "--eval-slices", "13",
+                              "--arms", "scratch", "--lrs", "2e-3", "--seeds", "0,1", *extra))
+        return json.loads((tmp_path / name).read_text())
     try:
         torch.set_num_threads(2)
         side = report("side.json", "--jobs", "2")      # two spawned processes, one torch thread each
@@ -138,7 +136,7 @@ def test_runs_side_by_side_train_what_one_at_a_time_trains(synth_zarr: Path, tmp
         torch.set_num_threads(1)
         alone = report("alone.json")                   # one run after the other in this process, one thread
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
 
     assert (side["config"]["jobs"], side["config"]["finetune_threads"]) == (2, 1)
     assert side["seconds"]["arms"]["0"]["scratch"]["train"] > 0
@@ -151,12 +149,11 @@ def test_runs_side_by_side_train_what_one_at_a_time_trains(synth_zarr: Path, tmp
 
 def test_runs_side_by_side_take_loader_workers_only_from_spare_cores(synth_zarr: Path, tmp_path: Path,
                                                                      monkeypatch) -> None:
-    harness = load_harness()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)          # --jobs 2 shares two threads
     args = ["--raw", str(synth_zarr), "--labels", str(synth_zarr / "labels" / "membranes"), "--out",
             str(tmp_path / "r.json"), "--labeled-slices", "0", "--eval-slices", "13", "--lrs", "1e-3", "--jobs", "2"]
-    plan, _ = harness.make_plan(args)
-    tuner = harness.Finetuner(plan, None, None)
+    plan, _ = make_plan(args)
+    tuner = Finetuner(plan, None, None)
 
     def workers(cores: int) -> int:
         monkeypatch.setattr(threads, "cores", lambda: cores)
@@ -167,11 +164,9 @@ def test_runs_side_by_side_take_loader_workers_only_from_spare_cores(synth_zarr:
 
 
 def test_torch_em_arm_trains_the_scratch_arm_s_slices_with_its_own_trainer_and_is_scored_alike(
-        synth_zarr: Path, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "peer.json"
-    report = load_harness().main(harness_args(synth_zarr, out, "--labeled-slices", "0,1", "--val-slices", "10",
-                                              "--eval-slices", "13", "--seeds", "0,1", "--lrs", "2e-3",
-                                              "--arms", "scratch,torch-em"))
+        synth_zarr: Path, tmp_path: Path, run_cli: CommandLine) -> None:
+    report, done = compare(run_cli, synth_zarr, tmp_path / "peer.json", "--labeled-slices", "0,1", "--val-slices",
+                           "10", "--eval-slices", "13", "--seeds", "0,1", "--lrs", "2e-3", "--arms", "scratch,torch-em")
     peer, config = report["arms"]["torch-em"], report["config"]
     assert list(report["arms"]) == ["scratch", "torch-em"] and report["arms"]["scratch"]["trainer"] == "emfm"
     assert (peer["trainer"], peer["init"], peer["semi"], peer["lr"]) == ("torch-em", "scratch", None, 1e-3)
@@ -202,8 +197,8 @@ def test_torch_em_arm_trains_the_scratch_arm_s_slices_with_its_own_trainer_and_i
     for metric in ("iou", "vrand", "vi"):
         assert pair[metric]["values"] == pytest.approx([a[metric] - b[metric] for a, b in zip(scratch, torch_em)])
     with Image.open(report["curve"][0]["picture"]) as image:      # raw | truth | scratch | torch-em
-        assert image.size == (4 * 96, 96)
-    assert "scratch - torch-em" in capsys.readouterr().out
+        assert image.size == (4 * 96, 96 + 2 * LINE)
+    assert "scratch - torch-em" in done.stdout
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -226,9 +221,18 @@ def test_torch_em_arm_trains_the_scratch_arm_s_slices_with_its_own_trainer_and_i
     (["--labeled-slices", "0", "--eval-slices", "5", "--lrs", "1e-3", "--finetune-override", "model.nme=x"],
      "composing recipe restore_unet: Could not override 'model.nme'"),
 ])
-def test_bad_requests_are_one_line_errors_before_any_work(synth_zarr: Path, tmp_path: Path, capsys,
+def test_bad_requests_are_one_line_errors_before_any_work(synth_zarr: Path, tmp_path: Path, run_cli: CommandLine,
                                                           extra: list[str], message: str) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        load_harness().main(harness_args(synth_zarr, tmp_path / "r.json", *extra))
-    assert exit_.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    done, = run_cli([(compare_args(synth_zarr, tmp_path / "r.json", *extra), None)])
+    assert message in refusal(done)
     assert not (tmp_path / "r").exists()
+
+
+def test_help_lists_the_command_and_shows_its_arms_flags_and_an_example(run_cli: CommandLine) -> None:
+    listing, usage = run_cli([(["--help"], None), (["compare", "--help"], None)])
+    assert listing.returncode == usage.returncode == 0
+    assert "  compare   does pretraining pay on my data?" in listing.stdout
+    assert usage.stdout.startswith("usage: emfm compare ")
+    for shown in ("  scratch  ", "  pretrained+semi  ", "  torch-em  ", "--finetune-override KEY=VALUE",
+                  "\n  emfm compare --raw stack1.zarr "):
+        assert shown in usage.stdout

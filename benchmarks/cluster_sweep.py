@@ -4,21 +4,20 @@ Runs ``emfm cluster`` for every (encoder, layer, k); the features of an (encoder
 computed once and reused for every k. ``--random-twin`` adds the same architecture with random
 weights, which tells what the pretraining itself contributes beyond the architecture.
 
-    python scripts/cluster_sweep.py --checkpoint mae=pre/checkpoints/last.ckpt --random-twin \\
+    python -m benchmarks.cluster_sweep --checkpoint mae=pre/checkpoints/last.ckpt --random-twin \\
         --input train.zarr --labels membranes=mem.zarr --labels mitochondria=mito.zarr \\
         --layers 0 3 --k 4 8 12 --out sweep/
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_module
 
+from benchmarks.harness import command_line, config
 from emfm import run
 from emfm.checkpoints import read_checkpoint
 
@@ -37,12 +36,11 @@ def random_twin(checkpoint: Path, out: Path) -> Path:
 
 
 def cluster(overrides: list[str]) -> dict[str, Any]:
-    with initialize_config_module("emfm.configs", version_base="1.3"):
-        return run.cluster(compose("cluster", overrides))
+    return run.cluster(config(overrides, "cluster"))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_line("cluster_sweep", __doc__)
     parser.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH")
     parser.add_argument("--random-twin", action="store_true", help="also the first encoder with random weights")
     parser.add_argument("--input", required=True)

@@ -8,36 +8,35 @@ gives the same from the smallest size to the largest. Times are the fastest repe
 brackets; peak RSS the largest, of the measuring process (about 0.9 GiB of it is torch and Lightning
 imported: an exponent near 0 says memory stays flat).
 
-- Pretraining step (``bench_train.bare``: the module of ``emfm pretrain``, ``compute_loss`` with its
+- Pretraining step (``workloads.bare``: the module of ``emfm pretrain``, ``compute_loss`` with its
   augmentation, backward, gradient clipping, AdamW, on one batch of real patches, timed after 3
   warm-up steps), seconds per step against the pixels of a batch: a ViT-Ti/16 MAE and a ResNet-18 MIM
   on 2-D patches of 64, 128 and 256 (batch 16 and 8), a 3-D ViT-Ti MAE (4x16x16 tokens) and a
   ResNet10-3D MIM on 16x64x64 and 32x128x128 patches (batch 2 and 1); and against the trained
   parameters (encoder and decoder): ViT-Ti/16 against ViT-S/16 MAE at 128x128.
-- ``emfm predict`` (``bench_predict.ours``: blockwise, OME-Zarr in and out, uint8, the defaults of
+- ``emfm predict`` (``workloads.emfm_predict``: blockwise, OME-Zarr in and out, uint8, the defaults of
   the command; a 1-step ViT-Ti/16 UNETR checkpoint, 128x128 tiles), seconds from the model load to
   the finished store, against the voxels of the volume: 1x (4x512x512), 8x and 64x (16x2048x2048).
-- ``emfm cluster`` (``bench_peers_arms.emfm_cluster``: features into a store, sample, PCA, k-means,
+- ``emfm cluster`` (``workloads.emfm_cluster``: features into a store, sample, PCA, k-means,
   map on the voxel grid; the same checkpoint, k=8), seconds from the command's start to its map, on
   the same volumes.
 
 The volumes are synthetic EM; 8x and 64x mirror the 1x one out and are written slab by slab to zarr
-(``bench_peers.grown``), never whole in memory. The 64x volume runs once, every other size
+(``workloads.grown``), never whole in memory. The 64x volume runs once, every other size
 ``--repeats`` times. ``--threads`` sets OMP_NUM_THREADS for every process (default: the environment).
 The full run's time is an estimate from the step and prediction times in docs/benchmarks.md and the quick
 run's process starts (8-10 s each, mostly imports; 32 processes); it has not been measured yet.
 
-    python scripts/bench_growth.py                   # full run: about 20 min on 2 idle CPU cores (estimated)
-    python scripts/bench_growth.py --quick           # smoke run: tiny sizes, one repeat (~4 min: 17 process starts)
-    python scripts/bench_growth.py --only predict cluster --repeats 3
+    python -m benchmarks.growth                   # full run: about 20 min on 2 idle CPU cores (estimated)
+    python -m benchmarks.growth --quick           # smoke run: tiny sizes, one repeat (~4 min: 17 process starts)
+    python -m benchmarks.growth --only predict cluster --repeats 3
 
-Run it on an idle machine; on a shared one set OMP_WAIT_POLICY=PASSIVE (see bench_train.py), and
+Run it on an idle machine; on a shared one set OMP_WAIT_POLICY=PASSIVE (see benchmarks/train.py), and
 expect the ratios to carry the load's noise.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -47,14 +46,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import bench_peers_arms as arms
 import torch
-from bench_peers import grown
-from bench_peers_arms import Result, trained_parameters
-from bench_predict import make_checkpoint
-from bench_predict import ours as emfm_predict
-from bench_train import Setup, bare_loop, bare_parts, in_fresh_process, overrides
 
+from benchmarks.harness import Result, command_line, in_fresh_process, machine
+from benchmarks.workloads import (
+    Setup,
+    bare_loop,
+    bare_parts,
+    emfm_cluster,
+    emfm_predict,
+    grown,
+    make_checkpoint,
+    overrides,
+    trained_parameters,
+)
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
 
@@ -135,7 +140,7 @@ def progress(label: str, seconds: float, unit: str, rss_mib: float) -> None:
 
 
 def train_step(args: list[str], steps: int) -> Result:
-    """``bench_train.bare``, also reporting the work of a step: the batch's pixels and the trained parameters."""
+    """``workloads.bare``, also reporting the work of a step: the batch's pixels and the trained parameters."""
     cfg, module, images = bare_parts(args)
     run = bare_loop(cfg, module, images, steps)
     return Result(run.rate, run.rss_mib, extra={"pixels": images.numel(), "parameters": trained_parameters(module)})
@@ -213,7 +218,7 @@ def predict(checkpoint: Path, volume: Path, output: Path) -> tuple[float, float]
 
 def cluster(checkpoint: Path, volume: Path, output: Path) -> tuple[float, float]:
     """Seconds and peak RSS of ``emfm cluster`` (k=8, no pictures), in a fresh process."""
-    result = in_fresh_process(arms.emfm_cluster, checkpoint, volume, output)
+    result = in_fresh_process(emfm_cluster, checkpoint, volume, output)
     return math.prod(Volume(volume).shape) / result.rate, result.rss_mib
 
 
@@ -234,7 +239,7 @@ def measure_volumes(section: str, paths: dict[str, Path], checkpoint: Path, work
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("growth", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, help="runs per size (default 2, 1 with --quick; the 64x volume: 1)")
@@ -260,8 +265,7 @@ def main() -> None:
                 begin = time.perf_counter()
                 tables.append(measure_volumes(section, paths, checkpoint, work, repeats))
                 seconds[section] = time.perf_counter() - begin
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, {repeats} repeats; "
+    print(f"\n{machine()}, {repeats} repeats; "
           f"{time.perf_counter() - start:.0f} s in all (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
           + "); x: ratio to the size above; exponent: log(time ratio) / log(work ratio)\n")
     print("\n\n".join(table(s) for s in tables))

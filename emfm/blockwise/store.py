@@ -10,7 +10,6 @@ complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -21,52 +20,23 @@ from typing import Any
 import numpy as np
 import zarr
 
+from emfm.blockwise.grid import Block, BlockGrid
+from emfm.blockwise.job import BlockJob
+from emfm.checkpoints import checkpoint_digest
 from emfm.data import ngff
 from emfm.data.ngff import Level, ZarrFormat, pyramid_plan, read_attrs
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.paths import refuse_foreign, refuse_overlap, remove
-from emfm.predict.blocks import Block, BlockGrid
 
 PROGRESS, WORK = "_progress", "_work"    # removed when the store is complete
 DTYPES = ("uint8", "float32", "float16")  # how probabilities are stored (uint8: 255 = probability 1)
 
 
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """A checkpoint file, or every file of an export directory."""
-    return sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """sha256 of a checkpoint file, or of every file of an export directory."""
-    digest = hashlib.sha256()
-    for file in checkpoint_files(path):
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checkpoint_stamp(path: str | Path) -> tuple[tuple[int, int], ...]:
-    """Modification time and size of each checkpoint file: cheap to read, and changed when the checkpoint is
-    rewritten (a new ``last.ckpt``)."""
-    return tuple((s.st_mtime_ns, s.st_size) for s in (f.stat() for f in checkpoint_files(path)))
-
-
-def unchanged_checkpoint(path: str, stamp: tuple[tuple[int, int], ...]) -> str:
-    """``path``, once its files are checked to be as they were when the run started (``stamp``): a process that
-    loads the model later must not compute with other weights than the blocks before it."""
-    if checkpoint_stamp(path) != stamp:
-        raise EmfmError(f"checkpoint={path}: rewritten since this run started (its finished blocks came from the "
-                        "earlier file): put that back, or run again with overwrite=true")
-    return path
-
-
-def fingerprint(job: Any, leave_out: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
-    """What makes two stores the same, as stored in their attributes: the settings of ``job`` (a dataclass
-    with ``checkpoint`` and ``output``), without where it is written and ``leave_out`` (how fast), with the
-    checkpoint's digest in place of its files' ``checkpoint_stamp`` (a copy is the same checkpoint) and
-    ``extra``."""
+def fingerprint(job: BlockJob, leave_out: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    """What makes two stores the same, as stored in their attributes: the settings of ``job``, without where it
+    is written and ``leave_out`` (how fast), with the checkpoint's digest in place of its files'
+    ``checkpoint_stamp`` (a copy is the same checkpoint) and ``extra``."""
     settings = {k: v for k, v in asdict(job).items() if k not in ("output", "checkpoint_stamp", *leave_out)}
     return json.loads(json.dumps({**settings, "checkpoint_sha256": checkpoint_digest(job.checkpoint), **extra}))
 

@@ -5,20 +5,18 @@ volumes and prints the mean training loss of the first and last tenth of the run
 for each method's own logged scalars (e.g. the two terms of a hybrid). Not a test:
 the figures go to docs/benchmarks.md.
 
-    python scripts/check_objectives.py --volume stack2.zarr --steps 300
-    python scripts/check_objectives.py --volume stack2.zarr --steps 300 --pairs vit2d:mae cnn3d:mocov3
+    python -m benchmarks.objectives --volume stack2.zarr --steps 300
+    python -m benchmarks.objectives --volume stack2.zarr --steps 300 --pairs vit2d:mae cnn3d:mocov3
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-
+from benchmarks.harness import command_line, config
 from emfm import run
 
 MASKED = {"vit2d": "mae", "vit3d": "mae", "cnn2d": "mim", "cnn3d": "mim"}
@@ -54,7 +52,7 @@ def first_last(metrics: Path) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("objectives", __doc__)
     parser.add_argument("--volume", type=Path, nargs="+", required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--pairs", nargs="*", help="model:objective pairs (default: all that fit)")
@@ -74,8 +72,7 @@ def main() -> None:
                 "callbacks.reconstructions=null",
                 "logger=default", "~logger.tensorboard",
             ]
-            with initialize_config_module("emfm.configs", version_base="1.3"):
-                cfg = compose("pretrain", overrides)
+            cfg = config(overrides)
             start = time.perf_counter()
             run.pretrain(cfg)
             seconds = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """Is a user better off with emfm than with what they would reach for instead? emfm against its peers.
 
-Every arm runs in a new process (``bench_train.in_fresh_process``, forked from a server that
-imported torch, timm, Lightning, Hydra and emfm once; the arms are in ``bench_peers_arms.py``),
+Every arm runs in a new process (``harness.in_fresh_process``, forked from a server that
+imported torch, timm, Lightning, Hydra and emfm once; the arms are in ``peers_arms.py``),
 emfm and peer alternating, on the same machine, model, batch and input. Each ratio is emfm /
 peer in throughput (images/s, voxels/s; above 1 emfm is faster) of one repeat (an emfm run over
 the peer run right after it), given as min / median / max over the repeats. Peak RSS is each
@@ -13,11 +13,11 @@ than the differences measured. Each arm reports what it computed, read from the 
 built; the table lists what differs, the lines below it what is alike.
 
 - Pretraining step vs lightly (MAE on timm's ViT-Ti/16 and ViT-S/16, SimCLR on timm's ResNet-18;
-  128x128 patches, batch 32). emfm: ``bench_train.bare``: the module of ``emfm pretrain``,
+  128x128 patches, batch 32). emfm: ``workloads.bare``: the module of ``emfm pretrain``,
   ``compute_loss`` (with emfm's on-device augmentation), backward, gradient clipping, AdamW, on a
   batch of real patches. lightly: the same timm model in lightly's blocks
   (``MaskedVisionTransformerTIMM`` + ``MaskedVisionTransformerDecoderTIMM``, ``SimCLRProjectionHead``
-  + ``NTXentLoss``), sized from emfm's config, in the same loop (``bench_train.plain_loop``) on the
+  + ``NTXentLoss``), sized from emfm's config, in the same loop (``workloads.plain_loop``) on the
   same batch. lightly augments in DataLoader workers, outside the step, so emfm's augmentation is
   also timed alone and a second ratio leaves it out.
 - Sliding window vs MONAI's ``sliding_window_inference(mode="gaussian")`` (sigma 1/8 of the tile,
@@ -36,9 +36,9 @@ built; the table lists what differs, the lines below it what is alike.
   ``--large`` adds 64x2048x2048 and 128x4096x4096 (128x and 1024x the
   8x512x512 volume; 73 min idle, measured), where the script does not fit.
 
-    python scripts/bench_peers.py                     # full run: 7 min on 2 idle CPU cores (421 s, 395 s; 2026-12-02)
-    python scripts/bench_peers.py --quick             # smoke run, tiny sizes, one repeat (1 min)
-    python scripts/bench_peers.py --only cluster --cluster-sizes 8x512x512 64x2048x2048 --memory-gib 20
+    python -m benchmarks.peers                     # full run: 7 min on 2 idle CPU cores (421 s, 395 s; 2026-12-02)
+    python -m benchmarks.peers --quick             # smoke run, tiny sizes, one repeat (1 min)
+    python -m benchmarks.peers --only cluster --cluster-sizes 8x512x512 64x2048x2048 --memory-gib 20
 
 Run it on an idle machine: under load, the arms' timings differ by more than what is measured.
 """
@@ -56,20 +56,17 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import bench_peers_arms as arms
-import bench_train
 import numpy as np
 import torch
-from bench_peers_arms import Result
-from bench_predict import make_checkpoint, timed_predict
-from bench_train import Setup, overrides
 
-from emfm.data.ingest import write_ome_zarr
-from emfm.data.sources import Source
-from emfm.data.synthetic import SyntheticEM, make_synthetic_em, save_synthetic
+from benchmarks import harness
+from benchmarks import peers_arms as arms
+from benchmarks.harness import Result, command_line
+from benchmarks.workloads import Setup, emfm_cluster, grown, make_checkpoint, overrides, timed_predict
+from emfm.blockwise.grid import BlockGrid
+from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
 from emfm.inference import blend_weights, covering_tiles
-from emfm.predict.blocks import BlockGrid
 
 SECTIONS = ("train", "predict", "cluster")
 TRAIN = {
@@ -83,7 +80,7 @@ TRAIN = {
 OVERLAP, BATCH = 0.25, 8        # sliding window, both sides
 PAIRED_ROUNDS = 2               # --paired: timed blocks per side in each process
 # Every arm in a new process forked from one that holds the imports: ~8 s saved per arm, 46 arms a run.
-in_fresh_process = functools.partial(bench_train.in_fresh_process, method="forkserver")
+in_fresh_process = functools.partial(harness.in_fresh_process, method="forkserver")
 
 
 @dataclass
@@ -182,7 +179,7 @@ def compare_training(volume: Path, work: Path, args: argparse.Namespace) -> list
 
 
 def emfm_blockwise(checkpoint: Path, volume: Path, output: Path) -> Result:
-    """``emfm predict`` in a new process (``bench_predict.timed_predict``), timed from the model load to the
+    """``emfm predict`` in a new process (``workloads.timed_predict``), timed from the model load to the
     finished store; the tiles it runs are counted from its own tiling (default blocks: 4 tiles per axis)."""
     run = in_fresh_process(timed_predict, checkpoint, volume, output, BATCH, "gaussian", "uint8")
     shape, tile = Volume(volume).shape, (1, 128, 128)                               # make_checkpoint's model
@@ -248,7 +245,7 @@ def compare_clustering(volumes: dict[str, Path], checkpoint: Path, work: Path,
         c = Comparison(f"`emfm cluster` vs notebook, {size} {shape}", "voxels/s", "notebook")
         for repeat in range(args.repeats if size == "1x" else 1):
             mine, theirs = work / f"clusters_{size}{repeat}.zarr", work / f"clusters_{size}{repeat}.npy"
-            c.emfm.append(in_fresh_process(arms.emfm_cluster, checkpoint, volume, mine, memory_gib=args.memory_gib))
+            c.emfm.append(in_fresh_process(emfm_cluster, checkpoint, volume, mine, memory_gib=args.memory_gib))
             try:
                 c.others.append(in_fresh_process(arms.plain_cluster, checkpoint, volume, theirs,
                                                  memory_gib=args.memory_gib))
@@ -265,28 +262,6 @@ def compare_clustering(volumes: dict[str, Path], checkpoint: Path, work: Path,
 # --- data and main ----------------------------------------------------------------------------------------------
 
 
-def mirrored(base: np.ndarray, shape: tuple[int, ...], voxel_size: Sequence[float]) -> Source:
-    """A lazy volume of ``shape`` tiling ``base`` with mirrored copies (no seams): large sizes cheaply."""
-
-    def read(key: tuple[slice, ...]) -> np.ndarray:
-        index = []
-        for k, n, b in zip(key, shape, base.shape):
-            i = np.arange(*k.indices(n)) % (2 * b)
-            index.append(np.where(i < b, i, 2 * b - 1 - i))
-        return base[np.ix_(*index)]
-
-    return Source("mirrored synthetic EM", shape, base.dtype, read, voxel_size)
-
-
-def grown(synthetic: SyntheticEM, shape: tuple[int, ...], work: Path) -> Path:
-    """``synthetic`` mirrored out to ``shape`` in a zarr under ``work``, written slab by slab (never whole in
-    memory); made once per shape."""
-    path = work / f"vol_{'x'.join(map(str, shape))}.zarr"
-    if not path.exists():
-        write_ome_zarr(mirrored(synthetic.raw, shape, synthetic.voxel_size), path)
-    return path
-
-
 def parse_shape(text: str) -> tuple[int, int, int]:
     try:
         z, y, x = (int(v) for v in text.lower().split("x"))
@@ -296,7 +271,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("peers", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, help="emfm/peer pairs per setting (default 3, 1 with --quick; "

@@ -5,13 +5,12 @@ blank filter and normalisation, reading a zstd-compressed OME-Zarr) and one MAE 
 (forward, backward, AdamW) on in-memory tensors of the same batch size. A ratio above 1 means
 the loader is not the bottleneck.
 
-    python scripts/bench_loader.py                      # synthetic volume, default ViT-S MAE
-    python scripts/bench_loader.py --volume my.zarr --workers 4
+    python -m benchmarks.loader                      # synthetic volume, default ViT-S MAE
+    python -m benchmarks.loader --volume my.zarr --workers 4
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.harness import command_line
 from emfm.data.patches import PatchSampler, RandomPatches
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
@@ -56,7 +56,7 @@ def train_rate(model: str, patch: int, batch: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("loader", __doc__)
     parser.add_argument("--volume", type=Path, help="OME-Zarr to read (default: a synthetic 64x512x512)")
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--patch", type=int, default=128)
