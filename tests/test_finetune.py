@@ -216,6 +216,11 @@ def test_evaluate_writes_json_and_csv_reports(compose_config, synth_zarr: Path, 
         rows = dict(csv.reader(f))
     assert float(rows["vrand"]) == pytest.approx(saved["vrand"])
     assert saved["seeding"] == "components" and saved["threshold_chosen_on"] == "the scored slices (optimistic)"
+    assert saved["isbi2012"]["slices"] == 2 and 0 < saved["isbi2012"]["vrand"] <= 1      # the published protocol
+    assert saved["isbi2012"]["threshold"] in [round(0.1 * i, 1) for i in range(11)]
+    for metric in ("iou", "vrand", "vi"):                                  # resampled over the 2 eval slices
+        low, high = saved["interval95"][metric]
+        assert low <= saved[metric] + 1e-9 and saved[metric] - 1e-9 <= high
     with pytest.raises(EmfmError, match="no segmentation head"):
         load_segmenter(vit_mae)
 

@@ -10,6 +10,10 @@ from skimage.metrics import adapted_rand_error, variation_of_information
 from emfm.errors import EmfmError
 from emfm.metrics import (
     DEFAULT_THRESHOLDS,
+    ISBI_THRESHOLDS,
+    bootstrap_interval,
+    isbi_scores,
+    thinned_cells,
     class_scores,
     contingency_table,
     instance_scores,
@@ -186,3 +190,40 @@ def test_bad_input_raises() -> None:
         voi(np.ones((2, 2), int), np.zeros((2, 2), int))
     with pytest.raises(EmfmError, match="thresholds must lie in"):
         instance_scores(TRUTH, TRUTH, thresholds=[0.3])
+
+
+def membrane_grid(width: int) -> np.ndarray:
+    """A 40x40 membrane mask: one vertical and one horizontal membrane ``width`` px wide, four cells."""
+    mask = np.zeros((40, 40), bool)
+    mask[:, 20 - width // 2: 20 - width // 2 + width] = True
+    mask[20 - width // 2: 20 - width // 2 + width, :] = True
+    return mask
+
+
+def test_thinning_leaves_one_pixel_borders_between_the_same_cells() -> None:
+    cells = thinned_cells(membrane_grid(5))
+    assert len(np.unique(cells)) == 5                               # four cells and the border
+    assert (cells == 0).sum(axis=1)[5] == 1 and (cells == 0).sum(axis=0)[5] == 1   # one pixel wide, away from the cross
+
+
+def test_isbi_scores_ignore_membrane_width_and_punish_a_gap_as_a_merge() -> None:
+    truth = membrane_grid(1)
+    wide = isbi_scores(membrane_grid(7).astype(float), truth)      # the same cells, drawn 7x wider
+    assert list(wide) == list(ISBI_THRESHOLDS)
+    assert all(wide[t]["vrand"] == pytest.approx(1.0) for t in ISBI_THRESHOLDS[:-1])   # any t below the map's 1.0
+    assert wide[1.0]["vrand"] < 0.5                               # nothing above 1.0: one cell, everything merged
+    gap = membrane_grid(3).astype(float)
+    gap[:10, 18:23] = 0.0                                          # the vertical membrane open at the top
+    merged = isbi_scores(gap, truth)
+    assert max(m["vrand"] for m in merged.values()) < 0.9          # two cells joined at every threshold
+    unknown = np.ones_like(truth)
+    unknown[:, :21] = False                                        # only the right-hand cells are labelled
+    assert isbi_scores(gap, truth, unknown)[0.5]["vrand"] == pytest.approx(1.0)    # the gap is outside them
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_reproducible() -> None:
+    values = np.array([0.2, 0.4, 0.9, 0.5, 0.3])
+    low, high = bootstrap_interval(len(values), values.take, np.mean)
+    assert values.min() <= low < values.mean() < high <= values.max()
+    assert (low, high) == bootstrap_interval(len(values), values.take, np.mean)
+    assert bootstrap_interval(3, np.full(3, 0.7).take, np.mean) == pytest.approx((0.7, 0.7))

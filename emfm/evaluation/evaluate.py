@@ -31,7 +31,7 @@ from emfm.data.labeled import IGNORE, HeldOutSlices, LabeledVolume, parse_slices
 from emfm.data.targets import Target
 from emfm.errors import EmfmError
 from emfm.instances import KINDS, METHODS, SEEDING, from_probabilities
-from emfm.metrics import instance_scores, rand_scores, voi
+from emfm.metrics import bootstrap_interval, instance_scores, isbi_scores, rand_scores, voi
 from emfm.models.segmenter import overlap_counts
 from emfm.paths import resolved
 from emfm.requests import Request
@@ -100,6 +100,7 @@ def evaluate_region(module: Segments, regions: HeldOutSlices, thresholds: Sequen
     target = dict(module.hparams["target"])
     counts: list[torch.Tensor] = []
     per_threshold: dict[float, list[dict[str, float]]] = {t: [] for t in thresholds}
+    isbi: list[dict[float, dict[str, float]]] = []
     last = None
     for index in range(len(regions)):
         item = regions[index]
@@ -112,12 +113,21 @@ def evaluate_region(module: Segments, regions: HeldOutSlices, thresholds: Sequen
         # a semantic target, or a region without true objects, has no instance scores
         for t in thresholds if target["kind"] in KINDS and gt.any() else ():
             per_threshold[t].append(score_instances(from_probabilities(probs_np, target, t, seeding, min_size), gt))
+        if target["kind"] == "membrane" and gt.any():
+            isbi += [isbi_scores(m, y == 1, y != IGNORE) for m, y in zip(*sections(probs_np[0], labels))]
         last = (item["image"][0].numpy(), probs_np, labels)
-    inter, pred, true = torch.stack(counts).sum(0)
+    stacked = torch.stack(counts)
+
+    def mean_iou(counts: torch.Tensor) -> float:          # pooled over the regions, as the score itself
+        inter, pred, true = counts.sum(0)
+        return float((inter / (pred + true - inter).clamp(min=1)).mean())
+
+    inter, pred, true = stacked.sum(0)
     iou, dice = (inter / (pred + true - inter).clamp(min=1)), (2 * inter / (pred + true).clamp(min=1))
     report: dict[str, Any] = {
         "iou": float(iou.mean()), "dice": float(dice.mean()),
         "per_class": {str(c + 1): {"iou": float(i), "dice": float(d)} for c, (i, d) in enumerate(zip(iou, dice))},
+        "interval95": {"iou": bootstrap_interval(len(counts), lambda r: stacked[torch.from_numpy(r)], mean_iou)},
     }
     scored = {t: rows for t, rows in per_threshold.items() if rows}
     if scored:
@@ -125,7 +135,19 @@ def evaluate_region(module: Segments, regions: HeldOutSlices, thresholds: Sequen
         best = max(means, key=lambda t: means[t]["vrand"])
         report.update({"threshold": best, **means[best], "per_threshold": {str(t): m for t, m in means.items()},
                        "instance_regions": f"{len(scored[best])} of {len(regions)}"})
+        for key in ("vrand", "vi"):
+            values = np.array([r[key] for r in scored[best]])
+            report["interval95"][key] = bootstrap_interval(len(values), values.take, np.mean)
+    if isbi:
+        means = {t: {k: float(np.mean([s[t][k] for s in isbi])) for k in ("vrand", "vinfo")} for t in isbi[0]}
+        best = max(means, key=lambda t: means[t]["vrand"])
+        report["isbi2012"] = {**means[best], "threshold": best, "slices": len(isbi)}
     return {"report": report, "example": last}
+
+
+def sections(membrane: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 2-D sections (N, Y, X) of a region's membrane map and labels, which the ISBI protocol scores one by one."""
+    return membrane.reshape(-1, *membrane.shape[-2:]), labels.reshape(-1, *labels.shape[-2:])
 
 
 def evaluate_slices(module: Segments, data: LabeledVolume, slices: Sequence[int],
