@@ -63,10 +63,9 @@ from benchmarks import harness
 from benchmarks import peers_arms as arms
 from benchmarks.harness import Result, command_line
 from benchmarks.workloads import Setup, emfm_cluster, grown, make_checkpoint, overrides, timed_predict
-from emfm.blockwise.grid import BlockGrid
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
-from emfm.inference import blend_weights, covering_tiles
+from emfm.inference import blend_weights, tile_corners
 
 SECTIONS = ("train", "predict", "cluster")
 TRAIN = {
@@ -180,11 +179,10 @@ def compare_training(volume: Path, work: Path, args: argparse.Namespace) -> list
 
 def emfm_blockwise(checkpoint: Path, volume: Path, output: Path) -> Result:
     """``emfm predict`` in a new process (``workloads.timed_predict``), timed from the model load to the
-    finished store; the tiles it runs are counted from its own tiling (default blocks: 4 tiles per axis)."""
+    finished store; the tiles it runs: each of the whole volume's grid once (emfm.blockwise.tiles)."""
     run = in_fresh_process(timed_predict, checkpoint, volume, output, BATCH, "gaussian", "uint8")
     shape, tile = Volume(volume).shape, (1, 128, 128)                               # make_checkpoint's model
-    grid = BlockGrid(shape, tuple(min(s, 4 * t) for s, t in zip(shape, tile)))
-    tiles = sum(len(covering_tiles(grid.region(i), shape, tile, OVERLAP)[1]) for i in grid)
+    tiles = len(tile_corners(shape, tile, OVERLAP))
     weights = blend_weights(tile, kind="gaussian")
     return Result(math.prod(shape) / run["seconds"], run["rss_mib"],
                   {"tiles through the model": f"{tiles} ({run['blocks']} blocks)",

@@ -24,6 +24,7 @@ from torch import nn
 
 from emfm.errors import EmfmError, first_line
 from emfm.models.encoders import Encoder, create_encoder
+from emfm.models.heads import SegmentationHead, create_head
 from emfm.models.public import PublicWeights, listed, recognise
 from emfm.models.segmenter import Segmenter
 from emfm.paths import refuse_foreign, refuse_overlap
@@ -41,6 +42,7 @@ class PretrainedHead:
 
     config: dict[str, Any]
     weights: Weights
+    pretrained: bool = False        # learned with the encoder on unlabeled data (objective=restore), not fine-tuned
 
 
 @dataclass
@@ -129,7 +131,7 @@ def read_network(path: str | Path, key: str | None = None) -> Network:
         head = PretrainedHead(dict(hparams["head"]), _under(weights, "model.head."))
     elif isinstance((hparams.get("methods") or {}).get("restore"), Mapping):  # whole-network pretraining
         config = hparams["methods"]["restore"].get("head") or {"name": "auto"}
-        head = PretrainedHead(dict(config), _under(weights, "methods.restore.head."))
+        head = PretrainedHead(dict(config), _under(weights, "methods.restore.head."), pretrained=True)
     return Network(encoder_config(hparams["encoder"], where), encoder, head)
 
 
@@ -277,14 +279,32 @@ def load_encoder(path: str | Path, as_timm: bool = True, key: str | None = None)
     :class:`~emfm.models.encoders.Encoder`, which features and segmentation heads use); 3-D ones as
     the Encoder.
     """
+    encoder, _ = load_network(path, key, decoder="none")
+    return encoder.timm_model.eval() if as_timm and encoder.timm_model is not None else encoder
+
+
+def load_network(path: str | Path, key: str | None = None,
+                 decoder: Literal["any", "pretrained", "none"] = "any") -> tuple[Encoder, SegmentationHead | None]:
+    """The encoder and the decoder of any checkpoint or export folder, in eval mode.
+
+    The decoder is the U-Net / UNETR head trained with the encoder: by whole-network pretraining
+    (``objective=restore``), or by fine-tuning (``decoder="pretrained"``: not that one). None where there is
+    none: an export, an encoder-only pretraining, a fine-tuned linear head (which has no full-resolution features
+    to give), or ``decoder="none"``.
+    """
+    where = named(path, key)
     if Path(path).is_dir():
-        _, encoder = read_export(path, key)
-    else:
-        network = read_network(path, key)
-        encoder = build_encoder(network.encoder, named(path, key))
-        fill(encoder, network.weights, named(path, key))
-    module = encoder.timm_model if as_timm and encoder.timm_model is not None else encoder
-    return module.eval()
+        return read_export(path, key)[1].eval(), None
+    network = read_network(path, key)
+    encoder = build_encoder(network.encoder, where)
+    fill(encoder, network.weights, where)
+    head = network.head
+    if head is None or head.config.get("name") == "linear" or decoder == "none" or (
+            decoder == "pretrained" and not head.pretrained):
+        return encoder.eval(), None
+    made = create_head(encoder=encoder, out_channels=len(head.weights["out.weight"]), **head.config)
+    fill(made, head.weights, where)
+    return encoder.eval(), made.eval()
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

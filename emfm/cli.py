@@ -26,8 +26,9 @@ HYDRA_COMMANDS = {
     "predict": "a fine-tuned model over a whole volume, block by block, into OME-Zarr (resumable)",
     "features": "an encoder's dense features over a volume into a zarr store (resumable)",
     "cluster": "cluster dense features into a map on the raw grid, score it against labels, pictures",
+    "classify": "a pixel classifier on features of a few labelled slices, predicted over a volume (resumable)",
 }
-RESUMABLE = ("predict", "features")     # an interrupted run is continued by the same command
+RESUMABLE = ("predict", "features", "classify")     # an interrupted run is continued by the same command
 # Lightning's DDP launcher restarts this program for ranks > 0 with the Hydra overrides only;
 # the verb travels in the environment.
 VERB_ENV = "EMFM_HYDRA_VERB"

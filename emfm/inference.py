@@ -8,13 +8,18 @@ fraction and are averaged with weights that fall off towards each tile's border,
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from emfm.errors import EmfmError
 
 BLENDS = ("linear", "gaussian")
+Corner = tuple[int, ...]                                # a tile's start, per spatial axis
+Model = Callable[[torch.Tensor], torch.Tensor]          # tiles (B, C, *patch) -> outputs (B, K, *patch / stride)
+# (model, image, corners, patch, batch_size) -> each corner's tile output, (K, *patch / stride)
+TileRunner = Callable[[Model, torch.Tensor, Sequence[Corner], tuple[int, ...], int],
+                      Iterable[tuple[Corner, torch.Tensor]]]
 
 
 def tile_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[int]:
@@ -72,9 +77,19 @@ def covering_tiles(region: Sequence[slice], size: Sequence[int], tile: Sequence[
     return tuple(spans), list(itertools.product(*starts))
 
 
+def batched(model: Model, image: torch.Tensor, corners: Sequence[Corner], patch: tuple[int, ...],
+            batch_size: int) -> Iterator[tuple[Corner, torch.Tensor]]:
+    """``model``'s output of each tile of ``image`` (C, *spatial) at ``corners``, ``batch_size`` tiles a forward
+    pass, in the order of ``corners``: the default :data:`TileRunner`."""
+    for first in range(0, len(corners), batch_size):
+        chunk = corners[first : first + batch_size]
+        tiles = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
+        yield from zip(chunk, model(torch.stack([image[(slice(None), *t)] for t in tiles])).float())
+
+
 @torch.no_grad()
 def sliding_window(
-    model: Callable[[torch.Tensor], torch.Tensor],
+    model: Model,
     image: torch.Tensor,
     patch_shape: Sequence[int],
     overlap: float = 0.25,
@@ -82,6 +97,7 @@ def sliding_window(
     corners: Sequence[Sequence[int]] | None = None,
     blend: str = "linear",
     stride: Sequence[int] | None = None,
+    run: TileRunner = batched,
 ) -> torch.Tensor:
     """``model`` output over the whole of ``image`` (C, *spatial), blended from overlapping tiles.
 
@@ -89,6 +105,8 @@ def sliding_window(
     ``corners`` (default: ``tile_corners`` of the image) lets a caller blend a chosen subset of a
     larger grid's tiles, as blockwise prediction does. ``stride``: the model answers on a grid
     coarser by this factor per axis (dense features); corners must then be multiples of it.
+    ``run``: how the tiles' outputs are obtained (blockwise prediction reads those its neighbours
+    computed); they are blended in the order it yields them.
     Returns (K, *spatial / stride) on the image's device, float32.
     """
     spatial, patch = tuple(image.shape[1:]), tuple(int(p) for p in patch_shape)
@@ -108,17 +126,13 @@ def sliding_window(
     weight = blend_weights(out_patch, image.device, blend)
     total: torch.Tensor | None = None
     norm: torch.Tensor | None = None
-    for first in range(0, len(corners), batch_size):
-        chunk = corners[first : first + batch_size]
-        tiles = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
-        out = model(torch.stack([image[(slice(None), *t)] for t in tiles])).float()
+    for corner, tile in run(model, image, corners, patch, batch_size):
         if total is None or norm is None:
-            total = torch.zeros(out.shape[1], *out_size, device=image.device)
+            total = torch.zeros(tile.shape[0], *out_size, device=image.device)
             norm = torch.zeros(out_size, device=image.device)
-        for corner, tile in zip(chunk, out):
-            region = tuple(slice(c // k, c // k + p) for c, k, p in zip(corner, stride, out_patch))
-            total[(slice(None), *region)] += tile * weight
-            norm[region] += weight
+        region = tuple(slice(c // k, c // k + p) for c, k, p in zip(corner, stride, out_patch))
+        total[(slice(None), *region)] += tile * weight
+        norm[region] += weight
     assert total is not None and norm is not None    # corners is never empty
     result = total / norm
     return result[(slice(None), *(slice(0, -(-s // k)) for s, k in zip(spatial, stride)))]

@@ -190,6 +190,13 @@ def cluster(cfg: DictConfig) -> dict[str, Any]:
     return run_cluster(cfg)
 
 
+def classify(cfg: DictConfig) -> dict[str, Any]:
+    """A pixel classifier on features of a few labelled slices, predicted over a volume (resumable)."""
+    from emfm.explore.classify import classify as run_classify
+
+    return run_classify(cfg)
+
+
 def refuse_used_run_dir(run_dir: Path) -> None:
     """A new run never starts beside another: it would replace the older run's checkpoints and mix its
     metrics into the older run's. A folder without a checkpoint holds no run (see set_aside_failed_start)."""

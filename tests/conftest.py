@@ -274,6 +274,12 @@ def two_step_pretrained(synth_zarr: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="session")
+def restore_checkpoint(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny whole 2-D U-Net (test_resnet and a U-Net decoder) after two steps of objective=restore."""
+    return pretrained(tmp_path_factory.mktemp("restore"), synth_zarr, 2, tiny("cnn2d", "restore"))
+
+
+@pytest.fixture(scope="session")
 def two_step_finetuned(synth_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """The checkpoint of a two-step fine-tuning of ``model=tiny/MODEL`` on the synthetic membranes, made at its first
     use and shared by every test that only reads it."""

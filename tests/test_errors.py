@@ -140,6 +140,8 @@ def results(synth_zarr: Path, vit_checkpoint: Path, two_step_finetuned: Callable
                                     f"output={tmp}/full_f.zarr: cannot write 0[:, 0:4, 0:12, 0:12] (File too large)"),
         "reversed ROI": (["features", *features, f"output={tmp}/r.zarr", "roi=[5:2,0:96,0:96]"], None,
                          "roi=[5:2,0:96,0:96]: range 5:2 of axis 0 is reversed"),
+        "features without a checkpoint": (["features", *features[1:], f"output={tmp}/nc.zarr"], None,
+                                          "checkpoint: required with source=encoder"),
         **{f"cluster with k={k}": (["cluster", f"checkpoint={vit_checkpoint}", cluster[0], f"output={tmp}/k{i}.zarr",
                                      *cluster[2:], f"k={k}"], None,
                                     f"k={shown}: expected a whole number of at least 2 clusters{hint}")
@@ -195,7 +197,8 @@ NAMES = ["corrupt TIFF data", "truncated TIFF", "output folder not creatable", "
          "export of a non-dict", "export --overwrite onto a file", "predict without arguments",
          "predict with a non-dict", "init= a non-dict", "data.batch_size=0", "data.volumes without brackets",
          "run dir not creatable", "overwrite=true onto a file", "features output not creatable",
-         "features on a full disk", "reversed ROI", *(f"cluster with k={k}" for k, _, _ in BAD_K), "missing input",
+         "features on a full disk", "reversed ROI", "features without a checkpoint",
+         *(f"cluster with k={k}" for k, _, _ in BAD_K), "missing input",
          "unquoted non-ASCII path", "unquoted '~' in a list", "corrupt chunk to predict", "corrupt chunk to pretrain",
          "labels with no labelled pixel",
          *(f"export folder: {name}" for name in ("truncated weights", "pickled weights", "bad config.json",

@@ -12,13 +12,13 @@ from emfm.metrics import (
     DEFAULT_THRESHOLDS,
     ISBI_THRESHOLDS,
     bootstrap_interval,
-    isbi_scores,
-    thinned_cells,
     class_scores,
     contingency_table,
     instance_scores,
+    isbi_scores,
     pixel_error,
     rand_scores,
+    thinned_cells,
     voi,
 )
 

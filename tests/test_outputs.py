@@ -72,9 +72,13 @@ def test_every_store_validates_in_micrometres_with_pyramid_and_label_colours(
     compose_run("cluster", [f"checkpoint={vit_checkpoint}", f"input={image}", f"output={clusters}", f"roi={ROI}",
                             f"features={feats}", "k=3", "pca=4", "pictures=null", *run])
     seeds = clusters_to_labels(clusters, {0: 1, 2: 2}, tmp_path / "seeds.zarr")
+    classified = tmp_path / "classified.zarr"
+    compose_run("classify", ["source=filters", "filters.sigmas=[1.0]", "classifier.kind=logistic", f"input={image}",
+                             f"output={classified}", f"roi={ROI}", f"labels={mask}", "train_slices=[2]", *run])
 
     for path, label in ((image, False), (image / "labels" / "membranes", True), (mask, True), (pred, False),
-                        (pred / "labels" / "instances", True), (feats, False), (clusters, True), (seeds, True)):
+                        (pred / "labels" / "instances", True), (feats, False), (clusters, True), (seeds, True),
+                        (classified, False), (classified / "features", False)):
         validated(path, fmt, label)
         assert set(units(path)) == {"micrometer"}, path
         assert zarr.open_group(str(path), mode="r").metadata.zarr_format == fmt
@@ -85,6 +89,7 @@ def test_every_store_validates_in_micrometres_with_pyramid_and_label_colours(
     stride = zarr.open_group(str(feats), mode="r").attrs["emfm"]["features"]["stride"]
     assert transforms(feats)["scale"] == pytest.approx([1.0, *(k * v for k, v in zip(stride, VOXEL))])
     assert transforms(clusters)["scale"] == pytest.approx(list(VOXEL))
+    assert transforms(classified) == transforms(pred) == transforms(classified / "features")
     assert transforms(seeds)["scale"] == pytest.approx(list(VOXEL))
 
     # The pyramid follows ingest's rules: mean pooling of the probabilities, stride pick of the instances.
@@ -191,7 +196,8 @@ def test_units_other_tools_write_are_given_their_ngff_names(caplog: pytest.LogCa
 MINE = {"notes": "notes.txt", "docs": "docs", "docs.zarr": "docs.zarr", "tiff": "stack.tif", "store": "other.zarr",
         "run": "run"}
 AIMS = {"ingest": ["notes", "docs", "store"], "synth": ["tiff", "docs.zarr"], "export": ["notes", "docs", "run"],
-        "predict": ["notes", "docs", "store"], "features": ["notes", "docs"], "cluster": ["notes", "docs"]}
+        "predict": ["notes", "docs", "store"], "features": ["notes", "docs"], "cluster": ["notes", "docs"],
+        "classify": ["notes", "docs"]}
 
 
 def own_things(mine: Path, run: Path) -> None:
@@ -229,6 +235,9 @@ def refused(synth_zarr: Path, two_step_pretrained: Callable[[str], Path], two_st
         "cluster": ("report", "cluster report", lambda p: ["cluster", f"checkpoint={encoder}", f"input={synth_zarr}",
                                                            f"output={tmp / 'clusters.zarr'}", f"report={p}", "k=2",
                                                            "pictures=null", *hydra]),
+        "classify": ("output", "classification", lambda p: ["classify", "source=filters", "filters.sigmas=[1.0]",
+                                                            f"input={synth_zarr}", f"output={p}", "train_slices=[0]",
+                                                            f"labels={synth_zarr}/labels/membranes", *hydra]),
     }
     cases = {f"{verb} onto {thing}": (verb, tmp / "mine" / MINE[thing]) for verb, things in AIMS.items()
              for thing in things}

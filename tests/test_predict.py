@@ -16,13 +16,15 @@ import zarr
 from scipy import ndimage
 
 from emfm.blockwise import job as blockwise_job
+from emfm.blockwise.executor import Executor
 from emfm.checkpoints import load_segmenter
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
+from emfm.inference import tile_corners
 from emfm.metrics import rand_scores
-from emfm.predict.predict import Job, PredictRequest, make_job, model_function
-from tests.conftest import compose_run, finetuned, later, pretrained, tiny
+from emfm.predict.predict import Job, PredictRequest, make_job, model_function, run_prediction
+from tests.conftest import CommandLine, compose_run, finetuned, later, pretrained, refusal, tiny
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +50,30 @@ def whole_region(checkpoint: Path, volume: Path) -> np.ndarray:
     return module.predict_region(image[None]).numpy()
 
 
-@pytest.mark.parametrize("dims, block", [(2, "[3,40,40]"), (3, "[8,40,56]")])
-def test_blocks_join_without_seams(synth_zarr: Path, model_2d: Path, model_3d: Path, tmp_path: Path,
-                                   dims: int, block: str) -> None:
-    checkpoint = model_2d if dims == 2 else model_3d
-    out = predict(tmp_path, checkpoint, synth_zarr, tmp_path / "p.zarr", f"block_shape={block}", "dtype=float32")
+@pytest.mark.parametrize("dims, block", [(2, (3, 40, 40)), (3, (8, 40, 56))])
+def test_blocks_join_without_seams_and_compute_each_tile_once(synth_zarr: Path, model_2d: Path, model_3d: Path,
+                                                              tmp_path: Path, dims: int, block: tuple[int, int, int]
+                                                              ) -> None:
+    """Each block blends every tile of the whole-region grid that touches it, yet the model sees each tile of that
+    grid once: a tile across a block border is computed by one block and kept on disk for the others, until they
+    are all done."""
+    checkpoint, output = (model_2d if dims == 2 else model_3d), tmp_path / "p.zarr"
+    module, volume = load_segmenter(checkpoint), Volume(synth_zarr)
+    job = make_job(PredictRequest(str(checkpoint), str(synth_zarr), str(output), block_shape=block, dtype="float32"),
+                   module, volume, None)
+    tiles, kept, seen = [], [], set()       # tiles per forward pass; groups of shared tiles on disk meanwhile
+
+    def count(_: torch.nn.Module, args: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
+        tiles.append(len(args[0]))
+        kept.append({p.name for p in (output / "_work" / "tiles").glob("*.npy")})
+        seen.update(kept[-1])
+
+    module.model.register_forward_hook(count)
+    out = run_prediction(job, module, volume, None, Executor(), overwrite=False, progress=False)
     assert out["blocks"] > 4 and out["computed"] == out["blocks"]
-    blocked, direct = probabilities(tmp_path / "p.zarr"), whole_region(checkpoint, synth_zarr)
+    assert sum(tiles) == len(tile_corners(job.shape, job.tile, job.overlap))
+    assert 0 < max(map(len, kept)) < len(seen)          # shared tiles were kept, and deleted as their blocks finished
+    blocked, direct = probabilities(output), whole_region(checkpoint, synth_zarr)
     assert blocked.dtype == np.float32 and blocked.shape == direct.shape
     np.testing.assert_allclose(blocked, direct, atol=1e-5, rtol=0)
 
@@ -93,13 +112,29 @@ def test_killed_run_resumes_to_identical_bytes(synth_zarr: Path, model_2d: Path,
         files = (f for _, _, names in os.walk(resumed / "_progress" / "predict" / "c") for f in names)
         return sum(not f.endswith(".partial") for f in files)
 
+    def kept() -> list[Path]:
+        """The tiles computed for blocks to come (emfm.blockwise.tiles)."""
+        return list((resumed / "_work" / "tiles").glob("*.npy"))
+
+    def stopped_keeping_tiles() -> bool:
+        """Once a quarter of the blocks is marked, the run stopped where it keeps tiles for the resumed run to read;
+        elsewhere it goes on."""
+        if marked() < 16 or not kept():
+            return False
+        proc.send_signal(signal.SIGSTOP)
+        os.waitpid(proc.pid, os.WUNTRACED)                   # stopped: its files are as a kill now leaves them
+        if kept():
+            return True
+        proc.send_signal(signal.SIGCONT)
+        return False
+
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and marked() < 16:  # a quarter from the killed run
+        while time.monotonic() < deadline and proc.poll() is None and not stopped_keeping_tiles():
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finished = marked()
-    assert proc.returncode == -signal.SIGKILL and 16 <= finished < 64, finished
+    assert proc.returncode == -signal.SIGKILL and 16 <= finished < 64 and kept(), finished
     assert not dict(zarr.open_group(str(resumed), mode="r").attrs)["emfm"]["complete"]
     (resumed / "0" / "c").mkdir(parents=True, exist_ok=True)    # as a kill during a chunk's write leaves it
     (resumed / "0" / "c" / "0.7f3a.partial").write_bytes(b"half a chunk")
@@ -111,6 +146,17 @@ def test_killed_run_resumes_to_identical_bytes(synth_zarr: Path, model_2d: Path,
     assert len(chunks) == 64
     for chunk in chunks:
         assert chunk.read_bytes() == (resumed / chunk.relative_to(whole)).read_bytes()
+
+
+def test_a_full_disk_while_keeping_shared_tiles_is_one_line(synth_zarr: Path, model_2d: Path, tmp_path: Path,
+                                                            run_cli: CommandLine) -> None:
+    out = tmp_path / "full.zarr"
+    # Files up to 25 kB: the output's chunks fit (8 x 48 x 48 bytes), not the first 8 shared tiles (8 x 32 x 32 floats).
+    [done] = run_cli([(["predict", f"checkpoint={model_2d}", f"input={synth_zarr}", f"output={out}",
+                        "block_shape=[8,48,48]", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"], 25_000)])
+    assert refusal(done) == (f"output={out}: cannot write _work/tiles/0-0_0-0_0-1.npy (File too large); finished "
+                             f"blocks are kept, rerun the same command to continue")
+    assert not list(out.rglob("*.partial"))
 
 
 def test_dask_executor_equals_local_with_instances_stitched(synth_zarr: Path, model_2d: Path, tmp_path: Path) -> None:

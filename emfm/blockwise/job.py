@@ -13,9 +13,10 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, cast
 
 import torch
+from typing_extensions import TypeVar
 
 from emfm.blockwise.grid import BlockGrid
 from emfm.checkpoints import checkpoint_stamp, unchanged_checkpoint
@@ -25,15 +26,17 @@ from emfm.errors import EmfmError
 from emfm.paths import local_output, resolved
 from emfm.requests import Request
 
-J = TypeVar("J", bound="BlockJob")
+J = TypeVar("J", bound="BlockJob[str | None]")
 T = TypeVar("T")
+C = TypeVar("C", bound=str | None, covariant=True, default=str)    # the model's checkpoint; None: a job without one
 
 
 @dataclass(frozen=True)
-class BlockRequest(Request):
-    """What a blockwise command is asked: the keys all of them share."""
+class BlockRequest(Request, Generic[C]):
+    """What a blockwise command is asked: the keys all of them share (``BlockRequest[str | None]``: a command that
+    can compute without a model, such as ``emfm features source=filters``)."""
 
-    checkpoint: str
+    checkpoint: C
     input: str
     output: str
     level: int = 0                # multiscale level of the input
@@ -50,11 +53,12 @@ class BlockRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
-class BlockJob:
-    """Everything a block task needs; a command's job adds its own settings."""
+class BlockJob(Generic[C]):
+    """Everything a block task needs; a command's job adds its own settings (``BlockJob[None]``: a job computing
+    without a model)."""
 
-    checkpoint: str
-    checkpoint_stamp: tuple[tuple[int, int], ...]     # its files' (mtime, size) as the run starts
+    checkpoint: C
+    checkpoint_stamp: tuple[tuple[int, int], ...]     # its files' (mtime, size) as the run starts; () without one
     input: str
     output: str
     level: int
@@ -69,13 +73,14 @@ class BlockJob:
     missing_chunks: str = "warn"          # what reading a chunk absent from the input does (emfm.data.volume)
 
     @classmethod
-    def of(cls: type[J], request: BlockRequest, volume: Volume, region: tuple[slice, ...], threads: int | None,
-           **own: Any) -> J:
+    def of(cls: type[J], request: BlockRequest[str | None], volume: Volume, region: tuple[slice, ...],
+           threads: int | None, **own: Any) -> J:
         """The job of ``request`` over ``region`` of ``volume``; ``own``: the fields the command's job adds."""
         if request.batch_size < 1:
             raise EmfmError(f"batch_size={request.batch_size}: expected at least 1 tile per forward pass")
-        return cls(checkpoint=str(Path(request.checkpoint).resolve()),
-                   checkpoint_stamp=checkpoint_stamp(request.checkpoint), input=resolved(volume.path),
+        model = request.checkpoint
+        return cls(checkpoint=str(Path(model).resolve()) if model else None,
+                   checkpoint_stamp=checkpoint_stamp(model) if model else (), input=resolved(volume.path),
                    output=str(local_output("output", request.output)), level=volume.level,
                    roi=tuple((r.start, r.stop) for r in region), overlap=float(request.overlap),
                    blend=str(request.blend), batch_size=int(request.batch_size),

@@ -33,12 +33,13 @@ PROGRESS, WORK = "_progress", "_work"    # removed when the store is complete
 DTYPES = ("uint8", "float32", "float16")  # how probabilities are stored (uint8: 255 = probability 1)
 
 
-def fingerprint(job: BlockJob, leave_out: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+def fingerprint(job: BlockJob[str | None], leave_out: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
     """What makes two stores the same, as stored in their attributes: the settings of ``job``, without where it
     is written and ``leave_out`` (how fast), with the checkpoint's digest in place of its files'
-    ``checkpoint_stamp`` (a copy is the same checkpoint) and ``extra``."""
+    ``checkpoint_stamp`` (a copy is the same checkpoint; None without one) and ``extra``."""
     settings = {k: v for k, v in asdict(job).items() if k not in ("output", "checkpoint_stamp", *leave_out)}
-    return json.loads(json.dumps({**settings, "checkpoint_sha256": checkpoint_digest(job.checkpoint), **extra}))
+    digest = checkpoint_digest(job.checkpoint) if job.checkpoint else None
+    return json.loads(json.dumps({**settings, "checkpoint_sha256": digest, **extra}))
 
 
 def add_attrs(group: zarr.Group, **attrs: Any) -> None:

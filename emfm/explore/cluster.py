@@ -1,6 +1,7 @@
-"""``emfm cluster``: k-means (or a Gaussian mixture) of an encoder's dense features, as a cluster map.
+"""``emfm cluster``: k-means (or a Gaussian mixture) of dense features, as a cluster map.
 
-The features are computed (``emfm features``) unless given, the clusterer (:mod:`emfm.explore.clusterer`)
+The features -- a network's, or the filter bank's with ``source=filters`` -- are computed (``emfm features``)
+unless given, the clusterer (:mod:`emfm.explore.clusterer`)
 is fitted on a sample of them and applied to every voxel block by block, on the raw voxel grid. With a
 label volume the map is scored (:mod:`emfm.explore.scoring`), and so is the same clustering of raw
 intensity and local statistics: what the features add.
@@ -13,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from tqdm.auto import tqdm
 from emfm.blockwise.executor import Executor
 from emfm.blockwise.grid import BlockGrid, parse_roi
 from emfm.blockwise.store import create_array, finish, placement, write
-from emfm.checkpoints import load_encoder
 from emfm.data.ngff import check_zarr_format, image_attrs, label_colors, read_attrs
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
@@ -40,44 +40,36 @@ from emfm.explore.clusterer import (
 from emfm.explore.features import (
     FEATURES,
     PCA,
-    FeatureRequest,
+    FeatureStoreRequest,
+    Network,
     Projection,
     check_store,
     extract_features,
     sample_store,
+    source_network,
     stored_pca,
 )
 from emfm.explore.scoring import Labels, Table
-from emfm.models.encoders import Encoder
 from emfm.paths import local_output, refuse_foreign, refuse_overlap, remove
 
 log = logging.getLogger(__name__)
 
 CLUSTERS, BASELINE = "0", "intensity_baseline"
+ARMS = {False: "learned", True: "filters"}     # the report's name of the features' clusters: filter-bank ones or not
 REPORT_KEYS = ("input", "output", "features", "k", "method", "cluster_fraction")   # in every report emfm wrote
 
 
 @dataclass(frozen=True)
-class ClusterRequest(FeatureRequest):
-    """What ``emfm cluster`` is asked: the feature request's keys (``output`` is the cluster map) and these."""
+class ClusterRequest(FeatureStoreRequest):
+    """What ``emfm cluster`` is asked: the feature store's keys (``output`` is the cluster map) and these."""
 
     k: int = 8
     method: str = "kmeans"
     backend: str = "sklearn"
-    features: str | None = None                        # an existing feature store; None: <output>/features
     labels: str | dict[str, str] | None = None         # a class volume, or {name: mask}
     ignore_label: int | None = None
     report: str | None = None
     pictures: str | None = None
-
-    @property
-    def store(self) -> str:
-        return str(Path(self.features).resolve()) if self.features else f"{Path(self.output).resolve()}/features"
-
-    def feature_request(self) -> FeatureRequest:
-        """What computes the feature store."""
-        return FeatureRequest(**{**{f.name: getattr(self, f.name) for f in fields(FeatureRequest)},
-                                 "output": self.store})
 
 
 def cluster(cfg: DictConfig) -> dict[str, Any]:
@@ -94,7 +86,7 @@ def cluster(cfg: DictConfig) -> dict[str, Any]:
     log.info("wrote %s: %d clusters%s", report["output"], fitted.clusterer.k,
              f", report {request.report}" if request.report else "")
     if run.labels is not None:
-        for arm in ("learned", "intensity_baseline"):
+        for arm in (fitted.arm, "intensity_baseline"):
             ious = ", ".join(f"{n} {v:.3f}" for n, v in report[arm]["iou"].items())
             log.info("  %s: IoU %s; ARI %.3f", arm, ious, report[arm]["ari"])
     return report
@@ -110,7 +102,7 @@ class Plan:
     clusterer: Clusterer                 # not fitted yet: its settings are checked
     settings: dict[str, Any]             # what makes two cluster maps the same
     inputs: dict[str, Any]               # paths the outputs must stay clear of
-    encoder: Encoder | None              # the checkpoint's, when the features are to be computed
+    network: Network | None              # the checkpoint's, when its features are to be computed
 
 
 def plan(request: ClusterRequest) -> Plan:
@@ -140,8 +132,8 @@ def plan(request: ClusterRequest) -> Plan:
         check_report(request.report, output, request.overwrite)
     if request.features:                             # a given store is checked first
         check_store(store, volume, roi, request.checkpoint)
-    encoder = None if request.features else load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
-    return Plan(volume, roi, labels, clusterer, settings, inputs, encoder)
+    network = None if request.features else source_network(request)
+    return Plan(volume, roi, labels, clusterer, settings, inputs, network)
 
 
 def prepare_output(request: ClusterRequest, run: Plan) -> zarr.Group:
@@ -191,13 +183,14 @@ class Fit:
     coords: np.ndarray                 # its cells, (n, ndim)
     projection: Projection | None      # applied here to a given store without the projection asked for
     clusterer: Clusterer
+    arm: str                           # the report's name of these clusters (ARMS)
 
 
 def fit(request: ClusterRequest, run: Plan, executor: Executor) -> Fit:
     """Features (computed unless given), a sample of them, the projection and the clustering."""
     store = request.store
     if not request.features:
-        extract_features(request.feature_request(), executor, run.encoder)
+        extract_features(request.feature_request(), executor, run.network)
     meta = read_attrs(store)
     array = PCA if request.pca and stored_pca(store) == request.pca else FEATURES
     vectors, coords = sample_store(store, array, request.sample, request.seed)
@@ -206,7 +199,7 @@ def fit(request: ClusterRequest, run: Plan, executor: Executor) -> Fit:
         projection = Projection.fit(vectors, request.pca)
         vectors = projection(vectors)
     return Fit(store, array, tuple(meta["features"]["stride"]), vectors, coords, projection,
-               run.clusterer.fit(vectors))
+               run.clusterer.fit(vectors), ARMS["bank" in meta["features"]])
 
 
 def write_map(root: zarr.Group, run: Plan, fitted: Fit, request: ClusterRequest) -> tuple[np.ndarray, dict[str, Table]]:
@@ -259,13 +252,15 @@ def report_run(request: ClusterRequest, run: Plan, fitted: Fit, root: zarr.Group
         report["pca"] = {"components": len(fitted.projection.components),
                          "explained_variance": round(fitted.projection.explained, 4)}
     if run.labels is not None:
-        report["learned"] = tables["learned"].score(run.labels.names)
+        report[fitted.arm] = tables["learned"].score(run.labels.names)
         report["intensity_baseline"] = tables["intensity_baseline"].score(run.labels.names)
     if request.pictures:
         from emfm.explore.pictures import cluster_pictures
 
+        title = "filter-bank clusters" if fitted.arm == "filters" else "learned clusters"
         report["pictures"] = cluster_pictures(run.volume, run.roi, root, fitted.vectors, fitted.coords, clusterer,
-                                              fitted.stride, run.labels, Path(request.pictures), request.seed)
+                                              fitted.stride, run.labels, Path(request.pictures), request.seed,
+                                              title=title)
     report["seconds"] = round(seconds, 1)
     if request.report:
         write_report(report, request.report)

@@ -1,22 +1,25 @@
-"""``emfm features``: what an encoder sees at every place of a volume, as a zarr feature store.
+"""``emfm features``: what a network (or a filter bank) sees at every place of a volume, as a zarr feature store.
 
-Features come from one of the encoder's feature maps (ViT patch tokens, a CNN stage), resampled
-to a chosen stride inside each tile and blended across overlapping tiles on one grid over the
-region, exactly like ``emfm predict`` -- so the store is computed block by block, out of core,
-resumably, locally or on Dask, and equals the whole-region result. A principal-component
-projection fitted on a sample can be stored beside the full features (``pca=K``).
+Two sources. ``encoder``: a checkpoint's features -- one of the encoder's maps (ViT patch tokens, a CNN
+stage), a hypercolumn of several maps, or the full-resolution features of the decoder a whole-network
+checkpoint holds -- resampled to a chosen stride inside each tile and blended across overlapping tiles on
+one grid over the region, exactly like ``emfm predict``. ``filters``: the ilastik-style filter bank
+(:mod:`emfm.explore.filters`) per voxel, each block read with the bank's halo. Either way the store is
+computed block by block, out of core, resumably, locally or on Dask, and equals the whole-region result.
+A principal-component projection fitted on a sample can be stored beside the full features (``pca=K``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import zarr
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -35,28 +38,62 @@ from emfm.blockwise.store import (
     placement,
     write,
 )
-from emfm.checkpoints import checkpoint_digest, load_encoder
+from emfm.checkpoints import checkpoint_digest, load_network
 from emfm.data.ngff import image_attrs, read_attrs
 from emfm.data.volume import SPATIAL, Volume
 from emfm.errors import EmfmError
+from emfm.explore.filters import SIGMAS, FilterBank
+from emfm.explore.layers import (
+    DECODER,
+    Network,
+    feature_function,
+    layer_channels,
+    per_axis,
+    resolve_layer,
+    tiling,
+)
 from emfm.inference import covering_tiles, sliding_window
 from emfm.models.encoders import Encoder
+from emfm.models.heads import SegmentationHead
 
 log = logging.getLogger(__name__)
 
 FEATURES, PCA = "0", "pca"
+SOURCES = ("encoder", "filters")
 
 
 @dataclass(frozen=True)
-class FeatureRequest(BlockRequest):
+class FeatureRequest(BlockRequest[str | None]):
     """What ``emfm features`` (and ``emfm cluster``, for its feature store) is asked to compute: the keys of
-    every blockwise command (``block_shape`` in feature cells) and these."""
+    every blockwise command (``block_shape`` in feature cells; ``checkpoint`` None with ``source=filters``) and
+    these."""
 
-    layer: int = -1               # which of the encoder's feature maps
-    stride: Any = None            # voxels per feature cell (int or per axis); None = the map's own
-    pca: int | None = None        # also store the features projected on this many principal components
-    sample: int = 20000           # feature vectors sampled to fit the projection
+    source: str = "encoder"             # encoder: the checkpoint's network | filters: the filter bank
+    layer: int | str | None = None      # an encoder map, decoder or hypercolumn; None: a pretrained decoder, or -1
+    stages: Any = None                  # the encoder maps of a hypercolumn; None: all
+    stride: Any = None                  # voxels per feature cell (int or per axis); None = the layer's own
+    filters: Any = None                 # source=filters: the bank's settings (sigmas, fine, per_slice)
+    pca: int | None = None              # also store the features projected on this many principal components
+    sample: int = 20000                 # feature vectors sampled to fit the projection
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureStoreRequest(FeatureRequest):
+    """What a command working on a feature store is asked (``emfm cluster``, ``emfm classify``): the feature
+    request's keys (``output`` is the command's own) and the store, computed into ``<output>/features`` unless
+    ``features`` names one."""
+
+    features: str | None = None                        # an existing feature store; None: <output>/features
+
+    @property
+    def store(self) -> str:
+        return str(Path(self.features).resolve()) if self.features else f"{Path(self.output).resolve()}/features"
+
+    def feature_request(self) -> FeatureRequest:
+        """What computes the feature store."""
+        return FeatureRequest(**{**{f.name: getattr(self, f.name) for f in fields(FeatureRequest)},
+                                 "output": self.store})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +101,8 @@ class FeatureJob(BlockJob):
     """Everything a block task of ``emfm features`` needs; its blocks are in feature cells."""
 
     stride: tuple[int, ...]               # voxels per feature cell, per axis
-    layer: int                            # index into the encoder's forward_features maps
+    layer: int | str                      # an index into the encoder's forward_features maps, decoder or hypercolumn
+    stages: tuple[int, ...] = ()          # the maps of a hypercolumn
 
     @property
     def grid(self) -> BlockGrid:
@@ -77,28 +115,25 @@ class FeatureJob(BlockJob):
         return tuple(max(t, n * k) for t, n, k in zip(self.tile, self.grid.shape, self.stride))
 
 
-def job_encoder(job: FeatureJob, encoder: Encoder | None = None) -> Encoder:
-    """The job's encoder, loaded once per process and job (:func:`~emfm.blockwise.job.cached`).
+@dataclass(frozen=True, kw_only=True)
+class FilterJob(BlockJob[None]):
+    """Everything a block task of ``emfm features source=filters`` needs: the filter bank, no model. Its cells are
+    voxels; ``tile``, ``overlap`` and ``blend`` are of no use to it."""
 
-    ``encoder``: the checkpoint's, already loaded in this process, to use instead of loading it again.
+    bank: FilterBank
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return (1,) * len(self.shape)
+
+
+def job_network(job: FeatureJob, network: Network | None = None) -> Network:
+    """The job's encoder (and decoder, for ``layer=decoder``), loaded once per process and job
+    (:func:`~emfm.blockwise.job.cached`).
+
+    ``network``: the checkpoint's, already loaded in this process, to use instead of loading it again.
     """
-    return cached(job, lambda path: load_encoder(path, as_timm=False), encoder)
-
-
-def feature_function(encoder: Encoder, layer: int, tile: tuple[int, ...], stride: tuple[int, ...]) -> Any:
-    """Tiles (B, C, *tile) -> features (B, F, *tile / stride) from the encoder's map ``layer``."""
-    per_slice = len(tile) == 3 and encoder.spatial_dims == 2
-    out = tuple(t // k for t, k in zip(tile, stride))[1 if per_slice else 0:]
-    mode = "bilinear" if len(out) == 2 else "trilinear"
-
-    def features(x: torch.Tensor) -> torch.Tensor:
-        maps = encoder.forward_features(x[:, :, 0] if per_slice else x)
-        f = maps[layer]
-        if tuple(f.shape[2:]) != out:
-            f = F.interpolate(f, size=out, mode=mode, align_corners=False)
-        return f.unsqueeze(2) if per_slice else f
-
-    return features
+    return cached(job, lambda path: load_network(path, decoder="any" if job.layer == DECODER else "none"), network)
 
 
 def read_padded(volume: Volume, roi: tuple[tuple[int, int], ...], span: tuple[slice, ...]) -> np.ndarray:
@@ -116,8 +151,7 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     voxels = tuple(slice(c.start * k, c.stop * k) for c, k in zip(cells, job.stride))
     span, corners = covering_tiles(voxels, job.padded, job.tile, job.overlap, job.stride)
     image = torch.from_numpy(read_padded(job.volume(), job.roi, span))[None]
-    encoder = job_encoder(job)
-    fn = feature_function(encoder, job.layer, job.tile, job.stride)
+    fn = feature_function(*job_network(job), job.layer, job.stages, job.tile, job.stride)
     feats = sliding_window(fn, image, job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride)
     inner = tuple(slice(c.start - s.start // k, c.stop - s.start // k) for c, s, k in zip(cells, span, job.stride))
     write(job.output, FEATURES, (slice(None), *cells), feats[(slice(None), *inner)].numpy().astype(np.float16))
@@ -125,63 +159,102 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     return index
 
 
-def dense_features(encoder: Encoder, image: np.ndarray, layer: int = -1, stride: Any = None,
-                   overlap: float = 0.25, batch_size: int = 8) -> np.ndarray:
+def filter_block(job: FilterJob, index: Block) -> Block:
+    """Compute, write and mark one block of a filter-bank store: read with the bank's halo, clipped to the region
+    (where the whole-region filters reflect too), filtered and cropped."""
+    voxels, read = job.grid.region(index), job.grid.region(index, job.bank.halo(len(job.shape)))
+    volume = job.volume()
+    image = volume.normalize(volume.read(tuple(slice(a + r.start, a + r.stop) for r, (a, _) in zip(read, job.roi))))
+    inner = tuple(slice(v.start - r.start, v.stop - r.start) for v, r in zip(voxels, read))
+    write(job.output, FEATURES, (slice(None), *voxels), job.bank(image)[(slice(None), *inner)].astype(np.float16))
+    Progress(job.output, "features", job.grid).mark(index)
+    return index
+
+
+def dense_features(encoder: Encoder, image: np.ndarray, layer: int | str | None = None, stride: Any = None,
+                   overlap: float = 0.25, batch_size: int = 8, decoder: SegmentationHead | None = None,
+                   stages: Any = None) -> np.ndarray:
     """Features (F, *cells) of a normalised image or stack held in memory (notebooks, small crops).
 
-    A 2-D encoder over a stack (Z, Y, X) works slice by slice; ``stride`` defaults to the map's own.
+    A 2-D encoder over a stack (Z, Y, X) works slice by slice; ``layer``: as ``emfm features`` (:func:`resolve_layer`;
+    ``decoder``: the checkpoint's, from :func:`~emfm.checkpoints.load_network`); ``stride`` defaults to the layer's own.
     """
+    layer, stages = resolve_layer(layer, stages, encoder, decoder)
     tile, step = tiling(encoder, image.ndim, layer, stride)
     cells = tuple(math.ceil(s / k) for s, k in zip(image.shape, step))
     padded = tuple(max(t, n * k) for t, n, k in zip(tile, cells, step))
     image = np.pad(image, [(0, p - s) for p, s in zip(padded, image.shape)], mode="symmetric")
-    fn = feature_function(encoder, layer, tile, step)
+    fn = feature_function(encoder, decoder, layer, stages, tile, step)
     feats = sliding_window(fn, torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], tile,
                            overlap, batch_size, blend="linear", stride=step)
     return feats[(slice(None), *(slice(0, n) for n in cells))].numpy()
 
 
-def tiling(encoder: Encoder, ndim: int, layer: int = -1, stride: Any = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(tile, stride) over the axes of an ``ndim``-D input: a 2-D encoder over a stack gets 1 in z.
-
-    ``stride`` (voxels per feature cell in the encoder's axes; default the map's own) must divide the tile.
-    """
-    maps = len(encoder.feature_strides)
-    if not -maps <= layer < maps:
-        raise EmfmError(f"layer={layer}: the encoder has {maps} feature maps (0..{maps - 1}, or -1 for the last)")
-    own = tuple(encoder.feature_strides[layer])
-    plane = own if stride is None else _per_axis(stride, len(own), "stride")
-    per_slice = ndim == 3 and encoder.spatial_dims == 2
-    tile = (1, *encoder.input_shape) if per_slice else tuple(encoder.input_shape)
-    step = (1, *plane) if per_slice else plane
-    if any(t % k for t, k in zip(tile, step)):
-        raise EmfmError(f"stride={list(step)}: must divide the encoder tile {list(tile)}")
-    return tuple(int(t) for t in tile), tuple(int(k) for k in step)
-
-
-def _per_axis(value: Any, n: int, key: str) -> tuple[int, ...]:
-    values = [value] * n if isinstance(value, int) else list(value)
-    if len(values) != n or min(values) < 1:
-        raise EmfmError(f"{key}={value}: expected a positive size or {n} of them")
-    return tuple(int(v) for v in values)
+def source_network(request: FeatureRequest) -> Network | None:
+    """The checkpoint's encoder and decoder whose features are asked for, loaded (None with ``source=filters``);
+    settings that do not go with the source are named."""
+    if request.source not in SOURCES:
+        raise EmfmError(f"source={request.source}: expected one of {', '.join(SOURCES)}")
+    if request.source == "filters":
+        given = {"checkpoint": request.checkpoint, "layer": request.layer, "stages": request.stages}
+        for key, value in given.items():
+            if value is not None:
+                raise EmfmError(f"{key}={value}: source=filters computes the filter bank, which takes no {key}; "
+                                f"leave it out (or set source=encoder)")
+        return None
+    if not request.checkpoint:
+        raise EmfmError("checkpoint: required with source=encoder (an emfm checkpoint or export directory); or "
+                        "source=filters for the filter bank, which needs none")
+    # The default layer is a pretrained decoder's (resolve_layer): only one of objective=restore is loaded for it.
+    decoder: Literal["any", "pretrained", "none"] = \
+        "pretrained" if request.layer is None else "any" if request.layer == DECODER else "none"
+    return load_network(request.checkpoint, key="checkpoint", decoder=decoder)
 
 
-def make_job(request: FeatureRequest, encoder: Encoder, volume: Volume, threads: int | None) -> FeatureJob:
-    """Check the settings against the encoder and the volume, and build the job."""
+def make_job(request: FeatureRequest, network: Network, volume: Volume, threads: int | None) -> FeatureJob:
+    """Check the settings against the network and the volume, and build the job."""
+    encoder, decoder = network
     patch = tuple(encoder.input_shape)
     if len(patch) == 3 and volume.ndim == 2:
         raise EmfmError(f"input={volume.path}: a 2-D image, but the encoder is 3-D (patch {list(patch)})")
-    tile, stride = tiling(encoder, volume.ndim, request.layer, request.stride)
+    layer, stages = resolve_layer(request.layer, request.stages, encoder, decoder)
+    tile, stride = tiling(encoder, volume.ndim, layer, request.stride)
     region = parse_roi(request.roi, volume.shape)
     shape = tuple(r.stop - r.start for r in region)
     cells = tuple(math.ceil(s / k) for s, k in zip(shape, stride))
     default = tuple(min(c, 4 * t // k) for c, t, k in zip(cells, tile, stride))
-    block = _per_axis(request.block_shape, len(cells), "block_shape") if request.block_shape else default
-    return FeatureJob.of(request, volume, region, threads, tile=tile, block=block, stride=stride,
-                         layer=request.layer % len(encoder.feature_strides))
+    block = per_axis(request.block_shape, len(cells), "block_shape") if request.block_shape else default
+    return FeatureJob.of(request, volume, region, threads, tile=tile, block=block, stride=stride, layer=layer,
+                         stages=stages)
 
 
-def create_store(job: FeatureJob, stamp: dict[str, Any], channels: int, volume: Volume) -> None:
+def make_filter_job(request: FeatureRequest, volume: Volume, threads: int | None) -> FilterJob:
+    """The filter bank of ``filters`` (per slice where z voxels are over twice as long as y ones, unless
+    ``filters.per_slice`` says) and its job; blocks of 512² voxels filtered per slice, 64³ in 3-D."""
+    settings = dict(request.filters or {})
+    if request.stride not in (None, 1):
+        raise EmfmError(f"stride={request.stride}: the filter bank gives features per voxel; leave stride out with "
+                        f"source=filters")
+    size = volume.voxel_size
+    anisotropic = volume.ndim == 3 and size is not None and size[0] > 2 * size[1]
+    per_slice = settings.pop("per_slice", None)
+    try:
+        sigmas = tuple(float(s) for s in settings.pop("sigmas", SIGMAS))
+    except (TypeError, ValueError):
+        raise EmfmError(f"filters.sigmas={request.filters['sigmas']}: expected a list of positive numbers") from None
+    bank = FilterBank(sigmas, per_slice=anisotropic if per_slice is None else bool(per_slice),
+                      fine=bool(settings.pop("fine", False)))
+    if settings:
+        raise EmfmError(f"filters.{next(iter(settings))}: not a filter bank setting; expected sigmas, fine, per_slice")
+    region = parse_roi(request.roi, volume.shape)
+    filtered = bank.axes(volume.ndim)
+    side = 512 if len(filtered) == 2 else 64
+    default = tuple(min(r.stop - r.start, side if axis in filtered else 1) for axis, r in enumerate(region))
+    block = per_axis(request.block_shape, len(region), "block_shape") if request.block_shape else default
+    return FilterJob.of(request, volume, region, threads, tile=(1,) * len(region), block=block, bank=bank)
+
+
+def create_store(job: FeatureJob | FilterJob, stamp: dict[str, Any], channels: int, volume: Volume) -> None:
     """The new feature store: ``0`` (F, *cells) float16, placed on the volume (its units; each cell's centre
     on the centre of its voxels) by its OME scale and translation."""
     plan, origin = placement(volume, job.grid.shape, [a for a, _ in job.roi], stride=job.stride)
@@ -203,7 +276,8 @@ def check_store(path: str, volume: Volume, roi: tuple[slice, ...] | None = None,
         raise EmfmError(f"features={path}: not a complete emfm feature store (make one with `emfm features`)")
     settings = meta["features"]
     if checkpoint is not None and settings.get("checkpoint_sha256") != checkpoint_digest(checkpoint):
-        raise EmfmError(f"features={path}: computed with checkpoint {settings.get('checkpoint')}, not with "
+        made = f"checkpoint {settings['checkpoint']}" if settings.get("checkpoint") else "the filter bank"
+        raise EmfmError(f"features={path}: computed with {made}, not with "
                         f"checkpoint={checkpoint} (their files differ); give that checkpoint, or leave out features= "
                         f"to compute this one's")
     if settings["input_shape"] != list(volume.shape) or (
@@ -215,18 +289,28 @@ def check_store(path: str, volume: Volume, roi: tuple[slice, ...] | None = None,
     return meta
 
 
-def extract_features(request: FeatureRequest, executor: Executor, encoder: Encoder | None = None) -> dict[str, Any]:
+def extract_features(request: FeatureRequest, executor: Executor, network: Network | None = None) -> dict[str, Any]:
     """Compute (or finish) a feature store; returns a summary with its path.
 
     A store of the same settings is always kept (resumed or reused); ``overwrite`` replaces a different one.
-    ``encoder``: the checkpoint's, already loaded by the caller.
+    ``network``: the checkpoint's, already loaded by the caller (:func:`source_network`).
     """
     input_volume.cache_clear()
-    encoder = encoder or load_encoder(request.checkpoint, as_timm=False, key="checkpoint")
+    network = network or source_network(request)
     volume = Volume(request.input, request.level, request.missing_chunks)
-    job = make_job(request, encoder, volume, executor.threads(request.threads))
-    channels = encoder.feature_channels[job.layer]
-    stamp = fingerprint(job, ("threads", "batch_size", "block", "missing_chunks"), input_shape=list(volume.shape))
+    threads = executor.threads(request.threads)
+    job: FeatureJob | FilterJob
+    task: Callable[..., Block]
+    fast = ("threads", "batch_size", "block", "missing_chunks")
+    if network is None:
+        job = make_filter_job(request, volume, threads)
+        task, channels = filter_block, len(job.bank.names(volume.ndim))
+        stamp = fingerprint(job, (*fast, "tile", "overlap", "blend"), input_shape=list(volume.shape),
+                            stride=list(job.stride))
+    else:
+        job = make_job(request, network, volume, threads)
+        task, channels = feature_block, layer_channels(*network, job.layer, job.stages)
+        stamp = fingerprint(job, fast, input_shape=list(volume.shape))
     complete = claim(job.output, "features", stamp, request.overwrite,
                      inputs={"input": job.input, "checkpoint": job.checkpoint}, describe="feature store")
     if complete is None:
@@ -235,11 +319,11 @@ def extract_features(request: FeatureRequest, executor: Executor, encoder: Encod
                                "stride": list(job.stride), "blocks": len(job.grid), "computed": 0}
     if not complete:
         with executor_client(executor) as client:
-            if client is None:
-                job_encoder(job, encoder)           # this process computes: no second load
+            if client is None and isinstance(job, FeatureJob) and network is not None:
+                job_network(job, network)           # this process computes: no second load
             pending = Progress(job.output, "features", job.grid).pending()
             summary["computed"] = len(pending)
-            summary["seconds"] = run_blocks(feature_block, pending, job, client=client, desc="features",
+            summary["seconds"] = run_blocks(task, pending, job, client=client, desc="features",
                                             progress=request.progress)
         finish(job.output)
     if request.pca and stored_pca(job.output) != request.pca:

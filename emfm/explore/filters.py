@@ -53,7 +53,7 @@ class FilterBank:
 
     def __post_init__(self) -> None:
         if not self.sigmas or min(self.sigmas) <= 0:
-            raise EmfmError(f"filter bank: sigmas must be positive and at least one, got {list(self.sigmas)}")
+            raise EmfmError(f"filters.sigmas={list(self.sigmas)}: expected at least one sigma, all positive")
 
     def axes(self, ndim: int) -> tuple[int, ...]:
         """The axes filtered in an image of ``ndim`` spatial axes (2-D or 3-D)."""

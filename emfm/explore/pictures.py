@@ -132,8 +132,9 @@ def patch_at(volume: Volume, centre: Sequence[int], size: int = 64) -> np.ndarra
 
 def cluster_pictures(volume: Volume, roi: tuple[slice, ...], root: Any, vectors: np.ndarray, coords: np.ndarray,
                      clusterer: Any, stride: Sequence[int], labels: Any, out_dir: Path, seed: int = 0,
-                     slices: int = 3, examples: int = 8) -> dict[str, str]:
-    """``cluster_maps.png``, ``umap.png`` and ``gallery.png`` for an ``emfm cluster`` run; returns their paths."""
+                     slices: int = 3, examples: int = 8, title: str = "learned clusters") -> dict[str, str]:
+    """``cluster_maps.png``, ``umap.png`` and ``gallery.png`` for an ``emfm cluster`` run; returns their paths.
+    ``title``: of the cluster map's panels."""
     out_dir.mkdir(parents=True, exist_ok=True)
     k, written = clusterer.k, {}
     clusters = root["0"]
@@ -145,7 +146,7 @@ def cluster_pictures(volume: Volume, roi: tuple[slice, ...], root: Any, vectors:
         raw = volume.read(tuple(slice(r.start + a, r.start + a + 1) for r, a in zip(roi, at)) + tuple(roi[len(at):]))
         raw = raw.reshape(raw.shape[-2:])
         row = [(f"raw z={roi[0].start + z}" if at else "raw", grey(raw)),
-               ("learned clusters", overlay(raw, np.asarray(clusters[at]).astype(int), k))]
+               (title, overlay(raw, np.asarray(clusters[at]).astype(int), k))]
         if baseline is not None:
             row.append(("intensity baseline", overlay(raw, np.asarray(baseline[at]).astype(int), k)))
         if labels is not None:

@@ -3,9 +3,12 @@
 The sliding-window tiles form one grid over the whole region of interest. Each output block
 blends exactly the tiles of that grid that touch it (reading the input they cover), so the
 blocks join without seams: the result is the whole-region sliding window, computed out of core.
-Tiles straddling a block border are computed once per block they touch; that is the price of
-independent blocks, which is what makes the job resumable and distributable. The blocks, their
-executors (here or on Dask) and the resumable output store are :mod:`emfm.blockwise`'s.
+A tile straddling a block border is computed once, by the first block that needs it, and read
+by the others from the store's work group (:mod:`emfm.blockwise.tiles`): the blocks stay
+independent, which is what makes the job resumable and distributable, and a local run computes
+each tile once (on Dask, neighbours running at the same time may both compute a shared one).
+The blocks, their executors (here or on Dask) and the resumable output store are
+:mod:`emfm.blockwise`'s.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +40,7 @@ from emfm.blockwise.store import (
     placement,
     write,
 )
+from emfm.blockwise.tiles import SharedTiles
 from emfm.checkpoints import load_segmenter
 from emfm.data.ngff import Level, build_pyramid, image_attrs, labels_attrs
 from emfm.data.volume import Volume
@@ -107,10 +112,14 @@ def predict_block(job: Job, index: Block) -> Block:
     volume = job.volume()
     raw = volume.read(tuple(slice(a + s.start, a + s.stop) for (a, _), s in zip(job.roi, span)))
     image = torch.from_numpy(volume.normalize(raw))[None]
-    probs = sliding_window(model_function(job), image, job.tile, job.overlap, job.batch_size, corners, job.blend)
+    tiles = SharedTiles(Path(job.output) / WORK / "tiles", job.grid, job.tile, tuple(s.start for s in span))
+    probs = sliding_window(model_function(job), image, job.tile, job.overlap, job.batch_size, corners, job.blend,
+                           run=tiles.run)
     inner = tuple(slice(r.start - s.start, r.stop - s.start) for r, s in zip(region, span))
     write(job.output, "0", (slice(None), *region), encode(probs[(slice(None), *inner)].numpy(), job.dtype))
-    Progress(job.output, "predict", job.grid).mark(index)
+    progress = Progress(job.output, "predict", job.grid)
+    progress.mark(index)
+    tiles.release(corners, progress)
     return index
 
 
