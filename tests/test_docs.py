@@ -50,7 +50,7 @@ def readme_workflow() -> list[list[str]]:
 def test_the_readme_workflow_runs_as_written(run_cli: CommandLine, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    volume = make_synthetic_em((20, 96, 96), seed=0)
+    volume = make_synthetic_em((20, 64, 64), seed=0)
     tifffile.imwrite("my_stack.tif", volume.raw)
     Path("membranes_folder").mkdir()
     for z, mask in enumerate(volume.membranes):
