@@ -33,7 +33,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
-from torch.utils.tensorboard.summary import hparams
 
 from emfm.errors import EmfmError
 from emfm.paths import alive
@@ -273,8 +272,9 @@ class LogConfig(pl.Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams(self.config)
             if isinstance(logger, TensorBoardLogger):   # its HParams view needs a session, which Lightning
-                flat = flatten(self.config)             # writes only with a metric (default_hp_metric: false)
-                for summary in hparams(flat, {}):
+                from torch.utils.tensorboard.summary import hparams  # writes only with a metric (not at start-up)
+
+                for summary in hparams(flatten(self.config), {}):
                     logger.experiment._get_file_writer().add_summary(summary)
 
 
