@@ -94,9 +94,10 @@ def score_instances(seg: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 
 def evaluate_region(module: Segments, regions: HeldOutSlices, thresholds: Sequence[float],
-                    min_size: int = 0, seeding: str = SEEDING) -> dict[str, Any]:
+                    min_size: int = 0, seeding: str = SEEDING, reported: bool = True) -> dict[str, Any]:
     """Scores of ``module`` on every region of ``regions`` (instances at the best of ``thresholds``),
-    plus the probabilities for pictures."""
+    plus the probabilities for pictures; ``reported``: also the ISBI 2012 scores and bootstrap intervals, which
+    choosing a threshold does not need."""
     target = dict(module.hparams["target"])
     counts: list[torch.Tensor] = []
     per_threshold: dict[float, list[dict[str, float]]] = {t: [] for t in thresholds}
@@ -113,7 +114,7 @@ def evaluate_region(module: Segments, regions: HeldOutSlices, thresholds: Sequen
         # a semantic target, or a region without true objects, has no instance scores
         for t in thresholds if target["kind"] in KINDS and gt.any() else ():
             per_threshold[t].append(score_instances(from_probabilities(probs_np, target, t, seeding, min_size), gt))
-        if target["kind"] == "membrane" and gt.any():
+        if reported and target["kind"] == "membrane" and gt.any():
             isbi += [isbi_scores(m, y == 1, y != IGNORE) for m, y in zip(*sections(probs_np[0], labels))]
         last = (item["image"][0].numpy(), probs_np, labels)
     stacked = torch.stack(counts)
@@ -127,15 +128,16 @@ def evaluate_region(module: Segments, regions: HeldOutSlices, thresholds: Sequen
     report: dict[str, Any] = {
         "iou": float(iou.mean()), "dice": float(dice.mean()),
         "per_class": {str(c + 1): {"iou": float(i), "dice": float(d)} for c, (i, d) in enumerate(zip(iou, dice))},
-        "interval95": {"iou": bootstrap_interval(len(counts), lambda r: stacked[torch.from_numpy(r)], mean_iou)},
     }
+    if reported:
+        report["interval95"] = {"iou": bootstrap_interval(len(counts), stacked.__getitem__, mean_iou)}
     scored = {t: rows for t, rows in per_threshold.items() if rows}
     if scored:
         means = {t: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for t, rows in scored.items()}
         best = max(means, key=lambda t: means[t]["vrand"])
         report.update({"threshold": best, **means[best], "per_threshold": {str(t): m for t, m in means.items()},
                        "instance_regions": f"{len(scored[best])} of {len(regions)}"})
-        for key in ("vrand", "vi"):
+        for key in ("vrand", "vi") if reported else ():
             values = np.array([r[key] for r in scored[best]])
             report["interval95"][key] = bootstrap_interval(len(values), values.take, np.mean)
     if isbi:
@@ -159,7 +161,8 @@ def evaluate_slices(module: Segments, data: LabeledVolume, slices: Sequence[int]
     shape = module.input_shape
     chosen = None
     if tune_slices:
-        tuned = evaluate_region(module, HeldOutSlices(data, tune_slices, shape), thresholds, min_size, seeding)
+        tuned = evaluate_region(module, HeldOutSlices(data, tune_slices, shape), thresholds, min_size, seeding,
+                                reported=False)
         chosen = tuned["report"].get("threshold")   # None: no true objects on the tuning slices
     result = evaluate_region(module, HeldOutSlices(data, slices, shape),
                              thresholds if chosen is None else [chosen], min_size, seeding)
