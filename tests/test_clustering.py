@@ -17,7 +17,7 @@ from emfm.blockwise.grid import BlockGrid
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.explore.clusterer import Clusterer, upsample_linear
+from emfm.explore.clusterer import Clusterer, assign_clusters, upsample_linear
 from emfm.explore.pictures import umap_embedding
 from emfm.explore.seeds import clusters_to_labels
 from emfm.metrics import adjusted_rand_index, matched_iou, merged_iou
@@ -69,9 +69,28 @@ def test_cluster_map_is_kmeans_of_interpolated_features_and_blockwise_exact() ->
         region = grid.region(index)
         vox = tuple(slice(c.start * k, min(c.stop * k, n)) for c, k, n in zip(region, stride, voxels))
         margin = tuple(slice(max(0, c.start - 1), min(n, c.stop + 1)) for c, n in zip(region, (5, 7)))
-        part = upsample_linear(scores[(slice(None), *margin)], margin, vox, stride, (5, 7))
-        stitched[vox] = part.argmax(0)
+        stitched[vox] = assign_clusters(scores[(slice(None), *margin)], margin, vox, stride, (5, 7))
     assert (stitched == whole.argmax(0)).all()
+
+
+def test_cluster_ids_are_the_first_best_interpolated_score_in_3d_blocks() -> None:
+    """``assign_clusters`` (what `emfm cluster` writes) interpolates the last axis one cluster at a time: it must
+    equal the argmax of the whole interpolated scores, ties going to the first cluster, block by block too."""
+    rng = np.random.default_rng(2)
+    scores = rng.normal(size=(6, 3, 5, 7)).astype(np.float32)         # (k, Zc, Yc, Xc)
+    scores[4] = scores[1]                                              # a tie everywhere: cluster 1 wins it
+    stride, voxels, grid = (1, 4, 4), (3, 18, 27), (3, 5, 7)           # a 2-D encoder's stride over a stack
+    whole = upsample_linear(scores, tuple(slice(0, n) for n in grid), tuple(slice(0, n) for n in voxels), stride,
+                            grid).argmax(0)
+    assert 4 not in whole and set(np.unique(whole)) > {1}
+    cells = BlockGrid(grid, (2, 2, 3))
+    stitched = np.full(voxels, 255, dtype=np.uint8)
+    for index in cells:
+        region = cells.region(index)
+        vox = tuple(slice(c.start * k, min(c.stop * k, n)) for c, k, n in zip(region, stride, voxels))
+        margin = tuple(slice(max(0, c.start - 1), min(n, c.stop + 1)) for c, n in zip(region, grid))
+        stitched[vox] = assign_clusters(scores[(slice(None), *margin)], margin, vox, stride, grid)
+    assert (stitched == whole).all()
 
 
 def test_backends_and_gmm_find_the_same_blobs() -> None:

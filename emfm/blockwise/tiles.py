@@ -1,4 +1,5 @@
-"""Tiles that straddle block borders, computed once for all the blocks they touch.
+"""Tiles that straddle block borders, computed once for all the blocks they touch (``emfm predict``, and the dense
+features of ``emfm features`` and ``emfm cluster``).
 
 Each block blends the tiles of the region's grid that touch it (:func:`~emfm.inference.covering_tiles`), so a tile
 across a block border is needed by every block it touches. Tiles are grouped by their footprint, the blocks they
@@ -32,13 +33,15 @@ Footprint = tuple[tuple[int, int], ...]      # the first and last block a tile t
 
 @dataclass(frozen=True)
 class SharedTiles:
-    """The tiles of one block's window, which starts at ``origin`` of the region; groups shared with other blocks
-    are kept in ``folder``."""
+    """The tiles of one block's window, which starts at voxel ``origin`` of the region; groups shared with other
+    blocks are kept in ``folder``. The output's ``grid`` is in its cells, ``stride`` voxels each (dense features;
+    None: one voxel)."""
 
     folder: Path
     grid: BlockGrid
     tile: tuple[int, ...]
     origin: tuple[int, ...]
+    stride: tuple[int, ...] | None = None
 
     def run(self, model: Model, image: torch.Tensor, corners: Sequence[Corner], patch: tuple[int, ...],
             batch_size: int) -> Iterator[tuple[Corner, torch.Tensor]]:
@@ -65,9 +68,10 @@ class SharedTiles:
     def groups(self, corners: Sequence[Corner]) -> dict[Footprint, list[Corner]]:
         """``corners`` (window coordinates) by footprint, each group in the order of ``corners``."""
         groups: dict[Footprint, list[Corner]] = {}
+        stride = self.stride or (1,) * len(self.tile)
         for corner in corners:
-            footprint = tuple(((o + c) // b, (min(o + c + t, n) - 1) // b) for o, c, t, b, n
-                              in zip(self.origin, corner, self.tile, self.grid.block, self.grid.shape))
+            footprint = tuple(((o + c) // k // b, (min(o + c + t, n * k) - 1) // k // b) for o, c, t, k, b, n
+                              in zip(self.origin, corner, self.tile, stride, self.grid.block, self.grid.shape))
             groups.setdefault(footprint, []).append(corner)
         return groups
 

@@ -31,11 +31,11 @@ from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.explore.clusterer import (
     Clusterer,
-    baseline_block,
+    assign_clusters,
+    baseline_clusters,
     cells_to_voxels,
     cluster_colors,
     fit_baseline,
-    upsample_linear,
 )
 from emfm.explore.features import (
     FEATURES,
@@ -226,15 +226,13 @@ def write_map(root: zarr.Group, run: Plan, fitted: Fit, request: ClusterRequest)
         flat = block.reshape(block.shape[0], -1).T                                        # (cells, F)
         flat = fitted.projection(flat) if fitted.projection is not None else flat
         scores = fitted.clusterer.scores(flat).T.reshape(k, *block.shape[1:])               # (k, *cells)
-        assigned = upsample_linear(scores, margin, voxels, stride, grid).argmax(0).astype(maps[CLUSTERS].dtype)
+        assigned = assign_clusters(scores, margin, voxels, stride, grid).astype(maps[CLUSTERS].dtype)
         write(root_path, CLUSTERS, voxels, assigned)
         sizes += np.bincount(assigned.ravel(), minlength=k)
         if run.labels is not None and baseline is not None:
             truth = run.labels.read(tuple(slice(r.start + v.start, r.start + v.stop) for r, v in zip(roi, voxels)))
             tables["learned"].add(assigned, truth)
-            model, mean, std = baseline
-            flat = (baseline_block(run.volume, roi, voxels).reshape(3, -1).T - mean) / std
-            base = model.predict(flat).reshape(assigned.shape).astype(assigned.dtype)
+            base = baseline_clusters(baseline, run.volume, roi, voxels).astype(assigned.dtype)
             write(root_path, BASELINE, voxels, base)
             tables["intensity_baseline"].add(base, truth)
     return sizes, tables

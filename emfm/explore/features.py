@@ -28,6 +28,7 @@ from emfm.blockwise.executor import Executor, executor_client, run_blocks
 from emfm.blockwise.grid import Block, BlockGrid, parse_roi
 from emfm.blockwise.job import BlockJob, BlockRequest, cached, input_volume
 from emfm.blockwise.store import (
+    WORK,
     Progress,
     add_attrs,
     claim,
@@ -38,6 +39,7 @@ from emfm.blockwise.store import (
     placement,
     write,
 )
+from emfm.blockwise.tiles import SharedTiles
 from emfm.checkpoints import checkpoint_digest, load_network
 from emfm.data.ngff import image_attrs, read_attrs
 from emfm.data.volume import SPATIAL, Volume
@@ -152,10 +154,14 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     span, corners = covering_tiles(voxels, job.padded, job.tile, job.overlap, job.stride)
     image = torch.from_numpy(read_padded(job.volume(), job.roi, span))[None]
     fn = feature_function(*job_network(job), job.layer, job.stages, job.tile, job.stride)
-    feats = sliding_window(fn, image, job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride)
+    tiles = SharedTiles(Path(job.output) / WORK / "tiles", job.grid, job.tile, tuple(s.start for s in span), job.stride)
+    feats = sliding_window(fn, image, job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride,
+                           run=tiles.run)
     inner = tuple(slice(c.start - s.start // k, c.stop - s.start // k) for c, s, k in zip(cells, span, job.stride))
     write(job.output, FEATURES, (slice(None), *cells), feats[(slice(None), *inner)].numpy().astype(np.float16))
-    Progress(job.output, "features", job.grid).mark(index)
+    progress = Progress(job.output, "features", job.grid)
+    progress.mark(index)
+    tiles.release(corners, progress)
     return index
 
 
@@ -205,10 +211,15 @@ def source_network(request: FeatureRequest) -> Network | None:
     if not request.checkpoint:
         raise EmfmError("checkpoint: required with source=encoder (an emfm checkpoint or export directory); or "
                         "source=filters for the filter bank, which needs none")
-    # The default layer is a pretrained decoder's (resolve_layer): only one of objective=restore is loaded for it.
+    return layer_network(request.checkpoint, request.layer, key="checkpoint")
+
+
+def layer_network(checkpoint: str, layer: int | str | None = None, key: str | None = None) -> Network:
+    """The checkpoint's encoder, with the decoder ``layer`` takes (:func:`resolve_layer`): any for ``decoder``; for
+    the default only one pretrained with the encoder (objective=restore), not a fine-tuned one; else none."""
     decoder: Literal["any", "pretrained", "none"] = \
-        "pretrained" if request.layer is None else "any" if request.layer == DECODER else "none"
-    return load_network(request.checkpoint, key="checkpoint", decoder=decoder)
+        "pretrained" if layer is None else "any" if layer == DECODER else "none"
+    return load_network(checkpoint, key=key, decoder=decoder)
 
 
 def make_job(request: FeatureRequest, network: Network, volume: Volume, threads: int | None) -> FeatureJob:
