@@ -1,4 +1,5 @@
-"""How the benchmarks measure: timed steps, fresh processes, peak RSS, repeats and their ratios.
+"""How the benchmarks measure: timed steps, fresh processes, peak RSS, repeats and their ratios, FLOPs and the
+machine's peak FLOP/s.
 
 Every benchmark times its arms with these, so that two figures in docs/benchmarks.md taken by different
 benchmarks mean the same thing (what a step's time holds, which process's memory, how a ratio pairs runs).
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 WARMUP = 3  # steps not timed: worker start-up, first allocations, the step-1 reconstruction image
 PRELOAD = ["torch", "timm", "lightning.pytorch", "hydra", "emfm.run"]   # what every arm imports: the slow part
@@ -105,6 +107,61 @@ class Clock:
             threads=torch.get_num_threads(),
             first=self.ends[0] - self.starts[0],
         )
+
+
+# --- FLOPs and the machine's peak -------------------------------------------------------------------------------
+
+
+def attention(query: torch.Size, key: torch.Size, value: torch.Size, *args: Any, **kwargs: Any) -> int:
+    return int(sdpa_flop_count(query, key, value))
+
+
+def attention_backward(grad: torch.Size, query: torch.Size, key: torch.Size, value: torch.Size, *args: Any,
+                       **kwargs: Any) -> int:
+    return int(sdpa_backward_flop_count(grad, query, key, value))
+
+
+# torch's counter knows the CUDA attention kernels only; on a CPU scaled_dot_product_attention runs these
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward}
+
+
+def flops(work: Callable[[], object]) -> int:
+    """The FLOPs ``work()`` runs as torch's ``FlopCounterMode`` counts them: matrix products, convolutions and
+    attention (2 per multiply-add), forward and backward. Everything else counts 0: elementwise operations,
+    normalisation, softmax, pooling, interpolation, optimizer updates."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        work()
+    return counter.get_total_flops()
+
+
+def peak(work: Callable[[], object], repeats: int = 5) -> float:
+    """FLOP/s of ``work()`` in its fastest of ``repeats`` timed runs (after the counting run, which warms up)."""
+    count = flops(work)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - start)
+    return count / min(seconds)
+
+
+def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of a float32 n x n @ n x n product: the most a CPU's BLAS gets out of this process's threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return peak(lambda: a @ b, repeats)
+
+
+def conv_peak(batch: int = 8, channels: int = 64, size: int = 256, channels_last: bool = False,
+              repeats: int = 5) -> float:
+    """FLOP/s of a float32 3x3 2-D convolution's forward (channels -> channels on batch x size x size), a CNN layer
+    of realistic size; in channels-last memory if asked (oneDNN's fast layout on CPUs)."""
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    images = torch.randn(batch, channels, size, size)
+    if channels_last:
+        conv, images = conv.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return peak(lambda: conv(images), repeats)
 
 
 # --- repeats and ratios -----------------------------------------------------------------------------------------

@@ -86,15 +86,25 @@ def ours(overrides: list[str], steps: int, command: str = "pretrain") -> Run:
     return timer.clock.run(cfg.data.batch_size, steps)
 
 
-def bare(overrides: list[str], steps: int) -> Run:
-    """The same module, batch shape and optimiser in a plain loop."""
-    return bare_loop(*bare_parts(overrides), steps)
+def bare(overrides: list[str], steps: int, channels_last: bool = False, bf16: bool = False) -> Run:
+    """The same module, batch shape and optimiser in a plain loop, in the default memory layout (the reference, even
+    where emfm's training puts a CNN in channels-last); opt-in: module and batch in channels-last memory
+    (``channels_last``), the loss under CPU bfloat16 autocast (``bf16``, which emfm's training does not do on a CPU)."""
+    cfg, module, images = bare_parts([*overrides, "trainer.channels_last=false"])
+    if channels_last:
+        layout = torch.channels_last if images.ndim == 4 else torch.channels_last_3d
+        module, images = module.to(memory_format=layout), images.contiguous(memory_format=layout)
+    return bare_loop(cfg, module, images, steps, bf16)
 
 
-def bare_loop(cfg: DictConfig, module: PretrainModule, images: torch.Tensor, steps: int) -> Run:
+def bare_loop(cfg: DictConfig, module: PretrainModule, images: torch.Tensor, steps: int, bf16: bool = False) -> Run:
     """``plain_loop`` over the module's ``compute_loss`` on ``images`` with the config's optimiser."""
-    return plain_loop(lambda: module.compute_loss(images)["loss"], module, optimizer(module, cfg), steps,
-                      cfg.data.batch_size)
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return module.compute_loss(images)["loss"]
+
+    return plain_loop(loss, module, optimizer(module, cfg), steps, cfg.data.batch_size)
 
 
 def bare_parts(overrides: list[str]) -> tuple[DictConfig, PretrainModule, torch.Tensor]:
@@ -160,7 +170,10 @@ def make_checkpoint(work: Path, volume: Path) -> Path:
 def timed_predict(checkpoint: Path, volume: Path, output: Path, batch: int, blend: str = "linear",
                   dtype: str = "float16") -> dict[str, float]:
     """`emfm predict` in this process, timed from the model load to the finished store: seconds in all and in
-    the block phase, and the process's peak RSS."""
+    the block phase, and the process's peak RSS. The command's module is imported before the clock starts, as the
+    peers' libraries are (until 2026-12-07 its import, 0.15-0.2 s, was timed on emfm's side alone)."""
+    import emfm.predict.predict  # noqa: F401  (imported on first use by the command)
+
     cfg = config([f"checkpoint={checkpoint}", f"input={volume}", f"output={output}", "overwrite=true",
                   "progress=false", f"batch_size={batch}", f"dtype={dtype}", f"blend={blend}",
                   f"paths.output_dir={output}.run"], "predict")

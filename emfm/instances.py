@@ -19,16 +19,18 @@ numbered 1..n.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
-from skimage.graph import RAG, merge_hierarchical
 from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
 from emfm.data.targets import offset_slices
 from emfm.errors import EmfmError
+
+if TYPE_CHECKING:
+    from skimage.graph import RAG
 
 KINDS = ("membrane", "boundary", "foreground", "affinity")    # the targets whose probabilities hold instances
 METHODS = ("watershed", "components")
@@ -205,8 +207,11 @@ def _agglomerate(fragments: np.ndarray, affinities: np.ndarray, offsets: Sequenc
     """Merge adjacent fragments while the mean affinity across their shared boundary is above ``threshold``.
 
     Greedy average linkage with skimage's ``merge_hierarchical``: the most attracted pair first,
-    and the mean of a merged boundary is recomputed from its summed pair affinities.
+    and the mean of a merged boundary is recomputed from its summed pair affinities. skimage's graphs are
+    imported here: they bring networkx, 0.1-0.2 s at the start of every `emfm predict` that needs none.
     """
+    from skimage.graph import RAG, merge_hierarchical
+
     ends, values = [], []  # every pair of pixels across two fragments: (smaller id, larger id), affinity
     for aff, offset in zip(affinities, offsets):
         src, dst = offset_slices(offset, fragments.shape)

@@ -10,13 +10,19 @@ command, recognised by emfm's own marker in it.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from emfm.errors import EmfmError
+
+log = logging.getLogger(__name__)
 
 URL_SCHEMES = ("http", "https", "s3")       # what remote inputs are read from (through fsspec)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -110,8 +116,29 @@ def remove(path: str | Path) -> None:
 
 
 def cache_dir() -> Path:
-    """Where emfm keeps what it computes about inputs it never writes into (their intensity normalisation):
-    ``$EMFM_CACHE_DIR``, else ``$XDG_CACHE_HOME/emfm``, else ``~/.cache/emfm``."""
+    """Where emfm keeps what it computes about inputs it never writes into (their intensity normalisation, the
+    digests of checkpoints): ``$EMFM_CACHE_DIR``, else ``$XDG_CACHE_HOME/emfm``, else ``~/.cache/emfm``."""
     if given := os.environ.get("EMFM_CACHE_DIR"):
         return Path(given).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "emfm"
+
+
+def read_cache(path: Path) -> Any:
+    """A cache file's JSON content; None if it is missing or unreadable (then it is computed and written again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_cache(path: Path, content: dict[str, Any]) -> None:
+    """Write a cache file atomically; where it cannot be written the values are only kept in memory."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(content) + "\n")
+        os.replace(partial, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        log.info("%s: could not write the cache file (%s); keeping the values in memory", path, e)

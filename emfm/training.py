@@ -1,7 +1,7 @@
 """Trainer pieces shared by every command: the optimiser and its schedule, atomic checkpoints (the latest
 state and the best, kept when the run's folder moves), a clean stop on preemption or Ctrl-C, metrics
 appended across resumes, the whole config given to every logger, a run stopped when its loss stops being
-finite, the projected time of a CPU run, and compiled training steps."""
+finite, the projected time of a CPU run, compiled training steps and channels-last convolutions."""
 
 from __future__ import annotations
 
@@ -366,6 +366,24 @@ def compiler_missing(on_gpu: bool) -> str | None:
     except exc.InvalidCxxCompiler:
         return "torch.compile builds C++ kernels on a CPU and found no C++ compiler (install g++, or set CXX)"
     return None
+
+
+# The channels-last memory format of a convolution's weight by its rank: 2-D (N, Y, X, C), 3-D (N, Z, Y, X, C).
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+CONVOLUTIONS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def to_channels_last(module: nn.Module) -> None:
+    """Every convolution's weight in channels-last memory (``trainer.channels_last``), oneDNN's fast layout on CPUs
+    and cuDNN's on tensor cores.
+
+    A convolution with a channels-last weight computes in that layout and hands its maps on in it, so batches stay as
+    loaded (converting them too gained nothing, measured). Checkpoints keep the weights' strides and load into a
+    module of either layout (``load_state_dict`` copies values).
+    """
+    for layer in module.modules():
+        if isinstance(layer, CONVOLUTIONS):
+            layer.to(memory_format=CHANNELS_LAST[layer.weight.ndim])
 
 
 # Parameters that are positions/tokens rather than weights: AdamW must not decay them.

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import benchmarks
 from emfm.explore.clusterer import BACKENDS
@@ -53,3 +55,16 @@ def test_the_k_means_benchmark_runs_every_backend_on_blobs(monkeypatch: pytest.M
     assert rows[-len(BACKENDS) - 2].startswith("blobs: 600 vectors x 4 dims, k=3")
     ratios = {row.split()[0]: float(row.split()[-1]) for row in rows[-len(BACKENDS):]}
     assert list(ratios) == list(BACKENDS) and min(ratios.values()) == 1.0   # inertia over the best backend's
+
+
+def test_flops_count_matrix_products_convolutions_and_cpu_attention_as_by_hand() -> None:
+    from benchmarks.harness import conv_peak, flops
+
+    n, (b, h, s, d) = 64, (2, 3, 16, 8)
+    a, conv, images = torch.randn(n, n), torch.nn.Conv2d(4, 6, 3, padding=1, bias=False), torch.randn(2, 4, 8, 8)
+    query = torch.randn(b, h, s, d, requires_grad=True)
+    assert flops(lambda: a @ a) == 2 * n**3
+    assert flops(lambda: conv(images)) == 2 * 2 * 6 * 4 * 3 * 3 * 8 * 8            # 2 x N x out x in x k x k x Y x X
+    # 2 s x s x d products forward (Q K^T, P V), 5 backward (Q K^T again, dP, dV, dQ, dK): torch's flash kernel
+    assert flops(lambda: F.scaled_dot_product_attention(query, query, query).sum().backward()) == 14 * b * h * s * s * d
+    assert conv_peak(1, 4, 16, channels_last=True, repeats=1) > 0

@@ -1,7 +1,10 @@
 """The package's layering, read from its module-level imports: no circle, no command importing another command's
-folder, no shared layer importing a command. Breaking one of these is how a codebase starts to knot."""
+folder, no shared layer importing a command. Breaking one of these is how a codebase starts to knot. And what a
+command's start imports: nothing slow that it does not use."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import emfm
@@ -83,3 +86,11 @@ def test_shared_layers_import_no_command() -> None:
     upward = [f"{a} -> {b}" for a, deps in graph().items() for b in deps
               if a not in ON_TOP and not command(a) and command(b)]
     assert not upward
+
+
+def test_predict_starts_without_networkx() -> None:
+    """skimage's graphs (only the affinity agglomeration of emfm.instances uses them) bring networkx: 0.15-0.2 s
+    of every `emfm predict` and `emfm evaluate` start, imported at module level until 2026-12-07."""
+    code = "import sys, emfm.predict.predict; print('networkx' in sys.modules)"
+    started = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert started.stdout.strip() == "False"

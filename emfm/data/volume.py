@@ -27,7 +27,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from emfm.errors import EmfmError, first_line
-from emfm.paths import URL_SCHEMES, cache_dir, is_url, join, location, resolved
+from emfm.paths import URL_SCHEMES, cache_dir, is_url, join, location, read_cache, resolved, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -336,11 +336,11 @@ class Volume:
         if stored is not None:
             return stored
         cache = self._cache_file()
-        cached = _checked(_read_json(cache), f"{cache}: values", "delete the file to have it recomputed")
+        cached = _checked(read_cache(cache), f"{cache}: values", "delete the file to have it recomputed")
         if cached is not None:
             return cached
         values = compute_normalization(self)
-        _write_cache(cache, {"input": resolved(self.path), "percentiles": list(NORM_PERCENTILES),
+        write_cache(cache, {"input": resolved(self.path), "percentiles": list(NORM_PERCENTILES),
                              "values": list(values)})
         return values
 
@@ -445,27 +445,6 @@ def _checked(cached: Any, where: str, remedy: str) -> tuple[float, float] | None
         raise EmfmError(f"{where} is {values!r}; expected two finite numbers low < high (the "
                         f"{list(NORM_PERCENTILES)} intensity percentiles); {remedy}")
     return float(values[0]), float(values[1])
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file's content; None if it is missing or unreadable (a cache file: then it is rewritten)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_cache(path: Path, content: dict[str, Any]) -> None:
-    """Write a cache file atomically; where it cannot be written the values are only kept in memory."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(content) + "\n")
-        os.replace(partial, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
-        log.info("%s: could not write the cache file (%s); keeping the normalization in memory", path, e)
 
 
 def store_normalization(path: Path) -> None:
