@@ -10,7 +10,7 @@ builds the PatchDataModule (zstd-compressed synthetic OME-Zarr on disk, read by 
 workers, blank filter, normalisation), the PretrainModule and the Lightning Trainer with the
 default callbacks and loggers (CSV + TensorBoard, checkpointing, LR monitor, progress bar,
 log_every_n_steps=10, gradient clipping), and `trainer.fit` runs. ``--ours-channels-last`` runs ours once per
-``trainer.channels_last`` value given (default: auto, which puts CNNs in channels-last memory). A callback stamps
+``trainer.channels_last`` value given (default: auto, on a CPU the default layout). A callback stamps
 `time.perf_counter()` at the end of every batch, after every other callback, so the time between
 stamps holds everything: waiting for data, augmentation, the step, logging, the progress bar.
 It also stamps the start of every batch, so the table splits off the time spent between steps.
@@ -47,7 +47,7 @@ gives each arm's GFLOP/s and its fraction of both peaks.
 
 Opt-in variants of the bare arm, each run between two bare runs and paired with them as ours is: ``--channels-last``
 (CNN configs: module and batch in channels-last memory, as emfm's training puts the module with
-trainer.channels_last=auto) and ``--bf16`` (the loss under ``torch.autocast("cpu", dtype=torch.bfloat16)``, which
+trainer.channels_last=true) and ``--bf16`` (the loss under ``torch.autocast("cpu", dtype=torch.bfloat16)``, which
 emfm's training does not do on a CPU; without avx512_bf16 / AMX in ``lscpu`` the CPU converts in software).
 
 The benchmark runs with the environment it is given. On a shared machine set
@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of ours per worker count and of each variant")
     parser.add_argument("--patches-per-epoch", type=int, help="default: the config's 8192")
     parser.add_argument("--ours-channels-last", nargs="+", choices=["auto", "true", "false"], default=["auto"],
-                        help="trainer.channels_last of ours, an arm per value (auto: CNNs in channels-last memory)")
+                        help="trainer.channels_last of ours, an arm per value (auto: CNNs channels-last on CUDA only)")
     parser.add_argument("--channels-last", action="store_true",
                         help=f"also bare with module and batch in channels-last memory ({', '.join(CNNS)})")
     parser.add_argument("--bf16", action="store_true", help="also bare under CPU bfloat16 autocast")

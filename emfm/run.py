@@ -47,12 +47,13 @@ def choose_sync_batchnorm(sync: bool | str, accelerator: str) -> bool:
     return on_cuda(accelerator) if sync == "auto" else bool(sync)
 
 
-def choose_channels_last(setting: bool | str, module: torch.nn.Module) -> bool:
-    """``auto`` means channels-last for convolutional encoders (their training steps ran 1.1-1.3x faster on a CPU:
-    ``python -m benchmarks.train --ours-channels-last true false``), not for ViTs, whose only convolution is the
-    patch embedding."""
+def choose_channels_last(setting: bool | str, module: torch.nn.Module, accelerator: str) -> bool:
+    """``auto`` means channels-last for a convolutional network on a CUDA device, cuDNN's fast layout for tensor cores
+    (PyTorch's performance guide; not measured here). Not on a CPU: there it slowed the ResNet-18 U-Net's training
+    step to 0.78-0.91x (``python -m benchmarks.train --configs unet2d cnn3d --ours-channels-last true false
+    --channels-last``, docs/benchmarks.md). Not for ViTs, whose only convolution is the patch embedding."""
     if setting == "auto":
-        return not any(isinstance(layer, ViTEncoder) for layer in module.modules())
+        return on_cuda(accelerator) and not any(isinstance(layer, ViTEncoder) for layer in module.modules())
     if not isinstance(setting, bool):
         raise EmfmError(f"trainer.channels_last={setting!r}: expected auto, true or false")
     return setting
@@ -114,7 +115,7 @@ def prepare(cfg: DictConfig,
     datamodule.setup("fit")              # opens and checks volumes, labels and slices (Lightning's call reuses them)
     module = build(module_cfg, isotropic=datamodule.isotropic)
     checkpoint = resume_checkpoint(cfg.get("resume"), Path(cfg.paths.output_dir), module)
-    if choose_channels_last(cfg.trainer.get("channels_last", "auto"), module):
+    if choose_channels_last(cfg.trainer.get("channels_last", "auto"), module, cfg.trainer.accelerator):
         to_channels_last(module)
     if cfg.trainer.get("compile"):
         compile_training(module, cfg.trainer.accelerator)

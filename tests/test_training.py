@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -18,7 +19,7 @@ from emfm.checkpoints import load_segmenter
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
 from emfm.pretrain.base import PretrainModule
-from emfm.training import CONVOLUTIONS, AppendingCSVLogger, duration, to_channels_last
+from emfm.training import CONVOLUTIONS, AppendingCSVLogger, StopOnNonFinite, duration, to_channels_last
 from tests.conftest import TINY_PRETRAIN, compose_run, finetuned, pretrained, tiny
 
 
@@ -129,16 +130,23 @@ def channels_last(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous(memory_format=torch.channels_last if tensor.ndim == 4 else torch.channels_last_3d)
 
 
-@pytest.mark.parametrize("model, objective, chosen", [("cnn2d", "mim", True), ("cnn3d", "mim", True),
-                                                      ("unet2d", "restore", True), ("vit2d", "mae", False)])
-def test_auto_puts_cnns_in_channels_last_with_the_same_loss_and_gradients_but_not_vits(
-        compose_config, model: str, objective: str, chosen: bool) -> None:
+@pytest.mark.parametrize("model, objective, cnn", [("cnn2d", "mim", True), ("cnn3d", "mim", True),
+                                                   ("unet2d", "restore", True), ("vit2d", "mae", False)])
+def test_auto_puts_cnns_on_cuda_in_channels_last_with_the_same_loss_and_gradients(
+        compose_config, monkeypatch: pytest.MonkeyPatch, model: str, objective: str, cnn: bool) -> None:
+    """auto: channels-last for CNNs on a CUDA device only (slower on this CPU, docs/benchmarks.md), never for ViTs;
+    converted, a CNN computes the same loss and gradients."""
     torch.manual_seed(0)
     module = run.build(compose_config("pretrain", [*tiny(model, objective), "data.volumes=[v.zarr]"]).objective,
                        isotropic=False)
-    assert run.choose_channels_last("auto", module) is chosen
-    assert run.choose_channels_last(False, module) is False and run.choose_channels_last(True, module) is True
-    if not chosen:
+    assert run.choose_channels_last("auto", module, "cpu") is False
+    assert run.choose_channels_last(False, module, "cpu") is False
+    assert run.choose_channels_last(True, module, "cpu") is True
+    with monkeypatch.context() as cuda:                      # as on a machine with a CUDA device
+        cuda.setattr(torch.cuda, "is_available", lambda: True)
+        assert run.choose_channels_last("auto", module, "gpu") is cnn
+        assert run.choose_channels_last("auto", module, "cpu") is False
+    if not cnn:
         return
     converted = copy.deepcopy(module)
     to_channels_last(converted)
@@ -162,7 +170,7 @@ def test_a_channels_last_setting_other_than_auto_true_or_false_is_refused(compos
     module = run.build(compose_config("pretrain", [*tiny("cnn2d", "mim"), "data.volumes=[v.zarr]"]).objective,
                        isotropic=False)
     with pytest.raises(EmfmError, match=r"^trainer.channels_last='yes': expected auto, true or false$"):
-        run.choose_channels_last("yes", module)
+        run.choose_channels_last("yes", module, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +217,18 @@ def test_a_channels_last_checkpoint_fine_tunes_and_predicts_as_a_default_one(
     to_channels_last(segmenter)
     torch.testing.assert_close(segmenter.predict_region(image), default, rtol=1e-4, atol=1e-5)
     assert default.std() > 0.01        # a prediction, not a constant map
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_gradient_that_is_not_finite_stops_the_run_and_a_large_finite_one_does_not(bad: float) -> None:
+    """The check sums each gradient (NaN and Inf carry through a sum) in float32: float16 gradients whose float16 sum
+    would overflow are finite, and pass."""
+    layer = torch.nn.Linear(3, 2).half()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    stop, trainer = StopOnNonFinite(), pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    for p in layer.parameters():
+        p.grad = torch.full_like(p, 60000.0)                  # float16's largest is 65504: their sum overflows it
+    stop.on_before_optimizer_step(trainer, layer, optimizer)
+    layer.weight.grad[1, 2] = bad
+    with pytest.raises(EmfmError, match=r"^a gradient is not finite at step 0 "):
+        stop.on_before_optimizer_step(trainer, layer, optimizer)
