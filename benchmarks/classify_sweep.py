@@ -2,12 +2,14 @@
 
 ``emfm features`` computes every base source once at one feature vector a voxel on the training slice and on the
 eval slices: the filter bank (``source=filters``) and, of the checkpoint, the decoder's full-resolution features
-(``layer=decoder``) and a hypercolumn (``layer=hypercolumn``, every encoder map upsampled). A source named
+(``layer=decoder``) and a hypercolumn (``layer=hypercolumn``: encoder maps upsampled, :data:`BASES`). A source named
 ``a+b`` stacks two base sources' channels, the ilastik workflow with learned features beside its filters. For each
 source, target and seed, emfm's random forest (:class:`~emfm.explore.classifier.PixelClassifier`, as
-``emfm classify`` trains it) learns from the training slice -- the whole slice, and scribbles: a random
-``--scribbles`` share of its voxels, drawn per seed -- and is scored on a random sample of the eval slices' voxels
-(the same sample for every arm): IoU of the class it gives the higher probability against the mask.
+``emfm classify`` trains it: on 20 000 of the labelled voxels, drawn in the classes' shares) learns from the
+training slice -- the whole slice labelled, and sparse labels: a random ``--sparse`` share of its voxels, drawn per
+seed -- and is scored on a random sample of the eval slices' voxels (the same sample for every arm): IoU of the
+class it gives the higher probability against the mask (voxels > 0). Features are computed slice by slice (the
+filter bank's ``per_slice=true``; a 2-D network's always), so the train and eval stores see alike context.
 
     python -m benchmarks.classify_sweep --checkpoint pt_unet2d/checkpoints/last.ckpt --input stack1.zarr \\
         --labels membranes=stack1_membranes.zarr --labels mitochondria=stack1_mito.zarr \\
@@ -30,19 +32,22 @@ from emfm import run
 from emfm.data.volume import Volume
 from emfm.explore.classifier import PixelClassifier
 
-BASES = {"filters": ["source=filters"], "decoder": ["layer=decoder"], "hypercolumn": ["layer=hypercolumn", "stride=1"]}
+# The hypercolumn of a full-resolution U-Net's maps at strides 2-8 (64 + 128 + 256 channels of unet2d): the context
+# the decoder's last stage may not keep; all five maps would be 992 channels a voxel.
+BASES = {"filters": ["source=filters", "filters.per_slice=true"], "decoder": ["layer=decoder"],
+         "hypercolumn": ["layer=hypercolumn", "stages=[1,2,3]", "stride=1"]}
 
 
 def feature_store(base: str, checkpoint: str, volume: str, z: tuple[int, int], out: Path) -> zarr.Array:
-    """The base source's features (F, z, y, x) of slices ``z`` of the volume, computed once into ``out``."""
+    """The base source's features (F, z, y, x) of slices ``z`` of the volume, computed into ``out`` (a finished store
+    of the same settings is reused, an unfinished one continued: ``emfm features``' own rules)."""
     tag = f"{base}_z{z[0]}-{z[1]}"
     overrides = [*BASES[base], f"input={volume}", f"output={out / (tag + '.zarr')}", f"hydra.run.dir={out / tag}",
                  f"roi='{z[0]}:{z[1]},:,:'", "progress=false"]
     overrides += [] if base == "filters" else [f"checkpoint={checkpoint}"]
-    if not (out / (tag + ".zarr") / "0").exists():
-        start = time.perf_counter()
-        run.features(config(overrides, "features"))
-        print(f"  features {tag}: {time.perf_counter() - start:.0f} s", flush=True)
+    start = time.perf_counter()
+    run.features(config(overrides, "features"))
+    print(f"  features {tag}: {time.perf_counter() - start:.0f} s", flush=True)
     return zarr.open_array(str(out / (tag + ".zarr") / "0"), mode="r")
 
 
@@ -64,7 +69,7 @@ def main() -> None:
                         default=["filters", "decoder", "hypercolumn", "filters+decoder", "filters+hypercolumn"])
     parser.add_argument("--train-slice", type=int, default=0)
     parser.add_argument("--eval-slices", type=int, nargs=2, default=[15, 20], metavar=("START", "STOP"))
-    parser.add_argument("--scribbles", type=float, default=0.01, help="share of the training slice's voxels")
+    parser.add_argument("--sparse", type=float, default=0.01, help="share of the training slice's voxels labelled")
     parser.add_argument("--eval-voxels", type=int, default=300_000, help="eval voxels sampled (for every arm)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, required=True)
@@ -85,14 +90,14 @@ def main() -> None:
         train = stacked([train_stores[b] for b in parts], 0)
         test = np.concatenate([stacked([eval_stores[b] for b in parts], i, v) for i, v in enumerate(by_slice)], 1)
         for name, mask in masks.items():
-            truth = mask.read((slice(train_z, train_z + 1),))[0].astype(np.int64)
+            truth = (mask.read((slice(train_z, train_z + 1),))[0] > 0).astype(np.int64)
             expected = np.concatenate([mask.read((slice(z0 + i, z0 + i + 1),))[0].reshape(-1)[v] > 0
                                        for i, v in enumerate(by_slice)])
-            for labels_kind in ("slice", "scribbles"):
+            for labels_kind in ("slice", "sparse"):
                 for seed in args.seeds:
                     labels = truth
-                    if labels_kind == "scribbles":      # -1: not labelled
-                        drawn = np.random.default_rng(1000 + seed).random(truth.shape) < args.scribbles
+                    if labels_kind == "sparse":      # -1: not labelled
+                        drawn = np.random.default_rng(1000 + seed).random(truth.shape) < args.sparse
                         labels = np.where(drawn, truth, -1)
                     start = time.perf_counter()
                     classifier = PixelClassifier("forest", seed=seed).fit(train, labels, ignore=-1)
@@ -104,14 +109,14 @@ def main() -> None:
                           f"({rows[-1]['seconds']:.0f} s)", flush=True)
     (args.out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
 
-    print(f"\nRandom forest, trained on slice {train_z} (whole / {args.scribbles:.0%} scribbles), IoU on "
+    print(f"\nRandom forest, trained on slice {train_z} (whole / {args.sparse:.0%} of its voxels), IoU on "
           f"{args.eval_voxels} voxels of slices {z0}-{z1 - 1}; mean (min-max) over seeds {args.seeds}")
-    print("| source | channels | " + " | ".join(f"{n} {k}" for n in masks for k in ("slice", "scribbles")) + " |")
+    print("| source | channels | " + " | ".join(f"{n} {k}" for n in masks for k in ("slice", "sparse")) + " |")
     print("|---" * (2 + 2 * len(masks)) + "|")
     for source in args.sources:
         cells = []
         for name in masks:
-            for labels_kind in ("slice", "scribbles"):
+            for labels_kind in ("slice", "sparse"):
                 ious = [r["iou"] for r in rows if (r["source"], r["target"], r["labels"]) == (source, name,
                                                                                              labels_kind)]
                 cells.append(f"{statistics.mean(ious):.3f} ({min(ious):.3f}-{max(ious):.3f})")

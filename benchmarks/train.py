@@ -46,9 +46,10 @@ the best of 5 float32 4096x4096 @ 4096x4096 products, and of 5 forwards of a 3x3
 gives each arm's GFLOP/s and its fraction of both peaks.
 
 Opt-in variants of the bare arm, each run between two bare runs and paired with them as ours is: ``--channels-last``
-(CNN configs: module and batch in channels-last memory, as emfm's training puts the module with
-trainer.channels_last=true) and ``--bf16`` (the loss under ``torch.autocast("cpu", dtype=torch.bfloat16)``, which
-emfm's training does not do on a CPU; without avx512_bf16 / AMX in ``lscpu`` the CPU converts in software).
+(CNN configs: every 4-D / 5-D parameter and the batch in channels-last memory; trainer.channels_last=true, in
+ours, converts the convolution weights only) and ``--bf16`` (the loss under
+``torch.autocast("cpu", dtype=torch.bfloat16)``, which emfm's training does not do on a CPU; without avx512_bf16 /
+AMX in ``lscpu`` the CPU converts in software).
 
 The benchmark runs with the environment it is given. On a shared machine set
 OMP_WAIT_POLICY=PASSIVE: with the default (spinning) policy a 2-thread step slows down several

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,7 @@ def read_cache(path: Path) -> Any:
 
 def write_cache(path: Path, content: dict[str, Any]) -> None:
     """Write a cache file atomically; where it cannot be written the values are only kept in memory."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(content) + "\n")

@@ -50,8 +50,9 @@ def choose_sync_batchnorm(sync: bool | str, accelerator: str) -> bool:
 def choose_channels_last(setting: bool | str, module: torch.nn.Module, accelerator: str) -> bool:
     """``auto`` means channels-last for a convolutional network on a CUDA device, cuDNN's fast layout for tensor cores
     (PyTorch's performance guide; not measured here). Not on a CPU: there it slowed the ResNet-18 U-Net's training
-    step to 0.78-0.91x (``python -m benchmarks.train --configs unet2d cnn3d --ours-channels-last true false
-    --channels-last``, docs/benchmarks.md). Not for ViTs, whose only convolution is the patch embedding."""
+    step to 0.84-0.91x (``python -m benchmarks.train --configs unet2d cnn3d --ours-channels-last true false
+    --channels-last``, docs/benchmarks.md). Not for networks with a ViT encoder (its only convolution is the patch
+    embedding; a UNETR head's convolutions are not measured)."""
     if setting == "auto":
         return on_cuda(accelerator) and not any(isinstance(layer, ViTEncoder) for layer in module.modules())
     if not isinstance(setting, bool):

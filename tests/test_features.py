@@ -140,6 +140,7 @@ def test_the_encoder_sees_each_tile_of_the_region_once(synth_zarr: Path, vit_che
     job = make_job(request, network, volume, None)
     assert summary["blocks"] == 16 and sum(tiles) == len(tile_corners(job.padded, job.tile, job.overlap, job.stride))
     assert max(kept) > 0 and not (output / "_work").exists()
+    assert any(later < earlier for earlier, later in zip(kept, kept[1:]))   # released while the run goes on
     whole = dense_features(network[0], volume.normalize(volume.read((slice(0, 2), slice(0, 64), slice(0, 64)))),
                            stride=4)
     np.testing.assert_allclose(zarr.open_array(str(output / "0"), mode="r")[...].astype(np.float32), whole,

@@ -220,14 +220,16 @@ def test_a_channels_last_checkpoint_fine_tunes_and_predicts_as_a_default_one(
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_a_gradient_that_is_not_finite_stops_the_run_and_a_large_finite_one_does_not(bad: float) -> None:
-    """The check sums each gradient (NaN and Inf carry through a sum) in float32: float16 gradients whose float16 sum
-    would overflow are finite, and pass."""
-    layer = torch.nn.Linear(3, 2).half()
+@pytest.mark.parametrize("dtype, large", [(torch.float16, 6e4), (torch.float32, 3e38)])
+def test_a_gradient_that_is_not_finite_stops_the_run_and_a_large_finite_one_does_not(
+        bad: float, dtype: torch.dtype, large: float) -> None:
+    """The check sums each gradient (NaN and Inf carry through a sum) and looks closer where a sum is not finite:
+    gradients whose sum overflows their type (or float32) are finite, and pass."""
+    layer = torch.nn.Linear(3, 2).to(dtype)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     stop, trainer = StopOnNonFinite(), pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     for p in layer.parameters():
-        p.grad = torch.full_like(p, 60000.0)                  # float16's largest is 65504: their sum overflows it
+        p.grad = torch.full_like(p, large)                    # near the type's largest: their sum overflows it
     stop.on_before_optimizer_step(trainer, layer, optimizer)
     layer.weight.grad[1, 2] = bad
     with pytest.raises(EmfmError, match=r"^a gradient is not finite at step 0 "):

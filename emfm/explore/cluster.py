@@ -35,6 +35,7 @@ from emfm.explore.clusterer import (
     baseline_clusters,
     cells_to_voxels,
     cluster_colors,
+    cluster_dtype,
     fit_baseline,
 )
 from emfm.explore.features import (
@@ -212,7 +213,7 @@ def write_map(root: zarr.Group, run: Plan, fitted: Fit, request: ClusterRequest)
     chunks = tuple(b * s for b, s in zip(cells.block, stride))
     shape = tuple(r.stop - r.start for r in roi)
     names = (CLUSTERS, BASELINE) if run.labels is not None else (CLUSTERS,)
-    maps = {name: create_array(root, name, shape, chunks, "uint8" if k <= 255 else "uint16", run.volume.axes)
+    maps = {name: create_array(root, name, shape, chunks, cluster_dtype(k), run.volume.axes)
             for name in names}
     baseline = fit_baseline(run.volume, roi, k, request.sample, request.seed, cells_to_voxels(cells, stride, roi),
                             request.method, request.backend) if run.labels is not None else None

@@ -120,7 +120,7 @@ def assign_clusters(scores: np.ndarray, cells: tuple[slice, ...], voxels: tuple[
     coarse = upsample_linear(scores, cells[:-1], voxels[:-1], stride[:-1], grid[:-1])       # (k, *voxels, Xc)
     axis = coarse.ndim - 2
     best = interpolate_axis(coarse[0], axis, cells[-1], voxels[-1], stride[-1], grid[-1])
-    labels = np.zeros(best.shape, dtype=np.uint8 if len(scores) <= 256 else np.uint16)
+    labels = np.zeros(best.shape, dtype=cluster_dtype(len(scores)))
     for cluster in range(1, len(scores)):
         score = interpolate_axis(coarse[cluster], axis, cells[-1], voxels[-1], stride[-1], grid[-1])
         better = score > best
@@ -139,11 +139,16 @@ def cluster_map(clusterer: Clusterer, features: np.ndarray, stride: tuple[int, .
     return assign_clusters(scores, cells, tuple(slice(0, n) for n in shape), stride, features.shape[1:])
 
 
+def cluster_dtype(k: int) -> str:
+    """The smallest unsigned integer type that holds the ids of k clusters (and 255 as a fill value below 255)."""
+    return "uint8" if k <= 255 else "uint16"
+
+
 def fit_clusters(features: np.ndarray, k: int, pca: int, sample: int,
                  seed: int = 0) -> tuple[Clusterer, Projection, np.ndarray]:
-    """k-means of features (F, *cells) held in memory (notebooks), fitted as ``emfm cluster`` fits it: on ``sample``
-    random cells projected on ``pca`` principal components. Returns it, the projection and the sampled cells' flat
-    indices."""
+    """k-means of features (F, *cells) held in memory (notebooks), with ``emfm cluster``'s steps (a projection on
+    ``pca`` principal components, then k-means), both fitted on one sample of ``sample`` random cells. Returns it,
+    the projection and the sampled cells' flat indices."""
     vectors = features.reshape(len(features), -1).T                                  # (cells, F)
     picked = np.random.default_rng(seed).permutation(len(vectors))[:sample]
     projection = Projection.fit(vectors[picked], pca)
