@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,11 @@ from emfm import threads
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
+
+# A shell starts a background job (`make test &`, nohup) with SIGINT ignored, and commands started from it inherit
+# that: the tests that press Ctrl-C on a command need it as a terminal gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tests run the real configs with a tiny encoder (configs/model/tiny/) and configs/debug/tiny.yaml (small batches,
 # no workers, no progress bar); these are the few keys left that belong to one command or objective.
