@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emfm.blockwise.grid import BlockGrid
-from emfm.blockwise.store import Progress
+from emfm.blockwise.grid import Block, BlockGrid
+from emfm.blockwise.store import WORK, Progress
 from emfm.errors import EmfmError
 from emfm.inference import Corner, Model, batched
 
@@ -58,6 +58,17 @@ class SharedTiles:
                 outputs = torch.stack([out for _, out in batched(model, image, group, patch, batch_size)])
                 save(path, outputs.numpy())
             yield from zip(group, outputs)
+
+    @classmethod
+    def of_block(cls, output: str | Path, grid: BlockGrid, tile: tuple[int, ...], span: Sequence[slice],
+                 stride: tuple[int, ...] | None = None) -> SharedTiles:
+        """The shared tiles of the block whose window is ``span``, kept in the output store's work folder."""
+        return cls(Path(output) / WORK / "tiles", grid, tile, tuple(s.start for s in span), stride)
+
+    def done(self, corners: Sequence[Corner], progress: Progress, index: Block) -> None:
+        """Mark the block ``index`` done, then delete the shared groups no block needs any more."""
+        progress.mark(index)
+        self.release(corners, progress)
 
     def release(self, corners: Sequence[Corner], progress: Progress) -> None:
         """Delete the shared groups of ``corners`` once all their blocks are done (after this block is marked)."""

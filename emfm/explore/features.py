@@ -28,7 +28,6 @@ from emfm.blockwise.executor import Executor, executor_client, run_blocks
 from emfm.blockwise.grid import Block, BlockGrid, parse_roi
 from emfm.blockwise.job import BlockJob, BlockRequest, cached, input_volume
 from emfm.blockwise.store import (
-    WORK,
     Progress,
     add_attrs,
     claim,
@@ -154,14 +153,12 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     span, corners = covering_tiles(voxels, job.padded, job.tile, job.overlap, job.stride)
     image = torch.from_numpy(read_padded(job.volume(), job.roi, span))[None]
     fn = feature_function(*job_network(job), job.layer, job.stages, job.tile, job.stride)
-    tiles = SharedTiles(Path(job.output) / WORK / "tiles", job.grid, job.tile, tuple(s.start for s in span), job.stride)
+    tiles = SharedTiles.of_block(job.output, job.grid, job.tile, span, job.stride)
     feats = sliding_window(fn, image, job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride,
                            run=tiles.run)
     inner = tuple(slice(c.start - s.start // k, c.stop - s.start // k) for c, s, k in zip(cells, span, job.stride))
     write(job.output, FEATURES, (slice(None), *cells), feats[(slice(None), *inner)].numpy().astype(np.float16))
-    progress = Progress(job.output, "features", job.grid)
-    progress.mark(index)
-    tiles.release(corners, progress)
+    tiles.done(corners, Progress(job.output, "features", job.grid), index)
     return index
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -112,14 +111,12 @@ def predict_block(job: Job, index: Block) -> Block:
     volume = job.volume()
     raw = volume.read(tuple(slice(a + s.start, a + s.stop) for (a, _), s in zip(job.roi, span)))
     image = torch.from_numpy(volume.normalize(raw))[None]
-    tiles = SharedTiles(Path(job.output) / WORK / "tiles", job.grid, job.tile, tuple(s.start for s in span))
+    tiles = SharedTiles.of_block(job.output, job.grid, job.tile, span)
     probs = sliding_window(model_function(job), image, job.tile, job.overlap, job.batch_size, corners, job.blend,
                            run=tiles.run)
     inner = tuple(slice(r.start - s.start, r.stop - s.start) for r, s in zip(region, span))
     write(job.output, "0", (slice(None), *region), encode(probs[(slice(None), *inner)].numpy(), job.dtype))
-    progress = Progress(job.output, "predict", job.grid)
-    progress.mark(index)
-    tiles.release(corners, progress)
+    tiles.done(corners, Progress(job.output, "predict", job.grid), index)
     return index
 
 
