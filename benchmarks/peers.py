@@ -1,15 +1,15 @@
 """Is a user better off with emfm than with what they would reach for instead? emfm against its peers.
 
-Every arm runs in a new process (``harness.in_fresh_process``, forked from a server that
-imported torch, timm, Lightning, Hydra and emfm once; the arms are in ``peers_arms.py``),
-emfm and peer alternating, on the same machine, model, batch and input. Each ratio is emfm /
-peer in throughput (images/s, voxels/s; above 1 emfm is faster) of one repeat (an emfm run over
-the peer run right after it), given as min / median / max over the repeats. Peak RSS is each
-arm's process's own; forked so, it leaves out the library pages touched only by the imports
-(~0.5 GiB less than the same work started as a new interpreter), alike on both sides. ``--paired``
-builds both training sides in one process per repeat and times them in alternating blocks: one
-side's images/s moves by ±10 % from one fresh process to the next on the 2-core machine, more
-than the differences measured. Each arm reports what it computed, read from the objects it
+Every arm runs in a new process (``harness.in_fresh_process``, forked from a server that imported
+torch, timm, Lightning, Hydra and emfm once; the arms are in ``peers_arms.py``), emfm and peer
+alternating (in prediction, emfm first in every other repeat), on the same machine, model, batch and
+input. Each ratio is emfm / peer in throughput (images/s, voxels/s; above 1 emfm is faster) of one
+repeat (an emfm run over the peer run beside it), given as min / median / max over the repeats. Peak
+RSS is each arm's process's own; forked so, it leaves out the library pages touched only by the
+imports (~0.5 GiB less than the same work started as a new interpreter), alike on both sides.
+``--paired`` builds both training sides in one process per repeat and times them in alternating
+blocks: one side's images/s moves by ±10 % from one fresh process to the next on the 2-core machine,
+more than the differences measured. Each arm reports what it computed, read from the objects it
 built; the table lists what differs, the lines below it what is alike.
 
 - Pretraining step vs lightly (MAE on timm's ViT-Ti/16 and ViT-S/16, SimCLR on timm's ResNet-18;
@@ -145,6 +145,18 @@ def progress(c: Comparison) -> None:
           flush=True)
 
 
+def in_turn(c: Comparison, repeat: int, mine: Callable[[], Result], theirs: Callable[[], Result]) -> None:
+    """One emfm run and one peer run added to ``c``, emfm first in even repeats and second in odd ones: whatever
+    a run leaves to the next (its output's writeback, a clock drifting one way) falls on both sides alike."""
+    if repeat % 2:
+        c.others.append(theirs())
+        c.emfm.append(mine())
+    else:
+        c.emfm.append(mine())
+        c.others.append(theirs())
+    progress(c)
+
+
 def differences(a: np.ndarray, b: np.ndarray, unit: float) -> str:
     """How far apart two outputs are: the largest difference and the share of values apart by more than ``unit``."""
     d = np.abs(a.astype(np.float64) - b)
@@ -195,10 +207,10 @@ def compare_prediction(volumes: dict[str, Path], checkpoint: Path, work: Path,
     for label, model, volume in (("2-D stack", checkpoint, volumes["stack"]), ("3-D volume", None, volumes["3d"])):
         shape = "x".join(map(str, Volume(volume).shape))
         c = Comparison(f"sliding window in memory, {label} {shape}", "voxels/s", "MONAI")
-        for _ in range(args.repeats):
-            c.emfm.append(in_fresh_process(arms.window_arm, "emfm", model, volume, OVERLAP, BATCH))
-            c.others.append(in_fresh_process(arms.window_arm, "monai", model, volume, OVERLAP, BATCH))
-            progress(c)
+        for repeat in range(args.repeats):
+            ours, peer = (functools.partial(in_fresh_process, arms.window_arm, side, model, volume, OVERLAP, BATCH)
+                          for side in ("emfm", "monai"))
+            in_turn(c, repeat, ours, peer)
         c.notes.append(differences(c.emfm[0].extra["probes"], c.others[0].extra["probes"], 1 / 255)
                        + f" (of {arms.PROBES} sampled)")
         out.append(c)
@@ -207,11 +219,10 @@ def compare_prediction(volumes: dict[str, Path], checkpoint: Path, work: Path,
         shape = "x".join(map(str, Volume(volume).shape))
         c = Comparison(f"`emfm predict` (blockwise, zarr) vs MONAI on the whole array, {size} {shape}", "voxels/s",
                        "MONAI")
-        for repeat in range(args.repeats if size == "1x" else 1):
+        for repeat in range(args.repeats if size == "1x" else args.large_repeats):
             mine, theirs = work / f"emfm_{size}{repeat}.zarr", work / f"monai_{size}{repeat}.zarr"
-            c.emfm.append(emfm_blockwise(checkpoint, volume, mine))
-            c.others.append(in_fresh_process(arms.monai_whole, checkpoint, volume, theirs, OVERLAP, BATCH))
-            progress(c)
+            in_turn(c, repeat, functools.partial(emfm_blockwise, checkpoint, volume, mine),
+                    functools.partial(in_fresh_process, arms.monai_whole, checkpoint, volume, theirs, OVERLAP, BATCH))
         import zarr
 
         stored = [np.asarray(zarr.open_array(str(p), mode="r")[...]) for p in (mine / "0", theirs)]
@@ -241,7 +252,7 @@ def compare_clustering(volumes: dict[str, Path], checkpoint: Path, work: Path,
     for size, volume in volumes.items():
         shape = "x".join(map(str, Volume(volume).shape))
         c = Comparison(f"`emfm cluster` vs notebook, {size} {shape}", "voxels/s", "notebook")
-        for repeat in range(args.repeats if size == "1x" else 1):
+        for repeat in range(args.repeats if size == "1x" else args.large_repeats):
             mine, theirs = work / f"clusters_{size}{repeat}.zarr", work / f"clusters_{size}{repeat}.npy"
             c.emfm.append(in_fresh_process(emfm_cluster, checkpoint, volume, mine, memory_gib=args.memory_gib))
             try:
@@ -273,7 +284,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, help="emfm/peer pairs per setting (default 3, 1 with --quick; "
-                                                    "settings at 8x the volume and more run one pair)")
+                                                    "settings at 8x the volume and more: --large-repeats)")
+    parser.add_argument("--large-repeats", type=int, default=1, help="pairs per setting at 8x the volume and more")
     parser.add_argument("--paired", action="store_true", help="training: both sides in one process per repeat, "
                         f"{PAIRED_ROUNDS} alternating blocks each (the spread between processes falls on both alike)")
     parser.add_argument("--cluster-sizes", nargs="+", type=parse_shape, help="ZxYxX volumes for the clustering "

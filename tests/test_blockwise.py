@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from emfm import checkpoints
+from emfm.blockwise.grid import BlockGrid
 from emfm.blockwise.job import BlockJob, cached
+from emfm.blockwise.tiles import TileOrder
 from emfm.checkpoints import SETTLED_NS, checkpoint_digest, checkpoint_stamp, load_encoder
+from emfm.inference import tile_corners
 from emfm.models.encoders import Encoder
 
 
@@ -71,3 +74,23 @@ def test_a_checkpoint_is_hashed_once_until_its_file_changes(tmp_path: Path, monk
     monkeypatch.setattr(checkpoints, "SETTLED_NS", 0)                             # ...written to at once
     assert checkpoint_digest(copy) == hashlib.sha256(b"other" * 1000).hexdigest()
     assert not (tmp_path / "file").is_dir()
+
+
+@pytest.mark.parametrize("size, tile, block, stride", [((8, 100, 90), (1, 32, 32), (3, 40, 40), None),
+                                                       ((16, 96, 120), (8, 32, 32), (8, 40, 56), None),
+                                                       ((8, 64, 64), (1, 32, 32), (1, 4, 4), (1, 8, 8))])
+def test_tiles_are_numbered_by_their_first_block_then_corner(size: tuple[int, ...], tile: tuple[int, ...],
+                                                             block: tuple[int, ...],
+                                                             stride: tuple[int, ...] | None) -> None:
+    """Batches are runs of this order: numbers and corners map one to one, and the order is the grid's tiles sorted
+    by the first block each touches (raster order), then by corner."""
+    cells = tuple(-(-n // k) for n, k in zip(size, stride or (1, 1, 1)))
+    order = TileOrder.of(size, tile, 0.25, BlockGrid(cells, block), stride)
+    corners = tile_corners(size, tile, 0.25, stride)
+    assert len(order) == len(corners)
+    assert sorted(order.number(c) for c in corners) == list(range(len(corners)))
+    assert all(order.corner(order.number(c)) == c for c in corners)
+    listed = [order.corner(n) for n in range(len(order))]
+    first_block = [tuple(a for a, _ in order.footprint(c)) for c in listed]
+    assert list(zip(first_block, listed)) == sorted(zip(first_block, listed))
+    assert len(set(first_block)) > 1

@@ -55,13 +55,13 @@ def test_blocks_join_without_seams_and_compute_each_tile_once(synth_zarr: Path, 
                                                               tmp_path: Path, dims: int, block: tuple[int, int, int]
                                                               ) -> None:
     """Each block blends every tile of the whole-region grid that touches it, yet the model sees each tile of that
-    grid once: a tile across a block border is computed by one block and kept on disk for the others, until they
-    are all done."""
+    grid once, in full batches: a batch of tiles across a block border is computed by one block and kept on disk
+    for the others, until they are all done."""
     checkpoint, output = (model_2d if dims == 2 else model_3d), tmp_path / "p.zarr"
     module, volume = load_segmenter(checkpoint), Volume(synth_zarr)
-    job = make_job(PredictRequest(str(checkpoint), str(synth_zarr), str(output), block_shape=block, dtype="float32"),
-                   module, volume, None)
-    tiles, kept, seen = [], [], set()       # tiles per forward pass; groups of shared tiles on disk meanwhile
+    job = make_job(PredictRequest(str(checkpoint), str(synth_zarr), str(output), block_shape=block, dtype="float32",
+                                  batch_size=3), module, volume, None)
+    tiles, kept, seen = [], [], set()       # tiles per forward pass; batches kept on disk meanwhile
 
     def count(_: torch.nn.Module, args: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
         tiles.append(len(args[0]))
@@ -72,6 +72,7 @@ def test_blocks_join_without_seams_and_compute_each_tile_once(synth_zarr: Path, 
     out = run_prediction(job, module, volume, None, Executor(), overwrite=False, progress=False)
     assert out["blocks"] > 4 and out["computed"] == out["blocks"]
     assert sum(tiles) == len(tile_corners(job.shape, job.tile, job.overlap))
+    assert tiles[:-1] == [3] * (len(tiles) - 1)          # one short batch at most, the grid's last
     assert 0 < max(map(len, kept)) < len(seen)          # shared tiles were kept, and deleted as their blocks finished
     blocked, direct = probabilities(output), whole_region(checkpoint, synth_zarr)
     assert blocked.dtype == np.float32 and blocked.shape == direct.shape
@@ -151,10 +152,10 @@ def test_killed_run_resumes_to_identical_bytes(synth_zarr: Path, model_2d: Path,
 def test_a_full_disk_while_keeping_shared_tiles_is_one_line(synth_zarr: Path, model_2d: Path, tmp_path: Path,
                                                             run_cli: CommandLine) -> None:
     out = tmp_path / "full.zarr"
-    # Files up to 25 kB: the output's chunks fit (8 x 48 x 48 bytes), not the first 8 shared tiles (8 x 32 x 32 floats).
+    # Files up to 25 kB: the output's chunks fit (8 x 48 x 48 bytes), not the first batch kept (8 x 32 x 32 floats).
     [done] = run_cli([(["predict", f"checkpoint={model_2d}", f"input={synth_zarr}", f"output={out}",
                         "block_shape=[8,48,48]", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"], 25_000)])
-    assert refusal(done) == (f"output={out}: cannot write _work/tiles/0-0_0-0_0-1.npy (File too large); finished "
+    assert refusal(done) == (f"output={out}: cannot write _work/tiles/0.npy (File too large); finished "
                              f"blocks are kept, rerun the same command to continue")
     assert not list(out.rglob("*.partial"))
 

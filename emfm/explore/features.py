@@ -38,7 +38,7 @@ from emfm.blockwise.store import (
     placement,
     write,
 )
-from emfm.blockwise.tiles import SharedTiles
+from emfm.blockwise.tiles import SharedTiles, TileOrder
 from emfm.checkpoints import checkpoint_digest, load_network
 from emfm.data.ngff import image_attrs, read_attrs
 from emfm.data.volume import SPATIAL, Volume
@@ -151,14 +151,17 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     cells = job.grid.region(index)
     voxels = tuple(slice(c.start * k, c.stop * k) for c, k in zip(cells, job.stride))
     span, corners = covering_tiles(voxels, job.padded, job.tile, job.overlap, job.stride)
-    image = torch.from_numpy(read_padded(job.volume(), job.roi, span))[None]
+    def read(span: tuple[slice, ...]) -> torch.Tensor:
+        return torch.from_numpy(read_padded(job.volume(), job.roi, span))[None]
+
     fn = feature_function(*job_network(job), job.layer, job.stages, job.tile, job.stride)
-    tiles = SharedTiles.of_block(job.output, job.grid, job.tile, span, job.stride)
-    feats = sliding_window(fn, image, job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride,
+    order = TileOrder.of(job.padded, job.tile, job.overlap, job.grid, job.stride)
+    tiles = SharedTiles.of_block(job.output, order, index, span, read)
+    feats = sliding_window(fn, read(span), job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride,
                            run=tiles.run)
     inner = tuple(slice(c.start - s.start // k, c.stop - s.start // k) for c, s, k in zip(cells, span, job.stride))
     write(job.output, FEATURES, (slice(None), *cells), feats[(slice(None), *inner)].numpy().astype(np.float16))
-    tiles.done(corners, Progress(job.output, "features", job.grid), index)
+    tiles.done(corners, Progress(job.output, "features", job.grid), job.batch_size)
     return index
 
 

@@ -3,16 +3,18 @@
 The sliding-window tiles form one grid over the whole region of interest. Each output block
 blends exactly the tiles of that grid that touch it (reading the input they cover), so the
 blocks join without seams: the result is the whole-region sliding window, computed out of core.
-A tile straddling a block border is computed once, by the first block that needs it, and read
-by the others from the store's work group (:mod:`emfm.blockwise.tiles`): the blocks stay
-independent, which is what makes the job resumable and distributable, and a local run computes
-each tile once (on Dask, neighbours running at the same time may both compute a shared one).
+Tiles run in full batches of one fixed order; a batch is computed once, by the first block that needs
+it, and read by the other blocks its tiles touch from the store's work group (:mod:`emfm.blockwise.tiles`):
+the blocks stay independent, which is what makes the job resumable and distributable, and a local run
+makes the forward passes of one whole-region sliding window (on Dask, neighbours running at the same
+time may both compute a shared batch).
 The blocks, their executors (here or on Dask) and the resumable output store are
 :mod:`emfm.blockwise`'s.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from emfm.blockwise.store import (
     placement,
     write,
 )
-from emfm.blockwise.tiles import SharedTiles
+from emfm.blockwise.tiles import SharedTiles, TileOrder
 from emfm.checkpoints import load_segmenter
 from emfm.data.ngff import Level, build_pyramid, image_attrs, labels_attrs
 from emfm.data.volume import Volume
@@ -108,16 +110,22 @@ def predict_block(job: Job, index: Block) -> Block:
     """Predict, encode and write one output block, then mark it done."""
     region = job.grid.region(index)
     span, corners = covering_tiles(region, job.grid.shape, job.tile, job.overlap)
-    volume = job.volume()
-    raw = volume.read(tuple(slice(a + s.start, a + s.stop) for (a, _), s in zip(job.roi, span)))
-    image = torch.from_numpy(volume.normalize(raw))[None]
-    tiles = SharedTiles.of_block(job.output, job.grid, job.tile, span)
-    probs = sliding_window(model_function(job), image, job.tile, job.overlap, job.batch_size, corners, job.blend,
-                           run=tiles.run)
+    read = functools.partial(read_input, job)
+    tiles = SharedTiles.of_block(job.output, TileOrder.of(job.shape, job.tile, job.overlap, job.grid), index, span,
+                                 read)
+    probs = sliding_window(model_function(job), read(span), job.tile, job.overlap, job.batch_size, corners,
+                           job.blend, run=tiles.run)
     inner = tuple(slice(r.start - s.start, r.stop - s.start) for r, s in zip(region, span))
     write(job.output, "0", (slice(None), *region), encode(probs[(slice(None), *inner)].numpy(), job.dtype))
-    tiles.done(corners, Progress(job.output, "predict", job.grid), index)
+    tiles.done(corners, Progress(job.output, "predict", job.grid), job.batch_size)
     return index
+
+
+def read_input(job: Job, span: tuple[slice, ...]) -> torch.Tensor:
+    """The model's input over ``span`` of the region: (1, *span), normalised."""
+    volume = job.volume()
+    return torch.from_numpy(volume.normalize(volume.read(tuple(slice(a + s.start, a + s.stop)
+                                                               for (a, _), s in zip(job.roi, span)))))[None]
 
 
 def make_job(request: PredictRequest, module: Segmenter, volume: Volume, threads: int | None) -> Job:
