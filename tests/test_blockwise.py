@@ -4,6 +4,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import torch
 from emfm import checkpoints
 from emfm.blockwise.grid import BlockGrid
 from emfm.blockwise.job import BlockJob, cached
-from emfm.blockwise.tiles import TileOrder
+from emfm.blockwise.tiles import SharedTiles, TileOrder
 from emfm.checkpoints import SETTLED_NS, checkpoint_digest, checkpoint_stamp, load_encoder
-from emfm.inference import tile_corners
+from emfm.inference import covering_tiles, tile_corners
 from emfm.models.encoders import Encoder
 
 
@@ -94,3 +95,22 @@ def test_tiles_are_numbered_by_their_first_block_then_corner(size: tuple[int, ..
     first_block = [tuple(a for a, _ in order.footprint(c)) for c in listed]
     assert list(zip(first_block, listed)) == sorted(zip(first_block, listed))
     assert len(set(first_block)) > 1
+
+
+def test_a_run_continued_with_another_batch_size_reads_none_of_the_first_runs_batches(tmp_path: Path) -> None:
+    """``batch_size`` is not among a store's settings, so an unfinished run may be continued with another: its
+    batches hold other tiles, so it computes them rather than read the first run's kept under the same numbers."""
+    size, tile, block = (1, 64, 64), (1, 32, 32), (0, 0, 0)
+    grid = BlockGrid(size, (1, 32, 32))
+    image = torch.rand(1, *size)
+    span, corners = covering_tiles(grid.region(block), size, tile, 0.25)
+    tiles = SharedTiles.of_block(tmp_path, TileOrder.of(size, tile, 0.25, grid), block, span,
+                                 lambda s: image[(slice(None), *s)])
+
+    def model(value: float) -> Callable[[torch.Tensor], torch.Tensor]:     # each run's model answers its own value
+        return lambda x: torch.full((len(x), 1, *tile), value)
+
+    first = dict(tiles.run(model(1.0), image[(slice(None), *span)], corners, tile, 3))
+    assert len(first) == len(corners) == 4 and list((tmp_path / "_work" / "tiles").glob("*.npy"))
+    second = dict(tiles.run(model(2.0), image[(slice(None), *span)], corners, tile, 2))
+    assert sorted(second) == sorted(first) and all(bool((out == 2.0).all()) for out in second.values())

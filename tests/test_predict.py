@@ -155,7 +155,7 @@ def test_a_full_disk_while_keeping_shared_tiles_is_one_line(synth_zarr: Path, mo
     # Files up to 25 kB: the output's chunks fit (8 x 48 x 48 bytes), not the first batch kept (8 x 32 x 32 floats).
     [done] = run_cli([(["predict", f"checkpoint={model_2d}", f"input={synth_zarr}", f"output={out}",
                         "block_shape=[8,48,48]", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"], 25_000)])
-    assert refusal(done) == (f"output={out}: cannot write _work/tiles/0.npy (File too large); finished "
+    assert refusal(done) == (f"output={out}: cannot write _work/tiles/b8-0.npy (File too large); finished "
                              f"blocks are kept, rerun the same command to continue")
     assert not list(out.rglob("*.partial"))
 

@@ -117,7 +117,7 @@ class SharedTiles:
         each computed whole or read where another block computed it, in the order's sequence."""
         for batch, wanted in self.batches(corners, batch_size).items():
             members = self.members(batch, batch_size)
-            path = self.path(batch)
+            path = self.path(batch, batch_size)
             try:
                 outputs = torch.from_numpy(np.load(path))
             except FileNotFoundError:
@@ -138,7 +138,7 @@ class SharedTiles:
         done = np.asarray(progress.done[tuple(slice(a, b + 1) for a, b in zip(first, np.max(list(touched), axis=0)))])
         for batch, blocks in needed.items():
             if all(done[tuple(np.subtract(b, first))] for b in blocks):
-                self.path(batch).unlink(missing_ok=True)
+                self.path(batch, batch_size).unlink(missing_ok=True)
 
     def batches(self, corners: Sequence[Corner], batch_size: int) -> dict[int, list[Corner]]:
         """``corners`` (window coordinates) by the batch holding them, batches in order."""
@@ -177,8 +177,10 @@ class SharedTiles:
     def window(image: torch.Tensor, corner: Corner, origin: Sequence[int], patch: tuple[int, ...]) -> torch.Tensor:
         return image[(slice(None), *(slice(c - o, c - o + p) for c, o, p in zip(corner, origin, patch)))]
 
-    def path(self, batch: int) -> Path:
-        return self.folder / f"{batch}.npy"
+    def path(self, batch: int, batch_size: int) -> Path:
+        """Named by the batch size too: a run continued with another ``batch_size`` (not part of the store's
+        settings) makes other batches, and must not read the first run's."""
+        return self.folder / f"b{batch_size}-{batch}.npy"
 
 
 def save(path: Path, outputs: np.ndarray) -> None:
