@@ -30,7 +30,7 @@ import torch
 from emfm.blockwise.grid import Block, BlockGrid
 from emfm.blockwise.store import WORK, Progress
 from emfm.errors import EmfmError
-from emfm.inference import Corner, Model, pad_to, tile_starts
+from emfm.inference import Corner, Model, pad_to, tile_starts, window
 
 Footprint = tuple[tuple[int, int], ...]      # the first and last block a tile touches, per axis
 Reader = Callable[[tuple[slice, ...]], torch.Tensor]     # region voxels -> the model's input there, (C, *span)
@@ -161,7 +161,7 @@ class SharedTiles:
         if outside:            # the box around them, clipped to the region (and padded as the sliding window pads)
             span = tuple(slice(min(c), min(max(c) + p, n)) for c, p, n in zip(zip(*outside), patch, self.order.size))
             box, box_origin = pad_to(self.read(span), patch), tuple(s.start for s in span)
-        return torch.stack([self.window(image, c, self.origin, patch) if i else self.window(box, c, box_origin, patch)
+        return torch.stack([window(image, c, patch, self.origin) if i else window(box, c, patch, box_origin)
                             for c, i in zip(members, inside)])
 
     def blocks(self, corner: Corner) -> set[Block]:
@@ -172,10 +172,6 @@ class SharedTiles:
 
     def absolute(self, corner: Corner) -> Corner:
         return tuple(o + c for o, c in zip(self.origin, corner))
-
-    @staticmethod
-    def window(image: torch.Tensor, corner: Corner, origin: Sequence[int], patch: tuple[int, ...]) -> torch.Tensor:
-        return image[(slice(None), *(slice(c - o, c - o + p) for c, o, p in zip(corner, origin, patch)))]
 
     def path(self, batch: int, batch_size: int) -> Path:
         """Named by the batch size too: a run continued with another ``batch_size`` (not part of the store's
