@@ -146,9 +146,10 @@ def peak(work: Callable[[], object], repeats: int = 5) -> float:
     return count / min(seconds)
 
 
-def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
-    """FLOP/s of a float32 n x n @ n x n product: the most a CPU's BLAS gets out of this process's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 4096, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n x n @ n x n product (float32, or bfloat16: AMX tiles where the CPU has them): the most a CPU's
+    BLAS gets out of this process's threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return peak(lambda: a @ b, repeats)
 
 

@@ -5,6 +5,9 @@
   whole model's forward pass with each (the model built from emfm's fine-tuning config, seeded random weights).
 - Grad mode: a forward pass of the same model under ``torch.inference_mode`` (what ``sliding_window`` uses) against
   ``torch.no_grad``.
+- Precision: a forward pass under bfloat16 autocast (``precision=bf16``, what ``auto`` means on a CPU with AMX)
+  against float32, for the UNETR and the restore_unet recipe's two U-Nets (ResNet-18 and the full-resolution
+  ``unet2d``), and the largest difference of their probabilities (sigmoid of the first channel).
 
 Arms alternate within each round; the table gives the median over rounds and the ratio of medians.
 
@@ -26,6 +29,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.harness import command_line, config
 from benchmarks.workloads import MODEL
+from emfm.inference import in_precision
 from emfm.models.layers import InstanceNorm
 from emfm.models.segmenter import Segmenter
 
@@ -69,15 +73,24 @@ def with_torch_instance_norm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+NETWORKS = {"ViT-Ti/16 UNETR": MODEL, "ResNet-18 U-Net (restore_unet)": ["experiment=restore_unet/finetune"],
+            "unet2d (restore_unet, model=unet2d)": ["experiment=restore_unet/finetune", "model=unet2d", "~model.name"]}
+
+
+def network(overrides: list[str]) -> torch.nn.Module:
+    """The fine-tuning config's network with seeded random weights, in eval mode."""
+    cfg = config(overrides, "finetune")
+    torch.manual_seed(0)
+    parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "head", "target")]
+    return Segmenter(*parts).eval().model  # type: ignore[arg-type]
+
+
 def main() -> None:
     parser = command_line("inference_ops", __doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=4, help="calls per arm and round")
     args = parser.parse_args()
-    cfg = config(MODEL, "finetune")
-    torch.manual_seed(0)
-    parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "head", "target")]
-    model = Segmenter(*parts).eval().model  # type: ignore[arg-type]
+    model = network(MODEL)
     tiles = torch.randn(8, 1, 128, 128)
 
     shapes: dict[tuple[int, ...], int] = {}
@@ -106,7 +119,17 @@ def main() -> None:
                 "torch": under(torch.no_grad, lambda: model(tiles))}, args.rounds, args.calls)
     print(f"| UNETR forward, batch 8 | inference_mode / no_grad | {t['emfm'] * 1e3:.1f} / {t['torch'] * 1e3:.1f} | "
           f"{t['torch'] / t['emfm']:.3f} |")
+    for name, overrides in NETWORKS.items():
+        net = network(overrides)
+        half = in_precision(net, "bf16")
+        t = paired({"emfm": under(torch.inference_mode, functools.partial(half, tiles)),
+                    "torch": under(torch.inference_mode, functools.partial(net, tiles))}, args.rounds, args.calls)
+        with torch.inference_mode():
+            apart = (half(tiles)[:, 0].float().sigmoid() - net(tiles)[:, 0].sigmoid()).abs().max()
+        print(f"| {name} forward, batch 8 | bf16 autocast / float32 (probabilities apart by {float(apart):.3f} at "
+              f"most) | {t['emfm'] * 1e3:.1f} / {t['torch'] * 1e3:.1f} | {t['torch'] / t['emfm']:.3f} |")
 
 
 if __name__ == "__main__":
     main()
+

@@ -62,7 +62,15 @@ import torch
 from benchmarks import harness
 from benchmarks import peers_arms as arms
 from benchmarks.harness import Result, command_line
-from benchmarks.workloads import Setup, emfm_cluster, grown, make_checkpoint, overrides, timed_predict
+from benchmarks.workloads import (
+    Setup,
+    emfm_cluster,
+    forward_precision,
+    grown,
+    make_checkpoint,
+    overrides,
+    timed_predict,
+)
 from emfm.data.synthetic import make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
 from emfm.inference import blend_weights, tile_corners
@@ -189,16 +197,17 @@ def compare_training(volume: Path, work: Path, args: argparse.Namespace) -> list
     return out
 
 
-def emfm_blockwise(checkpoint: Path, volume: Path, output: Path) -> Result:
+def emfm_blockwise(checkpoint: Path, volume: Path, output: Path, precision: str) -> Result:
     """``emfm predict`` in a new process (``workloads.timed_predict``), timed from the model load to the
     finished store; the tiles it runs: each of the whole volume's grid once (emfm.blockwise.tiles)."""
-    run = in_fresh_process(timed_predict, checkpoint, volume, output, BATCH, "gaussian", "uint8")
+    run = in_fresh_process(timed_predict, checkpoint, volume, output, BATCH, "gaussian", "uint8", precision)
     shape, tile = Volume(volume).shape, (1, 128, 128)                               # make_checkpoint's model
     tiles = len(tile_corners(shape, tile, OVERLAP))
     weights = blend_weights(tile, kind="gaussian")
     return Result(math.prod(shape) / run["seconds"], run["rss_mib"],
                   {"tiles through the model": f"{tiles} ({run['blocks']} blocks)",
-                   "Gaussian weight at a tile corner": f"{float(weights.min() / weights.max()):.0e}"})
+                   "Gaussian weight at a tile corner": f"{float(weights.min() / weights.max()):.0e}",
+                   "forward passes": forward_precision(precision)})
 
 
 def compare_prediction(volumes: dict[str, Path], checkpoint: Path, work: Path,
@@ -221,8 +230,9 @@ def compare_prediction(volumes: dict[str, Path], checkpoint: Path, work: Path,
                        "MONAI")
         for repeat in range(args.repeats if size == "1x" else args.large_repeats):
             mine, theirs = work / f"emfm_{size}{repeat}.zarr", work / f"monai_{size}{repeat}.zarr"
-            in_turn(c, repeat, functools.partial(emfm_blockwise, checkpoint, volume, mine),
-                    functools.partial(in_fresh_process, arms.monai_whole, checkpoint, volume, theirs, OVERLAP, BATCH))
+            in_turn(c, repeat, functools.partial(emfm_blockwise, checkpoint, volume, mine, args.precision),
+                    functools.partial(in_fresh_process, arms.monai_whole, checkpoint, volume, theirs, OVERLAP, BATCH,
+                                      args.peer_precision))
         import zarr
 
         stored = [np.asarray(zarr.open_array(str(p), mode="r")[...]) for p in (mine / "0", theirs)]
@@ -254,9 +264,10 @@ def compare_clustering(volumes: dict[str, Path], checkpoint: Path, work: Path,
         c = Comparison(f"`emfm cluster` vs notebook, {size} {shape}", "voxels/s", "notebook")
         for repeat in range(args.repeats if size == "1x" else args.large_repeats):
             mine, theirs = work / f"clusters_{size}{repeat}.zarr", work / f"clusters_{size}{repeat}.npy"
-            c.emfm.append(in_fresh_process(emfm_cluster, checkpoint, volume, mine, memory_gib=args.memory_gib))
+            c.emfm.append(in_fresh_process(emfm_cluster, checkpoint, volume, mine, args.precision,
+                                           memory_gib=args.memory_gib))
             try:
-                c.others.append(in_fresh_process(arms.plain_cluster, checkpoint, volume, theirs,
+                c.others.append(in_fresh_process(arms.plain_cluster, checkpoint, volume, theirs, args.precision,
                                                  memory_gib=args.memory_gib))
             except (MemoryError, BrokenProcessPool, RuntimeError) as err:   # torch: RuntimeError, can't allocate
                 c.failed = f"{type(err).__name__} under the {args.memory_gib:g} GiB limit: {str(err)[:80]}"
@@ -292,6 +303,11 @@ def main() -> None:
                                                                              "(default: 1x and 8x)")
     parser.add_argument("--large", action="store_true", help="clustering also at 64x2048x2048 and 128x4096x4096 "
                                                              "(73 min; the notebook way fails at the second)")
+    parser.add_argument("--precision", choices=["auto", "32", "bf16"], default="auto",
+                        help="emfm's forward passes in prediction and clustering (the notebook's too), as its "
+                             "`precision` key: auto is bf16 on a CPU with AMX")
+    parser.add_argument("--peer-precision", choices=["32", "bf16"], default="32",
+                        help="MONAI's forward passes: float32 as its users run it, or under bfloat16 autocast")
     parser.add_argument("--memory-gib", type=float, default=20.0,
                         help="address-space limit of each clustering process (this machine has 24 GiB)")
     args = parser.parse_args()

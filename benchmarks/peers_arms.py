@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.harness import Result, config, peak_rss_mib
-from benchmarks.workloads import K, bare_parts, optimizer, plain_loop, real_batch, trained_parameters
+from benchmarks.workloads import K, bare_parts, forward_precision, optimizer, plain_loop, real_batch, trained_parameters
 from emfm.data.volume import Volume
 
 MODEL_3D = ["model=vit3d", "model.name=vit_tiny_patch16_224", "model.patch_size=[4,16,16]",
@@ -219,7 +219,8 @@ def segment_fn(checkpoint: Path | None) -> tuple[Callable[[torch.Tensor], torch.
     from emfm.checkpoints import load_segmenter
 
     module = load_segmenter(checkpoint)
-    return (lambda x: module.activate(module.model(x[:, :, 0])).unsqueeze(2)), (1, *module.model.encoder.input_shape)
+    tile = (1, *module.model.encoder.input_shape)
+    return (lambda x: module.activate(module.model(x[:, :, 0]).float()).unsqueeze(2)), tile
 
 
 def counted(fn: Callable[[torch.Tensor], torch.Tensor], count: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -271,8 +272,10 @@ def window_arm(side: str, checkpoint: Path | None, volume: Path, overlap: float,
                   {"probes": out.flatten()[probes].numpy()})
 
 
-def monai_whole(checkpoint: Path, volume: Path, output: Path, overlap: float, batch: int) -> Result:
-    """MONAI as its users run it on a volume that fits: read it all, infer, write it all (uint8, as emfm)."""
+def monai_whole(checkpoint: Path, volume: Path, output: Path, overlap: float, batch: int, precision: str = "32"
+                ) -> Result:
+    """MONAI as its users run it on a volume that fits: read it all, infer, write it all (uint8, as emfm);
+    ``precision="bf16"``: under the bfloat16 autocast a user would write around it."""
     import zarr
     from monai.inferers import sliding_window_inference
 
@@ -282,20 +285,21 @@ def monai_whole(checkpoint: Path, volume: Path, output: Path, overlap: float, ba
     fn, tile = segment_fn(checkpoint)
     vol = Volume(volume)
     image = torch.from_numpy(vol.normalize(vol.read()))[None, None]                     # (1, 1, Z, Y, X)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         probs = sliding_window_inference(image, tile, batch, counted(fn, tiles), overlap, mode="gaussian")[0]
-    data = encode(probs.numpy(), "uint8")                                               # (K, Z, Y, X)
+    data = encode(probs.float().numpy(), "uint8")                                               # (K, Z, Y, X)
     zarr.open_array(str(output), mode="w", shape=data.shape, chunks=(data.shape[0], 4, 512, 512),
                     dtype="uint8")[...] = data
     return Result(image.numel() / (time.perf_counter() - start), peak_rss_mib(),
                   {"tiles through the model": str(tiles[0]),
-                   "Gaussian weight at a tile corner": corner_weight("monai", tile)})
+                   "Gaussian weight at a tile corner": corner_weight("monai", tile),
+                   "forward passes": forward_precision(precision)})
 
 
 # --- clustering ---------------------------------------------------------------------------------------------------
 
 
-def plain_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:
+def plain_cluster(checkpoint: Path, volume: Path, output: Path, precision: str = "auto") -> Result:
     """The notebook way: the whole volume and its features in memory, k-means on every feature vector.
 
     After the timed part, k-means again with another seed: how alike k-means is with itself here.
@@ -310,7 +314,7 @@ def plain_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:
     encoder = load_encoder(checkpoint, as_timm=False)
     vol = Volume(volume)
     image = vol.normalize(vol.read())                                                    # (Z, Y, X)
-    feats = dense_features(encoder, image)                                               # (F, Z, Yc, Xc)
+    feats = dense_features(encoder, image, precision=precision)                          # (F, Z, Yc, Xc)
     vectors = feats.reshape(feats.shape[0], -1).T                                        # (cells, F)
     labels = KMeans(K, n_init=3, random_state=0).fit_predict(vectors).astype(np.uint8)
     stride = [s // c for s, c in zip(image.shape, feats.shape[1:])]
@@ -324,5 +328,5 @@ def plain_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:
     return Result(rate, peak_rss_mib(),
                   {"vectors k-means is fitted on": f"all {len(vectors)}", "projection": "none",
                    "k-means": f"scikit-learn, k={K}, 3 inits", "features": "float32 in memory",
-                   "map on the voxel grid": "nearest cell (repeated)"},
+                   "map on the voxel grid": "nearest cell (repeated)", "forward passes": forward_precision(precision)},
                   {"stride": stride, "self_ari": float(itself)})

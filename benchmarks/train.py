@@ -204,8 +204,10 @@ def report(results: dict[str, Measured], peaks: dict[str, float], args: argparse
 
 def machine_peaks() -> dict[str, float]:
     """This machine's FLOP/s with this process's torch threads (those the arms get): a float32 4096^3 matrix
-    product and a 3x3 convolution 64 -> 64 channels on 8x256x256, in either memory layout."""
-    return {"matmul": matmul_peak(), "conv": conv_peak(), "conv channels-last": conv_peak(channels_last=True)}
+    product and a 3x3 convolution 64 -> 64 channels on 8x256x256, in either memory layout; and a bfloat16 product,
+    the peak of the ``--bf16`` arm's matrix products."""
+    return {"matmul": matmul_peak(), "conv": conv_peak(), "conv channels-last": conv_peak(channels_last=True),
+            "matmul bf16": matmul_peak(dtype=torch.bfloat16)}
 
 
 def show(peaks: dict[str, float]) -> str:

@@ -168,7 +168,7 @@ def make_checkpoint(work: Path, volume: Path) -> Path:
 
 
 def timed_predict(checkpoint: Path, volume: Path, output: Path, batch: int, blend: str = "linear",
-                  dtype: str = "float16") -> dict[str, float]:
+                  dtype: str = "float16", precision: str = "auto") -> dict[str, float]:
     """`emfm predict` in this process, timed from the model load to the finished store: seconds in all and in
     the block phase, and the process's peak RSS. The command's module is imported before the clock starts, as the
     peers' libraries are (until 2026-12-07 its import, 0.15-0.2 s, was timed on emfm's side alone)."""
@@ -176,7 +176,7 @@ def timed_predict(checkpoint: Path, volume: Path, output: Path, batch: int, blen
 
     cfg = config([f"checkpoint={checkpoint}", f"input={volume}", f"output={output}", "overwrite=true",
                   "progress=false", f"batch_size={batch}", f"dtype={dtype}", f"blend={blend}",
-                  f"paths.output_dir={output}.run"], "predict")
+                  f"precision={precision}", f"paths.output_dir={output}.run"], "predict")
     start = time.perf_counter()
     out = run.predict(cfg)
     return {"seconds": time.perf_counter() - start, "blocks": out["blocks"],
@@ -193,7 +193,7 @@ def emfm_predict(checkpoint: Path, volume: Path, output: Path, batch: int, blend
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def emfm_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:
+def emfm_cluster(checkpoint: Path, volume: Path, output: Path, precision: str = "auto") -> Result:
     """``emfm cluster`` as users run it (no pictures), timed from the command's start to its map; its modules are
     imported before, as the notebook's are."""
     import sklearn.cluster  # noqa: F401  (imported on first use by the command)
@@ -201,13 +201,21 @@ def emfm_cluster(checkpoint: Path, volume: Path, output: Path) -> Result:
     import emfm.explore.cluster  # noqa: F401
 
     cfg = config([f"checkpoint={checkpoint}", f"input={volume}", f"output={output}", f"k={K}", "pictures=null",
-                  "progress=false", f"paths.output_dir={output}.run"], "cluster")
+                  "progress=false", f"precision={precision}", f"paths.output_dir={output}.run"], "cluster")
     start = time.perf_counter()
     run.cluster(cfg)
     return Result(math.prod(Volume(volume).shape) / (time.perf_counter() - start), peak_rss_mib(),
                   {"vectors k-means is fitted on": f"a sample of {cfg.sample}", "projection": f"PCA to {cfg.pca}",
                    "k-means": f"scikit-learn, k={K}, 3 inits", "features": "float16 store on disk",
-                   "map on the voxel grid": "cluster scores interpolated linearly"})
+                   "map on the voxel grid": "cluster scores interpolated linearly",
+                   "forward passes": forward_precision(precision)})
+
+
+def forward_precision(setting: str) -> str:
+    """How the forward passes ran, for the benchmarks' tables."""
+    from emfm.inference import inference_precision
+
+    return "bf16 autocast" if inference_precision(setting) == "bf16" else "float32"
 
 
 # --- volumes ----------------------------------------------------------------------------------------------------

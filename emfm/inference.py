@@ -15,11 +15,37 @@ import torch
 from emfm.errors import EmfmError
 
 BLENDS = ("linear", "gaussian")
+PRECISIONS = ("auto", "32", "bf16")
 Corner = tuple[int, ...]                                # a tile's start, per spatial axis
 Model = Callable[[torch.Tensor], torch.Tensor]          # tiles (B, C, *patch) -> outputs (B, K, *patch / stride)
 # (model, image, corners, patch, batch_size) -> each corner's tile output, (K, *patch / stride)
 TileRunner = Callable[[Model, torch.Tensor, Sequence[Corner], tuple[int, ...], int],
                       Iterable[tuple[Corner, torch.Tensor]]]
+
+
+def inference_precision(setting: object) -> str:
+    """``auto``, ``32`` or ``bf16`` resolved: ``auto`` is ``bf16`` where the CPU multiplies bfloat16 matrices in
+    hardware (AMX tiles: a forward pass of emfm's networks 1.5-1.9x faster; docs/benchmarks.md, "bf16 on a CPU with
+    AMX"), else ``32``."""
+    precision = str(setting)
+    if precision not in PRECISIONS:
+        raise EmfmError(f"precision={setting}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if torch.cpu._is_amx_tile_supported() else "32"
+    return precision
+
+
+def in_precision(model: Model, precision: str) -> Model:
+    """``model`` run under bfloat16 autocast (``precision="bf16"``: matrix products and convolutions in bf16,
+    reductions in float32) or as it is (``"32"``)."""
+    if precision == "32":
+        return model
+
+    def autocast(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return model(x)
+
+    return autocast
 
 
 def tile_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[int]:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from emfm.inference import blend_weights, sliding_window, tile_starts
+from emfm.errors import EmfmError
+from emfm.inference import blend_weights, in_precision, inference_precision, sliding_window, tile_starts
 
 
 def test_tiles_cover_the_image_and_end_at_its_border() -> None:
@@ -23,3 +24,16 @@ def test_a_pointwise_model_gives_the_whole_image_result_without_seams(shape: tup
     out = sliding_window(lambda x: torch.cat([2 * x + 1, x.square()], 1), image, patch, overlap=0.3, batch_size=3)
     assert out.shape == (2, *shape[1:])
     torch.testing.assert_close(out, torch.cat([2 * image + 1, image.square()]))
+
+
+def test_precision_resolves_and_bf16_runs_the_model_under_autocast() -> None:
+    assert inference_precision(32) == inference_precision("32") == "32" and inference_precision("bf16") == "bf16"
+    assert inference_precision("auto") == ("bf16" if torch.cpu._is_amx_tile_supported() else "32")
+    with pytest.raises(EmfmError, match="precision=fp16: expected one of auto, 32, bf16"):
+        inference_precision("fp16")
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(16, 4), torch.randn(5, 16)
+    assert in_precision(linear, "32") is linear
+    out = in_precision(linear, "bf16")(x)
+    assert out.dtype == torch.bfloat16                          # the product ran in bf16 ...
+    torch.testing.assert_close(out.float(), linear(x), atol=0.05, rtol=0.02)    # ... to bf16's precision

@@ -60,7 +60,7 @@ def test_blocks_join_without_seams_and_compute_each_tile_once(synth_zarr: Path, 
     checkpoint, output = (model_2d if dims == 2 else model_3d), tmp_path / "p.zarr"
     module, volume = load_segmenter(checkpoint), Volume(synth_zarr)
     job = make_job(PredictRequest(str(checkpoint), str(synth_zarr), str(output), block_shape=block, dtype="float32",
-                                  batch_size=3), module, volume, None)
+                                  batch_size=3, precision="32"), module, volume, None)
     tiles, kept, seen = [], [], set()       # tiles per forward pass; batches kept on disk meanwhile
 
     def count(_: torch.nn.Module, args: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
@@ -212,6 +212,19 @@ def test_rerun_of_a_complete_prediction_does_nothing_and_other_settings_are_refu
         predict(tmp_path, model_2d, synth_zarr, tmp_path / "other.zarr")
 
 
+def test_bf16_predicts_within_its_precision_of_float32_and_is_part_of_the_settings(
+        synth_zarr: Path, model_2d: Path, tmp_path: Path) -> None:
+    """precision=bf16 (what auto means on a CPU with AMX) runs the forward passes under bfloat16 autocast: close to
+    float32, not equal; a store of one precision is not continued in the other."""
+    full, half = tmp_path / "32.zarr", tmp_path / "bf16.zarr"
+    predict(tmp_path, model_2d, synth_zarr, full, "roi=[0:3,0:96,0:96]", "dtype=float32", "precision=32")
+    predict(tmp_path, model_2d, synth_zarr, half, "roi=[0:3,0:96,0:96]", "dtype=float32", "precision=bf16")
+    difference = np.abs(probabilities(full) - probabilities(half))
+    assert 0 < difference.max() < 0.05 and difference.mean() < 0.005
+    with pytest.raises(EmfmError, match=r"already holds a different, complete prediction"):
+        predict(tmp_path, model_2d, synth_zarr, half, "roi=[0:3,0:96,0:96]", "dtype=float32", "precision=32")
+
+
 def test_a_store_interrupted_while_laid_out_is_started_afresh(synth_zarr: Path, model_2d: Path,
                                                              tmp_path: Path) -> None:
     out, roi = tmp_path / "p.zarr", "roi=[0:2,0:64,0:64]"
@@ -256,7 +269,7 @@ def test_a_worker_keeps_its_run_model_and_a_new_run_loads_the_retrained_checkpoi
 
     def job_now(tta: bool = False) -> Job:
         request = PredictRequest(str(checkpoint), str(synth_zarr), str(tmp_path / "out.zarr"), batch_size=2,
-                                 tta=tta, dtype="float16")
+                                 tta=tta, dtype="float16", precision="32")
         return make_job(request, load_segmenter(checkpoint), Volume(synth_zarr), None)
 
     job = job_now()

@@ -23,6 +23,7 @@ from emfm.checkpoints import checkpoint_stamp, unchanged_checkpoint
 from emfm.data.ngff import ZarrFormat, check_zarr_format
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
+from emfm.inference import inference_precision
 from emfm.paths import local_output, resolved
 from emfm.requests import Request
 
@@ -45,6 +46,7 @@ class BlockRequest(Request, Generic[C]):
     overlap: float = 0.25         # tile overlap; overlapping tiles are blended
     blend: str = "linear"         # linear | gaussian
     batch_size: int = 8           # tiles per forward pass
+    precision: str = "auto"       # auto | 32 | bf16 (emfm.inference.inference_precision)
     zarr_format: int = 3          # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
     threads: int | None = None    # torch threads of a local run
     missing_chunks: str = "warn"  # chunks absent from the input: warn | error | fill (emfm.data.volume)
@@ -68,6 +70,7 @@ class BlockJob(Generic[C]):
     overlap: float
     blend: str
     batch_size: int
+    precision: str = "32"                 # of the forward passes: 32 | bf16 (auto resolved where the run starts)
     zarr_format: ZarrFormat = 3           # 3: zarr v3 / OME-Zarr 0.5; 2: zarr v2 / OME-Zarr 0.4
     threads: int | None = None            # torch threads per task process (Dask workers); None: torch's default
     missing_chunks: str = "warn"          # what reading a chunk absent from the input does (emfm.data.volume)
@@ -84,6 +87,7 @@ class BlockJob(Generic[C]):
                    output=str(local_output("output", request.output)), level=volume.level,
                    roi=tuple((r.start, r.stop) for r in region), overlap=float(request.overlap),
                    blend=str(request.blend), batch_size=int(request.batch_size),
+                   precision=inference_precision(request.precision) if model else "32",
                    zarr_format=check_zarr_format(request.zarr_format), threads=threads,
                    missing_chunks=volume.missing_chunks, **own)
 

@@ -53,7 +53,7 @@ from emfm.explore.layers import (
     resolve_layer,
     tiling,
 )
-from emfm.inference import covering_tiles, sliding_window
+from emfm.inference import covering_tiles, in_precision, inference_precision, sliding_window
 from emfm.models.encoders import Encoder
 from emfm.models.heads import SegmentationHead
 
@@ -154,7 +154,7 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     def read(span: tuple[slice, ...]) -> torch.Tensor:
         return torch.from_numpy(read_padded(job.volume(), job.roi, span))[None]
 
-    fn = feature_function(*job_network(job), job.layer, job.stages, job.tile, job.stride)
+    fn = in_precision(feature_function(*job_network(job), job.layer, job.stages, job.tile, job.stride), job.precision)
     order = TileOrder.of(job.padded, job.tile, job.overlap, job.grid, job.stride)
     tiles = SharedTiles.of_block(job.output, order, index, span, read)
     feats = sliding_window(fn, read(span), job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride,
@@ -179,18 +179,19 @@ def filter_block(job: FilterJob, index: Block) -> Block:
 
 def dense_features(encoder: Encoder, image: np.ndarray, layer: int | str | None = None, stride: Any = None,
                    overlap: float = 0.25, batch_size: int = 8, decoder: SegmentationHead | None = None,
-                   stages: Any = None) -> np.ndarray:
+                   stages: Any = None, precision: str = "auto") -> np.ndarray:
     """Features (F, *cells) of a normalised image or stack held in memory (notebooks, small crops).
 
     A 2-D encoder over a stack (Z, Y, X) works slice by slice; ``layer``: as ``emfm features`` (:func:`resolve_layer`;
-    ``decoder``: the checkpoint's, from :func:`~emfm.checkpoints.load_network`); ``stride`` defaults to the layer's own.
+    ``decoder``: the checkpoint's, from :func:`~emfm.checkpoints.load_network`); ``stride`` defaults to the layer's own;
+    ``precision``: of the forward passes, as ``emfm features`` (:func:`~emfm.inference.inference_precision`).
     """
     layer, stages = resolve_layer(layer, stages, encoder, decoder)
     tile, step = tiling(encoder, image.ndim, layer, stride)
     cells = tuple(math.ceil(s / k) for s, k in zip(image.shape, step))
     padded = tuple(max(t, n * k) for t, n, k in zip(tile, cells, step))
     image = np.pad(image, [(0, p - s) for p, s in zip(padded, image.shape)], mode="symmetric")
-    fn = feature_function(encoder, decoder, layer, stages, tile, step)
+    fn = in_precision(feature_function(encoder, decoder, layer, stages, tile, step), inference_precision(precision))
     feats = sliding_window(fn, torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], tile,
                            overlap, batch_size, blend="linear", stride=step)
     return feats[(slice(None), *(slice(0, n) for n in cells))].numpy()

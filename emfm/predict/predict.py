@@ -46,7 +46,7 @@ from emfm.checkpoints import load_segmenter
 from emfm.data.ngff import Level, build_pyramid, image_attrs, labels_attrs
 from emfm.data.volume import Volume
 from emfm.errors import EmfmError
-from emfm.inference import covering_tiles, sliding_window
+from emfm.inference import covering_tiles, in_precision, sliding_window
 from emfm.models.segmenter import Segmenter
 from emfm.predict import stitch
 
@@ -94,11 +94,13 @@ def model_function(job: Job, module: Segmenter | None = None) -> Probabilities:
 def probabilities(job: Job, model: Segmenter) -> Probabilities:
     """Tiles -> probabilities of ``model``, averaged over the in-plane flips with ``tta``."""
 
+    net = in_precision(model.model, job.precision)
+
     def segment(x: torch.Tensor) -> torch.Tensor:
-        out = model.activate(model.model(x))
+        out = model.activate(net(x).float())
         if job.tta:                             # mean over the in-plane flips
             for dims in ((-1,), (-2,), (-2, -1)):
-                out = out + model.activate(model.model(x.flip(dims))).flip(dims)
+                out = out + model.activate(net(x.flip(dims)).float()).flip(dims)
             out = out / 4
         return out
 
