@@ -11,7 +11,7 @@
 
 Arms alternate within each round; the table gives the median over rounds and the ratio of medians.
 
-    python -m benchmarks.inference_ops                 # docs/benchmarks.md, "Issue 29, second pass"
+    python -m benchmarks.inference_ops                 # docs/benchmarks.md, "Issue 29, second pass" and "bf16 on ..."
     python -m benchmarks.inference_ops --rounds 1 --calls 1
 """
 
@@ -25,13 +25,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from benchmarks.harness import command_line, config
-from benchmarks.workloads import MODEL
+from benchmarks.harness import command_line
+from benchmarks.workloads import MODEL, seeded_segmenter
 from emfm.inference import in_precision
 from emfm.models.layers import InstanceNorm
-from emfm.models.segmenter import Segmenter
 
 
 def timed(fn: Callable[[], object], calls: int) -> float:
@@ -77,20 +75,12 @@ NETWORKS = {"ViT-Ti/16 UNETR": MODEL, "ResNet-18 U-Net (restore_unet)": ["experi
             "unet2d (restore_unet, model=unet2d)": ["experiment=restore_unet/finetune", "model=unet2d", "~model.name"]}
 
 
-def network(overrides: list[str]) -> torch.nn.Module:
-    """The fine-tuning config's network with seeded random weights, in eval mode."""
-    cfg = config(overrides, "finetune")
-    torch.manual_seed(0)
-    parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "head", "target")]
-    return Segmenter(*parts).eval().model  # type: ignore[arg-type]
-
-
 def main() -> None:
     parser = command_line("inference_ops", __doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=4, help="calls per arm and round")
     args = parser.parse_args()
-    model = network(MODEL)
+    model = seeded_segmenter(MODEL).model
     tiles = torch.randn(8, 1, 128, 128)
 
     shapes: dict[tuple[int, ...], int] = {}
@@ -120,7 +110,7 @@ def main() -> None:
     print(f"| UNETR forward, batch 8 | inference_mode / no_grad | {t['emfm'] * 1e3:.1f} / {t['torch'] * 1e3:.1f} | "
           f"{t['torch'] / t['emfm']:.3f} |")
     for name, overrides in NETWORKS.items():
-        net = network(overrides)
+        net = seeded_segmenter(overrides).model
         half = in_precision(net, "bf16")
         t = paired({"emfm": under(torch.inference_mode, functools.partial(half, tiles)),
                     "torch": under(torch.inference_mode, functools.partial(net, tiles))}, args.rounds, args.calls)

@@ -26,7 +26,9 @@ built; the table lists what differs, the lines below it what is alike.
   volume (a 3-D ViT-Ti UNETR, 16x64x64 tiles) in memory; then ``emfm predict`` (blockwise, OME-Zarr
   in and out) against MONAI on the whole array read into memory and written back, at 1x and 8x the
   volume, both timed from the model load to the written output. Same overlap (0.25), tiles,
-  batch (8) and weights.
+  batch (8) and weights; emfm's forward passes at ``--precision`` (its default, auto: bf16 on a CPU with AMX),
+  MONAI's in float32 as its users run it, or under bfloat16 autocast with ``--peer-precision bf16`` (the in-memory
+  sliding windows run float32 on both sides whatever the flags).
 - Clustering vs the notebook way: ``emfm cluster`` (features into a store, sample, PCA, k-means,
   map blockwise) against the obvious script (volume and features in memory with ``dense_features``,
   scikit-learn ``KMeans`` on every vector, map upsampled by repetition), same encoder, k and volume,

@@ -16,10 +16,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from benchmarks.harness import Result, config, peak_rss_mib
-from benchmarks.workloads import K, bare_parts, forward_precision, optimizer, plain_loop, real_batch, trained_parameters
+from benchmarks.workloads import (
+    K,
+    bare_parts,
+    forward_precision,
+    optimizer,
+    plain_loop,
+    real_batch,
+    seeded_segmenter,
+    trained_parameters,
+)
 from emfm.data.volume import Volume
 
 MODEL_3D = ["model=vit3d", "model.name=vit_tiny_patch16_224", "model.patch_size=[4,16,16]",
@@ -200,21 +208,11 @@ def lightly_arm(args: list[str]) -> TrainArm:
 # --- sliding window ---------------------------------------------------------------------------------------------
 
 
-def model_3d() -> Any:
-    """A 3-D ViT-Ti UNETR with seeded random weights: the same in every process."""
-    from emfm.models.segmenter import Segmenter
-
-    cfg = config(MODEL_3D, "finetune")
-    torch.manual_seed(0)
-    parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "head", "target")]
-    return Segmenter(*parts).eval()  # type: ignore[arg-type]
-
-
 def segment_fn(checkpoint: Path | None) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple[int, ...]]:
     """(tiles (B, 1, *tile) -> probabilities, tile): a 2-D checkpoint slice by slice as `emfm predict` runs
     it, or (``None``) the 3-D model."""
     if checkpoint is None:
-        net = model_3d()
+        net = seeded_segmenter(MODEL_3D)                              # a 3-D ViT-Ti UNETR
         return net, tuple(net.model.encoder.input_shape)
     from emfm.checkpoints import load_segmenter
 

@@ -22,7 +22,7 @@ from typing import Any, cast
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.harness import WARMUP, Clock, Result, Run, config, peak_rss_mib
 from emfm import run
@@ -31,6 +31,7 @@ from emfm.data.patches import RandomPatches
 from emfm.data.sources import Source
 from emfm.data.synthetic import SyntheticEM, make_synthetic_em, save_synthetic
 from emfm.data.volume import Volume
+from emfm.models.segmenter import Segmenter
 from emfm.pretrain.base import PretrainModule
 
 ROOT = Path(__file__).resolve().parents[1]      # the repository: where `benchmarks` imports from
@@ -155,6 +156,15 @@ def bench_all(bench: Callable[[str, Path, argparse.Namespace], Any], args: argpa
 # --- prediction and clustering ----------------------------------------------------------------------------------
 
 MODEL = ["model=vit2d", "model.name=vit_tiny_patch16_224", "model.patch_size=16", "data.patch_shape=[128,128]"]
+
+
+def seeded_segmenter(overrides: list[str]) -> Segmenter:
+    """The fine-tuning config's network (with ``overrides``) and its activation, seeded random weights, in eval mode:
+    the same in every process."""
+    cfg = config(overrides, "finetune")
+    torch.manual_seed(0)
+    parts = [OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "head", "target")]
+    return Segmenter(*parts).eval()  # type: ignore[arg-type]
 
 
 def make_checkpoint(work: Path, volume: Path) -> Path:

@@ -53,7 +53,7 @@ from emfm.explore.layers import (
     resolve_layer,
     tiling,
 )
-from emfm.inference import covering_tiles, in_precision, inference_precision, sliding_window
+from emfm.inference import covering_tiles, in_precision, sliding_window
 from emfm.models.encoders import Encoder
 from emfm.models.heads import SegmentationHead
 
@@ -191,7 +191,7 @@ def dense_features(encoder: Encoder, image: np.ndarray, layer: int | str | None 
     cells = tuple(math.ceil(s / k) for s, k in zip(image.shape, step))
     padded = tuple(max(t, n * k) for t, n, k in zip(tile, cells, step))
     image = np.pad(image, [(0, p - s) for p, s in zip(padded, image.shape)], mode="symmetric")
-    fn = in_precision(feature_function(encoder, decoder, layer, stages, tile, step), inference_precision(precision))
+    fn = in_precision(feature_function(encoder, decoder, layer, stages, tile, step), precision)
     feats = sliding_window(fn, torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], tile,
                            overlap, batch_size, blend="linear", stride=step)
     return feats[(slice(None), *(slice(0, n) for n in cells))].numpy()
