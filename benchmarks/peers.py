@@ -28,7 +28,10 @@ built; the table lists what differs, the lines below it what is alike.
   volume, both timed from the model load to the written output. Same overlap (0.25), tiles,
   batch (8) and weights; emfm's forward passes at ``--precision`` (its default, auto: bf16 on a CPU with AMX),
   MONAI's in float32 as its users run it, or under bfloat16 autocast with ``--peer-precision bf16`` (the in-memory
-  sliding windows run float32 on both sides whatever the flags).
+  sliding windows run float32 on both sides whatever the flags). The ``emfm predict`` and ``emfm cluster`` arms keep
+  freed memory for the next forward pass as the command does (``emfm.allocator``), the peers' processes allocate as
+  glibc does by default; run the script with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` set and both
+  sides allocate alike (emfm then leaves the setting to the environment).
 - Clustering vs the notebook way: ``emfm cluster`` (features into a store, sample, PCA, k-means,
   map blockwise) against the obvious script (volume and features in memory with ``dense_features``,
   scikit-learn ``KMeans`` on every vector, map upsampled by repetition), same encoder, k and volume,
@@ -209,7 +212,7 @@ def emfm_blockwise(checkpoint: Path, volume: Path, output: Path, precision: str)
     return Result(math.prod(shape) / run["seconds"], run["rss_mib"],
                   {"tiles through the model": f"{tiles} ({run['blocks']} blocks)",
                    "Gaussian weight at a tile corner": f"{float(weights.min() / weights.max()):.0e}",
-                   "forward passes": forward_precision(precision)})
+                   "forward passes": forward_precision(precision), "freed memory": run["freed_memory"]})
 
 
 def compare_prediction(volumes: dict[str, Path], checkpoint: Path, work: Path,

@@ -20,6 +20,7 @@ import torch
 from benchmarks.harness import Result, config, peak_rss_mib
 from benchmarks.workloads import (
     K,
+    allocator,
     bare_parts,
     forward_precision,
     optimizer,
@@ -291,7 +292,7 @@ def monai_whole(checkpoint: Path, volume: Path, output: Path, overlap: float, ba
     return Result(image.numel() / (time.perf_counter() - start), peak_rss_mib(),
                   {"tiles through the model": str(tiles[0]),
                    "Gaussian weight at a tile corner": corner_weight("monai", tile),
-                   "forward passes": forward_precision(precision)})
+                   "forward passes": forward_precision(precision), "freed memory": allocator()})
 
 
 # --- clustering ---------------------------------------------------------------------------------------------------
@@ -326,5 +327,6 @@ def plain_cluster(checkpoint: Path, volume: Path, output: Path, precision: str =
     return Result(rate, peak_rss_mib(),
                   {"vectors k-means is fitted on": f"all {len(vectors)}", "projection": "none",
                    "k-means": f"scikit-learn, k={K}, 3 inits", "features": "float32 in memory",
-                   "map on the voxel grid": "nearest cell (repeated)", "forward passes": forward_precision(precision)},
+                   "map on the voxel grid": "nearest cell (repeated)", "forward passes": forward_precision(precision),
+                   "freed memory": allocator()},
                   {"stride": stride, "self_ari": float(itself)})

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.harness import WARMUP, Clock, Result, Run, config, peak_rss_mib
 from emfm import run
+from emfm.allocator import keep_freed_memory, user_chose_allocator
 from emfm.data.ingest import write_ome_zarr
 from emfm.data.patches import RandomPatches
 from emfm.data.sources import Source
@@ -178,19 +179,21 @@ def make_checkpoint(work: Path, volume: Path) -> Path:
 
 
 def timed_predict(checkpoint: Path, volume: Path, output: Path, batch: int, blend: str = "linear",
-                  dtype: str = "float16", precision: str = "auto") -> dict[str, float]:
+                  dtype: str = "float16", precision: str = "auto") -> dict[str, Any]:
     """`emfm predict` in this process, timed from the model load to the finished store: seconds in all and in
-    the block phase, and the process's peak RSS. The command's module is imported before the clock starts, as the
-    peers' libraries are (until 2026-12-07 its import, 0.15-0.2 s, was timed on emfm's side alone)."""
+    the block phase, the process's peak RSS and how it allocated (the command's :mod:`emfm.allocator` setting, made
+    here as the command makes it). The command's module is imported before the clock starts, as the peers' libraries
+    are (until 2026-12-07 its import, 0.15-0.2 s, was timed on emfm's side alone)."""
     import emfm.predict.predict  # noqa: F401  (imported on first use by the command)
 
+    kept = keep_freed_memory()                                              # as the command does
     cfg = config([f"checkpoint={checkpoint}", f"input={volume}", f"output={output}", "overwrite=true",
                   "progress=false", f"batch_size={batch}", f"dtype={dtype}", f"blend={blend}",
                   f"precision={precision}", f"paths.output_dir={output}.run"], "predict")
     start = time.perf_counter()
     out = run.predict(cfg)
     return {"seconds": time.perf_counter() - start, "blocks": out["blocks"],
-            "block_seconds": out["seconds"]["predict"], "rss_mib": peak_rss_mib()}
+            "block_seconds": out["seconds"]["predict"], "rss_mib": peak_rss_mib(), "freed_memory": allocator(kept)}
 
 
 def emfm_predict(checkpoint: Path, volume: Path, output: Path, batch: int, blend: str = "linear",
@@ -210,6 +213,7 @@ def emfm_cluster(checkpoint: Path, volume: Path, output: Path, precision: str = 
 
     import emfm.explore.cluster  # noqa: F401
 
+    kept = keep_freed_memory()                                              # as the command does
     cfg = config([f"checkpoint={checkpoint}", f"input={volume}", f"output={output}", f"k={K}", "pictures=null",
                   "progress=false", f"precision={precision}", f"paths.output_dir={output}.run"], "cluster")
     start = time.perf_counter()
@@ -218,7 +222,14 @@ def emfm_cluster(checkpoint: Path, volume: Path, output: Path, precision: str = 
                   {"vectors k-means is fitted on": f"a sample of {cfg.sample}", "projection": f"PCA to {cfg.pca}",
                    "k-means": f"scikit-learn, k={K}, 3 inits", "features": "float16 store on disk",
                    "map on the voxel grid": "cluster scores interpolated linearly",
-                   "forward passes": forward_precision(precision)})
+                   "forward passes": forward_precision(precision), "freed memory": allocator(kept)})
+
+
+def allocator(kept: bool = False) -> str:
+    """How an arm's process allocated memory (``kept``: by emfm.allocator), for the benchmarks' tables."""
+    if kept:
+        return "kept for reuse (emfm.allocator)"
+    return "as the environment says (LD_PRELOAD / MALLOC_*)" if user_chose_allocator() else "glibc's defaults"
 
 
 def forward_precision(setting: str) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+from emfm.allocator import keep_freed_memory
 from emfm.errors import EmfmError, first_line
 from emfm.threads import default_workers, wait_passively
 
@@ -128,6 +129,7 @@ def run_hydra(verb: str, overrides: list[str]) -> None:
                 raise EmfmError(f"missing required {'key' if len(missing) == 1 else 'keys'} {', '.join(missing)}: "
                                 f"emfm {verb} {' '.join(f'{key}=...' for key in missing)}")
             wait_passively(compute_processes(verb, cfg))     # before torch loads: OpenMP reads it once
+            keep_freed_memory()
             from emfm import run
 
             getattr(run, verb)(cfg)
