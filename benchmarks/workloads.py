@@ -229,7 +229,8 @@ def allocator(kept: bool = False) -> str:
     """How an arm's process allocated memory (``kept``: by emfm.allocator), for the benchmarks' tables."""
     if kept:
         return "kept for reuse (emfm.allocator)"
-    return "as the environment says (LD_PRELOAD / MALLOC_*)" if user_chose_allocator() else "glibc's defaults"
+    return "as the environment says (LD_PRELOAD / MALLOC_*)" if user_chose_allocator() \
+        else "the C library's defaults"
 
 
 def forward_precision(setting: str) -> str:
