@@ -134,6 +134,8 @@ def test_clusters_of_pretrained_features_score_above_a_floor(synth_zarr: Path, v
     out = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert out["0"].shape == (16, 96, 96) and out["0"].dtype == np.uint8 and out["0"][...].max() == 3
     assert out.attrs["ome"]["multiscales"][0]["axes"][0]["name"] == "z" and out.attrs["emfm"]["complete"]
+    # The features are stored whole and projected as the map reads them (one pass over the store, not two).
+    assert "pca" not in out["features"] and report["array"] == "0" and report["pca"]["components"] == 32
     for name in ("cluster_maps.png", "umap.png", "gallery.png"):
         assert (tmp_path / "run" / "pictures" / name).stat().st_size > 10_000
     fractions = np.bincount(out["0"][...].ravel(), minlength=4) / out["0"].size

@@ -106,7 +106,8 @@ def test_init_from_a_checkpoint_or_an_export_copies_the_encoder(
 
 def test_init_from_whole_network_pretraining_copies_encoder_and_decoder(
         compose_config, synth_zarr: Path, tmp_path: Path) -> None:
-    """objective=restore pretrains the head fine-tuning uses: all of it but the output layer carries over."""
+    """objective=restore pretrains the head fine-tuning uses: all of it but the output layer carries over (unless
+    module.init_decoder=false: the encoder only)."""
     checkpoint = pretrained(tmp_path / "pt", synth_zarr, 2, [*tiny("cnn2d", "restore"), "head=unet"])
     weights = torch.load(checkpoint, weights_only=True)["state_dict"]
     args = [*finetune_args(synth_zarr, "cnn2d"), f"init={checkpoint}", "head=unet", "head.channels=8"]
@@ -117,6 +118,10 @@ def test_init_from_whole_network_pretraining_copies_encoder_and_decoder(
     assert {k for k in decoder if not k.startswith("out.")} and all(
         torch.equal(v, weights[f"methods.restore.head.{k}"]) for k, v in decoder.items() if not k.startswith("out."))
     assert not torch.equal(decoder["out.weight"], weights["methods.restore.head.out.weight"])
+    alone = run.build(compose_config("finetune", [*args, "module.init_decoder=false"]).module).model   # encoder only
+    assert all(torch.equal(v, weights[f"encoder.{k}"]) for k, v in alone.encoder.state_dict().items())
+    assert not any(torch.equal(v, weights[f"methods.restore.head.{k}"]) for k, v in alone.head.state_dict().items()
+                   if v.ndim > 1 and not k.startswith("out."))     # its convolutions start fresh
     other = "its decoder is head .*'channels': 8.* but this run builds head .*'channels': 16"
     with pytest.raises(EmfmError, match=other):
         run.build(compose_config("finetune", [*args, "head.channels=16"]).module)

@@ -21,7 +21,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,7 @@ class SharedTiles:
     index: Block
     origin: tuple[int, ...]
     read: Reader
+    known: dict[tuple[int, int], list[Corner]] = field(default_factory=dict, repr=False, compare=False)  # members
 
     @classmethod
     def of_block(cls, output: str | Path, order: TileOrder, index: Block, span: Sequence[slice],
@@ -148,9 +149,11 @@ class SharedTiles:
         return dict(sorted(batches.items()))
 
     def members(self, batch: int, batch_size: int) -> list[Corner]:
-        """The corners (region coordinates) of the tiles of ``batch``."""
-        return [self.order.corner(n) for n in range(batch * batch_size, min((batch + 1) * batch_size,
-                                                                                 len(self.order)))]
+        """The corners (region coordinates) of the tiles of ``batch`` (worked out once a block: run and done ask)."""
+        if (batch, batch_size) not in self.known:
+            self.known[batch, batch_size] = [self.order.corner(n) for n in
+                                             range(batch * batch_size, min((batch + 1) * batch_size, len(self.order)))]
+        return self.known[batch, batch_size]
 
     def inputs(self, image: torch.Tensor, members: Sequence[Corner], patch: tuple[int, ...]) -> torch.Tensor:
         """The batch's tiles, from the window where they lie in it, else read in one box around those outside."""

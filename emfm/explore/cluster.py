@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +188,14 @@ class Fit:
 
 
 def fit(request: ClusterRequest, run: Plan, executor: Executor) -> Fit:
-    """Features (computed unless given), a sample of them, the projection and the clustering."""
+    """Features (computed unless given), a sample of them, the projection and the clustering.
+
+    Features computed here are stored without their projection: the map projects each block as it reads it, one
+    pass over the store where a stored projection takes two (a given store's is used when it is this one).
+    """
     store = request.store
     if not request.features:
-        extract_features(request.feature_request(), executor, run.network)
+        extract_features(replace(request.feature_request(), pca=None), executor, run.network)
     meta = read_attrs(store)
     array = PCA if request.pca and stored_pca(store) == request.pca else FEATURES
     vectors, coords = sample_store(store, array, request.sample, request.seed)

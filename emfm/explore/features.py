@@ -160,7 +160,7 @@ def feature_block(job: FeatureJob, index: Block) -> Block:
     feats = sliding_window(fn, read(span), job.tile, job.overlap, job.batch_size, corners, job.blend, job.stride,
                            run=tiles.run)
     inner = tuple(slice(c.start - s.start // k, c.stop - s.start // k) for c, s, k in zip(cells, span, job.stride))
-    write(job.output, FEATURES, (slice(None), *cells), feats[(slice(None), *inner)].numpy().astype(np.float16))
+    write(job.output, FEATURES, (slice(None), *cells), feats[(slice(None), *inner)].half().numpy())   # torch: threaded
     tiles.done(corners, Progress(job.output, "features", job.grid), job.batch_size)
     return index
 

@@ -33,11 +33,12 @@ from emfm.training import adamw_warmup_cosine, compiled, param_groups
 ARCHITECTURE = ("family", "name", "patch_size", "in_chans", "channels", "blocks", "strides", "stem_stride", "depth")
 
 
-def load_pretrained(model: SegmentationModel, config: Mapping[str, Any], head: Mapping[str, Any], init: str) -> None:
+def load_pretrained(model: SegmentationModel, config: Mapping[str, Any], head: Mapping[str, Any], init: str,
+                    decoder: bool = True) -> None:
     """Copy the weights of ``init`` into ``model`` after checking they are the same architecture.
 
-    The encoder always; the decoder too when ``init`` has one, all but its output layer, which
-    belongs to the pretraining task (or another target) and starts fresh. A public encoder's file
+    The encoder always; the decoder too when ``init`` has one and ``decoder`` is true, all but its output layer,
+    which belongs to the pretraining task (or another target) and starts fresh. A public encoder's file
     (:mod:`emfm.models.public`) fills the run's timm model.
     """
     network, public = read_init(init)
@@ -56,7 +57,7 @@ def load_pretrained(model: SegmentationModel, config: Mapping[str, Any], head: M
             weights[key] = resample_abs_pos_embed(value, list(encoder.grid_size),
                                                   num_prefix_tokens=encoder.num_prefix_tokens)
     fill(target, weights, where)
-    if network is not None and network.head is not None:
+    if decoder and network is not None and network.head is not None:
         load_decoder(model, network.head, head, init)
 
 
@@ -101,6 +102,8 @@ class SegmentationModule(Predicts, pl.LightningModule):
         loss: :class:`~emfm.finetune.losses.SegmentationLoss` options (weights of Dice and CE, class weights).
         semi: a ``semi`` config (``name`` null = supervised only).
         init: ``scratch``, an emfm checkpoint or an ``emfm export`` directory.
+        init_decoder: take ``init``'s decoder too, when it has one (false: its encoder only; the decoder starts
+            fresh, without what pretraining taught it).
         augment: :class:`~emfm.data.augment.Augment` settings (geometry applies to labels too).
         isotropic: 3-D voxels are cubic (set from the data).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with warmup + cosine.
@@ -121,6 +124,7 @@ class SegmentationModule(Predicts, pl.LightningModule):
         loss: Mapping[str, Any] | None = None,
         semi: Mapping[str, Any] | None = None,
         init: str = "scratch",
+        init_decoder: bool = True,
         augment: Mapping[str, Any] | None = None,
         isotropic: bool = False,
         lr: float = 1e-3,
@@ -139,7 +143,7 @@ class SegmentationModule(Predicts, pl.LightningModule):
         self.model, self.target = segmentation_network(encoder, head, target)
         net = self.model.encoder
         if str(init) != "scratch":
-            load_pretrained(self.model, encoder, head, str(init))
+            load_pretrained(self.model, encoder, head, str(init), init_decoder)
         self.loss = SegmentationLoss(self.target.loss, ignore_index=IGNORE, **(loss or {}))
         self.augment = Augment(net.spatial_dims, isotropic, **(augment or {}))
         semi = dict(semi or {})
