@@ -104,7 +104,7 @@ class SharedTiles:
     index: Block
     origin: tuple[int, ...]
     read: Reader
-    known: dict[tuple[int, int], list[Corner]] = field(default_factory=dict, repr=False, compare=False)  # members
+    known: dict[tuple[int, int], list[Corner]] = field(default_factory=dict, repr=False, compare=False)  # by members()
 
     @classmethod
     def of_block(cls, output: str | Path, order: TileOrder, index: Block, span: Sequence[slice],

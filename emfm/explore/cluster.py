@@ -191,7 +191,8 @@ def fit(request: ClusterRequest, run: Plan, executor: Executor) -> Fit:
     """Features (computed unless given), a sample of them, the projection and the clustering.
 
     Features computed here are stored without their projection: the map projects each block as it reads it, one
-    pass over the store where a stored projection takes two (a given store's is used when it is this one).
+    pass over the store where a stored projection takes two (a given store's projection is used when it has
+    the ``pca`` components asked for).
     """
     store = request.store
     if not request.features:
